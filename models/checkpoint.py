@@ -1,0 +1,228 @@
+"""Reader for HF Llama checkpoints: bitsandbytes 4-bit (as ``save_pretrained`` writes them) or dense.
+
+It never loads a whole tensor unless asked: ``safe_open(...).get_slice`` reads the byte range of the
+requested rows, so every rank reads only its shard. Layout of a pre-quantized projection ``P``
+(see shared/REFERENCE.md section 3):
+
+  P.weight                              uint8 (N*K/2, 1)  packed codes, row-major over (N, K)
+  P.weight.absmax                       uint8 (N*K/B,) with double quant, else float32
+  P.weight.nested_absmax                float32 (ceil(N*K/B/256),)   double quant only
+  P.weight.nested_quant_map             float32 (256,)               double quant only
+  P.weight.quant_map                    float32 (16,)
+  P.weight.quant_state.bitsandbytes__X  uint8 JSON: quant_type, blocksize, shape, nested_offset...
+
+Double-quantized block scales are expanded to float32 here, row range by row range, with the same
+arithmetic bitsandbytes uses (code[q] * nested_absmax[group], then + offset, in fp32), so the
+result is bit-identical to ``dequantize_blockwise`` and rows can be cut anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from models.shapes import LlamaShape, shape_from_hf_config
+
+__all__ = ["CheckpointError", "CheckpointReader", "Rows4bit"]
+
+_QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read; the message names the file and key."""
+
+
+@dataclass
+class Rows4bit:
+    packed: torch.Tensor  # uint8 (rows, K/2)
+    absmax: torch.Tensor  # float32 (rows, K/blocksize)
+    code: torch.Tensor  # float32 (16,)
+    quant_type: str
+    blocksize: int
+
+
+class CheckpointReader:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(
+                f"checkpoint directory {self.path} does not exist; set [model] checkpoint to a HF "
+                "checkpoint directory, or [model] synthetic_shape to write a synthetic one there"
+            )
+        cfg_file = self.path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{cfg_file} is missing: a HF checkpoint directory holds config.json")
+        try:
+            self.hf_config = json.loads(cfg_file.read_text())
+            self.shape: LlamaShape = shape_from_hf_config(self.hf_config)
+        except (json.JSONDecodeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from e
+        qc = self.hf_config.get("quantization_config") or {}
+        self.prequantized = bool(qc.get("load_in_4bit"))
+        if qc and not self.prequantized:
+            raise CheckpointError(
+                f"{cfg_file}: quantization_config {qc.get('quant_method')!r} is not bitsandbytes 4-bit; "
+                "use a bnb-4bit checkpoint or a plain bf16/fp16 one"
+            )
+        self.weight_map = self._read_weight_map()
+        self._handles: dict[str, object] = {}
+
+    # -- files -------------------------------------------------------------------------------------
+    def _read_weight_map(self) -> dict[str, str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a safetensors index ({e})") from e
+        else:
+            single = self.path / "model.safetensors"
+            if not single.is_file():
+                raise CheckpointError(
+                    f"no model.safetensors.index.json or model.safetensors in {self.path}"
+                )
+            weight_map = {k: single.name for k in self._open(single.name).keys()}
+        for fname in sorted(set(weight_map.values())):
+            if not (self.path / fname).is_file():
+                raise CheckpointError(
+                    f"{self.path / fname} is listed in model.safetensors.index.json but missing"
+                )
+        return weight_map
+
+    def _open(self, fname: str):
+        h = self._handles.get(fname)
+        if h is None:
+            try:
+                h = safe_open(str(self.path / fname), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{self.path / fname} is not a readable safetensors file: {e}") from e
+            self._handles[fname] = h
+        return h
+
+    def has(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def _slice(self, key: str):
+        if key not in self.weight_map:
+            raise CheckpointError(
+                f"key {key!r} is missing from the checkpoint {self.path} "
+                f"({len(self.weight_map)} keys); is this checkpoint of the model in config.json?"
+            )
+        return self.weight_map[key], self._open(self.weight_map[key]).get_slice(key)
+
+    def info(self, key: str) -> tuple[list[int], str]:
+        _, sl = self._slice(key)
+        return list(sl.get_shape()), sl.get_dtype()
+
+    def read(self, key: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """Rows [start, end) of a tensor (all of it when both are None)."""
+        fname, sl = self._slice(key)
+        try:
+            t = sl[start:end] if (start is not None or end is not None) else sl[:]
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read {key!r} from {self.path / fname} (truncated or corrupt file?): {e}"
+            ) from e
+        if start is not None and end is not None and t.shape[0] != end - start:
+            raise CheckpointError(f"{self.path / fname}: {key!r} has fewer rows than requested ({t.shape[0]} < {end - start})")
+        return t
+
+    # -- typed readers -----------------------------------------------------------------------------
+    def is_4bit(self, prefix: str) -> bool:
+        return self.has(f"{prefix}.weight.absmax") and self.has(f"{prefix}.weight.quant_map")
+
+    def quant_meta(self, prefix: str) -> dict:
+        keys = [k for k in self.weight_map if k.startswith(f"{prefix}.weight.quant_state.bitsandbytes__")]
+        if not keys:
+            raise CheckpointError(f"{self.path}: {prefix}.weight has block scales but no quant_state key")
+        raw = self.read(keys[0])
+        try:
+            return json.loads(bytes(raw.flatten().tolist()).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path}: {keys[0]} does not hold quant-state JSON ({e})") from e
+
+    def dense_rows(self, key: str, expect_shape: tuple[int, ...], start: int, end: int, dtype) -> torch.Tensor:
+        shape, _ = self.info(key)
+        if tuple(shape) != tuple(expect_shape):
+            raise CheckpointError(
+                f"{self.path}: {key!r} has shape {tuple(shape)} but the model built from config.json "
+                f"expects {tuple(expect_shape)}"
+            )
+        return self.read(key, start, end).to(dtype)
+
+    def rows_4bit(self, prefix: str, n_rows: int, k: int, start: int, end: int) -> Rows4bit:
+        """Packed codes and fp32 block scales of rows [start, end) of a pre-quantized weight."""
+        meta = self.quant_meta(prefix)
+        bs = int(meta["blocksize"])
+        if tuple(meta.get("shape", (n_rows, k))) != (n_rows, k):
+            raise CheckpointError(
+                f"{self.path}: {prefix}.weight was quantized with shape {tuple(meta['shape'])}, "
+                f"but config.json implies {(n_rows, k)}"
+            )
+        if k % bs:
+            raise CheckpointError(f"{prefix}: in_features {k} is not a multiple of blocksize {bs}")
+        pshape, pdtype = self.info(f"{prefix}.weight")
+        if pdtype != "U8" or pshape[0] * (pshape[1] if len(pshape) > 1 else 1) != n_rows * k // 2:
+            raise CheckpointError(
+                f"{self.path}: {prefix}.weight is {pdtype} {pshape}; a packed 4-bit weight of "
+                f"{(n_rows, k)} is U8 ({n_rows * k // 2}, 1)"
+            )
+        half = k // 2
+        packed = self.read(f"{prefix}.weight", start * half, end * half).reshape(end - start, half)
+        bpr = k // bs  # blocks per row
+        b0, b1 = start * bpr, end * bpr
+        if self.has(f"{prefix}.weight.nested_absmax"):
+            nb = int(meta["nested_blocksize"])
+            q = self.read(f"{prefix}.weight.absmax", b0, b1).long()
+            g0, g1 = b0 // nb, -(-b1 // nb)
+            nested = self.read(f"{prefix}.weight.nested_absmax", g0, g1)
+            ncode = self.read(f"{prefix}.weight.nested_quant_map")
+            group = torch.arange(b0, b1) // nb - g0
+            offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
+            absmax = ncode[q] * nested[group] + offset
+        else:
+            absmax = self.read(f"{prefix}.weight.absmax", b0, b1).float()
+        return Rows4bit(
+            packed=packed,
+            absmax=absmax.reshape(end - start, bpr),
+            code=self.read(f"{prefix}.weight.quant_map").float(),
+            quant_type=meta["quant_type"],
+            blocksize=bs,
+        )
+
+    def quant_scheme(self) -> tuple[str, int] | None:
+        """(quant_type, blocksize) of the pre-quantized projections, None for a dense checkpoint."""
+        if not self.prequantized:
+            return None
+        qc = self.hf_config["quantization_config"]
+        prefix = "model.layers.0.self_attn.q_proj"
+        if self.is_4bit(prefix):
+            meta = self.quant_meta(prefix)
+            return meta["quant_type"], int(meta["blocksize"])
+        return qc.get("bnb_4bit_quant_type", "nf4"), 64
+
+
+def quantize_rows(dense: torch.Tensor, quant_type: str, blocksize: int) -> Rows4bit:
+    """Quantize rows of a dense weight (a plain checkpoint quantized at load), no double quant.
+
+    Blocks never straddle rows (K % blocksize == 0), so quantizing a row range gives exactly the
+    bytes that quantizing the whole matrix would give for those rows.
+    """
+    import bitsandbytes.functional as bnbF
+
+    rows, k = dense.shape
+    q, state = bnbF.quantize_4bit(
+        dense.contiguous(), blocksize=blocksize, quant_type=quant_type, compress_statistics=False
+    )
+    return Rows4bit(
+        packed=q.reshape(rows, k // 2),
+        absmax=state.absmax.float().reshape(rows, k // blocksize),
+        code=state.code.float(),
+        quant_type=quant_type,
+        blocksize=blocksize,
+    )

@@ -1,0 +1,297 @@
+"""Llama 3.x in plain PyTorch, with QLoRA projections. No parallelism lives here.
+
+Parameter names equal the HF checkpoint keys (``model.layers.0.self_attn.q_proj.weight``,
+``lm_head.weight``...), so loading needs no renaming, and LoRA parameters sit beside them as
+``...q_proj.lora_A.weight`` (PEFT's names without the adapter name).
+
+Shape of the module tree, chosen for the parallel code that wraps it:
+  LlamaForCausalLM
+    model: LlamaModel
+      embed_tokens   nn.Embedding
+      layers         nn.ModuleList of DecoderLayer (indexable: pipeline stages slice it, FSDP wraps each)
+      norm           RMSNorm
+      rotary_emb     RotaryEmbedding (a non-persistent buffer; recomputed after materialization)
+    lm_head          nn.Linear (frozen, or the embedding matrix when tied)
+A pipeline stage can drop ``embed_tokens`` / ``norm`` / ``lm_head`` by setting them to None; the
+forward skips missing pieces.
+
+``forward`` follows HF's calling convention so that HF ``Trainer`` can drive it: ``input_ids``,
+``attention_mask``, ``labels`` (aligned with input_ids; the model shifts them), ``position_ids``;
+it returns ``CausalLMOutput`` with ``.loss`` and ``.logits``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.lora import QLoRALinear
+from models.quant import Weight4bit
+from models.shapes import LlamaShape
+
+__all__ = ["ModelArgs", "LlamaForCausalLM", "CausalLMOutput", "LORA_TARGETS", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ModelArgs:
+    """Everything needed to build the module tree (on any device, usually meta)."""
+
+    shape: LlamaShape
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    # None: dense frozen projections. Otherwise "nf4" / "fp4" 4-bit base weights.
+    quant_type: str | None = "nf4"
+    quant_blocksize: int = 64
+    # Dtype the frozen weights are stored/dequantized in (the compute dtype).
+    dtype: torch.dtype = torch.bfloat16
+    # 4-bit rows are padded to a multiple of this (the data-parallel world size), see models/quant.py.
+    row_multiple: int = 1
+    # Tokens per cross-entropy chunk: full-vocabulary fp32 logits of a whole batch are never held.
+    loss_chunk_tokens: int = 4096
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    # Sum of per-token losses and number of target tokens: what a global-token-count
+    # normalisation across ranks and micro-batches needs.
+    loss_sum: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+
+    # HF Trainer indexes outputs like a tuple/dict.
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple(v for v in (self.loss, self.logits) if v is not None)[key]
+
+    def keys(self):
+        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the scale, as HF Llama does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def llama3_inv_freq(shape: LlamaShape) -> torch.Tensor:
+    dim = shape.head_dim
+    inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = shape.rope_scaling
+    if not rs or rs.get("rope_type", rs.get("type")) in (None, "default"):
+        return inv_freq
+    if rs.get("rope_type", rs.get("type")) != "llama3":
+        raise ValueError(f"unsupported rope_scaling {rs!r}: only 'llama3' (or none) is implemented")
+    factor = rs["factor"]
+    low, high = rs["low_freq_factor"], rs["high_freq_factor"]
+    old_ctx = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, shape: LlamaShape):
+        super().__init__()
+        self.shape = shape
+        self.register_buffer("inv_freq", llama3_inv_freq(shape), persistent=False)
+
+    def reset_buffers(self, device) -> None:
+        self.inv_freq = llama3_inv_freq(self.shape).to(device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(x, cos, sin):
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, linear):
+        super().__init__()
+        s = args.shape
+        self.n_heads, self.n_kv, self.head_dim = s.num_attention_heads, s.num_key_value_heads, s.head_dim
+        self.q_proj = linear("q_proj", s.hidden_size, self.n_heads * self.head_dim)
+        self.k_proj = linear("k_proj", s.hidden_size, self.n_kv * self.head_dim)
+        self.v_proj = linear("v_proj", s.hidden_size, self.n_kv * self.head_dim)
+        self.o_proj = linear("o_proj", self.n_heads * self.head_dim, s.hidden_size)
+
+    def forward(self, x, cos, sin, mask):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        rep = self.n_heads // self.n_kv
+        if rep > 1:  # grouped-query attention: share each kv head across `rep` query heads
+            k = k[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, self.head_dim)
+            v = v[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, self.head_dim)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, linear):
+        super().__init__()
+        h, i = args.shape.hidden_size, args.shape.intermediate_size
+        self.gate_proj = linear("gate_proj", h, i)
+        self.up_proj = linear("up_proj", h, i)
+        self.down_proj = linear("down_proj", i, h)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        s = args.shape
+        linear = lambda name, i, o: _make_linear(args, name, i, o)
+        self.self_attn = Attention(args, linear)
+        self.mlp = MLP(args, linear)
+        self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps, args.dtype)
+        self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps, args.dtype)
+
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _make_linear(args: ModelArgs, name: str, in_features: int, out_features: int) -> QLoRALinear:
+    if args.quant_type is None:
+        weight = torch.empty(out_features, in_features, dtype=args.dtype)
+    else:
+        weight = Weight4bit.empty(
+            out_features,
+            in_features,
+            quant_type=args.quant_type,
+            blocksize=args.quant_blocksize,
+            dtype=args.dtype,
+            device=torch.get_default_device(),
+            row_multiple=args.row_multiple,
+        )
+    rank = args.lora_rank if name in args.lora_targets else 0
+    return QLoRALinear(
+        in_features, out_features, rank=rank, alpha=args.lora_alpha, dropout=args.lora_dropout, weight=weight
+    )
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        s = args.shape
+        self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size, dtype=args.dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(s.num_hidden_layers))
+        self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps, args.dtype)
+        self.rotary_emb = RotaryEmbedding(s)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
+        h = self.embed_tokens(input_ids) if self.embed_tokens is not None else inputs_embeds
+        b, t = h.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(t, device=h.device)[None].expand(b, t)
+        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        mask = _attention_mask(attention_mask, t, h.device)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return self.norm(h) if self.norm is not None else h
+
+
+def _attention_mask(attention_mask, t, device):
+    """None (pure causal, lets SDPA pick flash kernels) unless some key positions are padding."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    keep = causal[None, None] & attention_mask[:, None, None, :].bool()
+    # A fully padded query row would give NaN softmax; let it attend to itself.
+    keep = keep | torch.eye(t, dtype=torch.bool, device=device)[None, None]
+    return keep
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        s = args.shape
+        self.model = LlamaModel(args)
+        self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False, dtype=args.dtype)
+        self.lm_head.weight.requires_grad_(False)
+        if s.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        position_ids=None,
+        inputs_embeds=None,
+        num_items_in_batch=None,
+        return_logits: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutput:
+        h = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
+        if self.lm_head is None:  # a pipeline stage before the last
+            return CausalLMOutput(logits=h)
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(h).float())
+        loss_sum, n_tokens = chunked_cross_entropy(h, self.lm_head, labels, self.args.loss_chunk_tokens)
+        denom = num_items_in_batch if num_items_in_batch is not None else n_tokens.clamp(min=1)
+        logits = self.lm_head(h).float() if return_logits else None
+        return CausalLMOutput(loss=loss_sum / denom, logits=logits, loss_sum=loss_sum, num_tokens=n_tokens)
+
+
+def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int):
+    """Sum of next-token losses and the number of target tokens, computed chunk by chunk.
+
+    Each chunk's logits are recomputed in backward (checkpoint), so peak memory holds one chunk of
+    (chunk_tokens x vocab) fp32 logits instead of the whole batch's.
+    """
+    h = h[:, :-1].reshape(-1, h.shape[-1])
+    targets = labels[:, 1:].reshape(-1).to(h.device)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_tokens):
+        hc, tc = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if not bool((tc != IGNORE_INDEX).any()):
+            continue
+        total = total + torch.utils.checkpoint.checkpoint(_ce_chunk, hc, tc, lm_head, use_reentrant=False)
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+def _ce_chunk(h, targets, lm_head):
+    logits = lm_head(h).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -1,0 +1,293 @@
+"""Frozen 4-bit (nf4/fp4) weights as a tensor subclass that FSDP2 can shard.
+
+Why a subclass: bitsandbytes keeps the packed codes in a uint8 tensor and the block statistics in a
+``QuantState`` hanging off the module, so FSDP2 neither shards the statistics nor accepts the uint8
+parameter (torch < 2.13 refuses uint8 parameters). ``Weight4bit`` looks like a floating (rows, K)
+tensor from the outside, holds the packed codes and the fp32 block scales as inner tensors split by
+rows, and implements FSDP2's all-gather extension (``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``)
+so that the collective moves only packed bytes and scales; the block dequantizes after the gather.
+
+Layout (one row of the original (N, K) weight per row of each inner tensor):
+  packed  uint8   (R, K/2)        two 4-bit codes per byte, bitsandbytes' order
+  absmax  float32 (R, K/block)    one scale per block; double quantization is undone at load so
+                                  that rows can be split anywhere (nested groups span rows)
+  code    float32 (16,)           the nf4/fp4 code book, replicated
+
+R >= N: the row count is padded up to a multiple of the data-parallel world size with zero rows so
+that FSDP always shards evenly (its uneven-shard path needs inner tensors of the outer shape, which a
+packed layout cannot have). ``dequantize`` drops the padding rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import bitsandbytes.functional as bnbF
+
+aten = torch.ops.aten
+
+__all__ = ["Weight4bit", "linear_4bit", "padded_rows"]
+
+
+def padded_rows(n_rows: int, multiple: int) -> int:
+    return -(-n_rows // multiple) * multiple
+
+
+class Weight4bit(torch.Tensor):
+    """A frozen 4-bit weight. Outer shape (R, K) and a floating dtype: the dtype it dequantizes to."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, packed, absmax, code, n_rows: int, quant_type: str, blocksize: int, dtype):
+        shape = (packed.shape[0], packed.shape[1] * 2)
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=dtype, device=packed.device, requires_grad=False
+        )
+
+    def __init__(self, packed, absmax, code, n_rows: int, quant_type: str, blocksize: int, dtype):
+        self.packed = packed
+        self.absmax = absmax
+        self.code = code
+        self.n_rows = n_rows  # rows of the real (unpadded, unsharded) weight
+        self.quant_type = quant_type
+        self.blocksize = blocksize
+
+    # -- construction helpers ------------------------------------------------------------------
+    def _with(self, packed, absmax, code=None, dtype=None) -> "Weight4bit":
+        return Weight4bit(
+            packed,
+            absmax,
+            self.code if code is None else code,
+            self.n_rows,
+            self.quant_type,
+            self.blocksize,
+            self.dtype if dtype is None else dtype,
+        )
+
+    @classmethod
+    def empty(cls, n_rows, in_features, *, quant_type, blocksize, dtype, device, row_multiple=1):
+        rows = padded_rows(n_rows, row_multiple)
+        if in_features % blocksize:
+            raise ValueError(
+                f"in_features={in_features} is not a multiple of the 4-bit blocksize {blocksize}: "
+                "rows could not be sharded on block boundaries"
+            )
+        packed = torch.empty(rows, in_features // 2, dtype=torch.uint8, device=device)
+        absmax = torch.empty(rows, in_features // blocksize, dtype=torch.float32, device=device)
+        code = torch.empty(16, dtype=torch.float32, device=device)
+        return cls(packed, absmax, code, n_rows, quant_type, blocksize, dtype)
+
+    # -- compute -------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (n_rows, K) weight in ``dtype`` through bitsandbytes' own kernel."""
+        rows = min(self.n_rows, self.packed.shape[0])
+        packed = self.packed[:rows]
+        state = bnbF.QuantState(
+            absmax=self.absmax[:rows].reshape(-1),
+            shape=torch.Size((rows, self.shape[1])),
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=dtype or self.dtype,
+        )
+        return bnbF.dequantize_4bit(packed.reshape(-1, 1), state)
+
+    def __repr__(self):
+        return (
+            f"Weight4bit({self.quant_type}, shape={tuple(self.shape)}, rows={self.n_rows}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+    # -- torch.compile / subclass protocol -----------------------------------------------------
+    def __tensor_flatten__(self):
+        return ["packed", "absmax", "code"], (self.n_rows, self.quant_type, self.blocksize, self.dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        n_rows, quant_type, blocksize, dtype = meta
+        return Weight4bit(inner["packed"], inner["absmax"], inner["code"], n_rows, quant_type, blocksize, dtype)
+
+    # -- FSDP2 all-gather extension ------------------------------------------------------------
+    # Five parameters: the signature torch 2.11 and 2.13 both call (mesh, outer size, outer stride,
+    # module, mixed-precision policy). The packed bytes are never cast, whatever the policy says.
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        if mesh.size() == 1:
+            # FSDP's world-size-1 shortcut copies only the first all-gather input: hand it one
+            # byte buffer holding both inner tensors.
+            return (torch.cat([self.packed.reshape(-1), self.absmax.reshape(-1).view(torch.uint8)]),), None
+        return (self.packed, self.absmax), None
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        if out is not None:
+            # Later iterations: FSDP re-filled the same storages that ``out`` views.
+            return
+        if len(all_gather_outputs) == 1:
+            (buf,) = all_gather_outputs
+            n = self.packed.numel()
+            packed = buf[:n].view(self.packed.shape)
+            absmax = buf[n:].view(torch.float32).view(self.absmax.shape)
+            return self._with(packed, absmax, dtype=param_dtype), (buf,)
+        packed, absmax = all_gather_outputs
+        return self._with(packed, absmax, dtype=param_dtype), (packed, absmax)
+
+    # -- the few aten ops that sharding, device moves and state handling need ------------------
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _OPS.get(func)
+        if handler is None:
+            raise NotImplementedError(
+                f"{func} is not supported on a frozen 4-bit weight (Weight4bit); "
+                "call .dequantize() to get a dense tensor"
+            )
+        return handler(*args, **kwargs)
+
+
+def _rows_only(dim: int, op: str) -> None:
+    if dim != 0:
+        raise NotImplementedError(f"Weight4bit supports {op} along rows (dim 0) only, got dim={dim}")
+
+
+def _detach(w, *a, **k):
+    return w._with(w.packed.detach(), w.absmax.detach(), w.code.detach())
+
+
+def _to_copy(w, dtype=None, device=None, non_blocking=False, **kwargs):
+    # ``dtype`` changes only what the weight dequantizes to: packed codes are never cast.
+    move = lambda t: t.to(device=device, non_blocking=non_blocking) if device is not None else t
+    return w._with(move(w.packed), move(w.absmax), move(w.code), dtype=dtype)
+
+
+def _split(w, split_size, dim=0):
+    _rows_only(dim, "split")
+    return [
+        w._with(p, a)
+        for p, a in zip(torch.split(w.packed, split_size, 0), torch.split(w.absmax, split_size, 0))
+    ]
+
+
+def _split_with_sizes(w, sizes, dim=0):
+    return _split(w, list(sizes), dim)
+
+
+def _slice(w, dim=0, start=None, end=None, step=1):
+    _rows_only(dim, "slicing")
+    return w._with(w.packed[start:end:step], w.absmax[start:end:step])
+
+
+def _new_zeros(w, size, dtype=None, device=None, **kwargs):
+    rows, cols = size
+    device = device or w.device
+    return Weight4bit(
+        torch.zeros(rows, cols // 2, dtype=torch.uint8, device=device),
+        torch.zeros(rows, cols // w.blocksize, dtype=torch.float32, device=device),
+        w.code.to(device),
+        w.n_rows,
+        w.quant_type,
+        w.blocksize,
+        dtype or w.dtype,
+    )
+
+
+def _empty_like(w, dtype=None, device=None, **kwargs):
+    device = device or w.device
+    return w._with(
+        torch.empty_like(w.packed, device=device),
+        torch.empty_like(w.absmax, device=device),
+        torch.empty_like(w.code, device=device),
+        dtype=dtype,
+    )
+
+
+def _copy_(dst, src, non_blocking=False):
+    if not isinstance(src, Weight4bit):
+        raise NotImplementedError("copying a dense tensor into a Weight4bit would need re-quantization")
+    dst.packed.copy_(src.packed, non_blocking)
+    dst.absmax.copy_(src.absmax, non_blocking)
+    dst.code.copy_(src.code, non_blocking)
+    return dst
+
+
+def _view(w, size):
+    size = list(size)
+    if size == list(w.shape):
+        return w._with(w.packed, w.absmax)
+    if size == [-1] or size == [w.numel()]:
+        # FSDP keeps a flat alias of each shard; the inner row layout is unchanged.
+        flat = Weight4bit.__new__(Weight4bit, w.packed.reshape(1, -1), w.absmax, w.code, w.n_rows, w.quant_type, w.blocksize, w.dtype)
+        flat.__init__(w.packed, w.absmax, w.code, w.n_rows, w.quant_type, w.blocksize, w.dtype)
+        return flat
+    raise NotImplementedError(f"Weight4bit cannot be viewed as {size}")
+
+
+def _as_strided(w, size, stride, storage_offset=0):
+    if list(size) == list(w.shape) and storage_offset in (0, None):
+        return w._with(w.packed, w.absmax)
+    raise NotImplementedError(f"Weight4bit.as_strided to {list(size)} (own shape {list(w.shape)})")
+
+
+def _clone(w, **kwargs):
+    return w._with(w.packed.clone(), w.absmax.clone(), w.code.clone())
+
+
+def _is_pinned(w, device=None):
+    return w.packed.is_pinned()
+
+
+def _pin_memory(w, device=None):
+    return w._with(w.packed.pin_memory(), w.absmax.pin_memory(), w.code.pin_memory())
+
+
+def _equal(a, b):
+    return (
+        isinstance(b, Weight4bit)
+        and torch.equal(a.packed, b.packed)
+        and torch.equal(a.absmax, b.absmax)
+        and torch.equal(a.code, b.code)
+    )
+
+
+_OPS = {
+    aten.detach.default: _detach,
+    aten.alias.default: _detach,
+    aten._to_copy.default: _to_copy,
+    aten.split.Tensor: _split,
+    aten.split_with_sizes.default: _split_with_sizes,
+    aten.slice.Tensor: _slice,
+    aten.new_zeros.default: _new_zeros,
+    aten.empty_like.default: _empty_like,
+    aten.copy_.default: _copy_,
+    aten.view.default: _view,
+    aten._unsafe_view.default: _view,
+    aten.as_strided.default: _as_strided,
+    aten.clone.default: _clone,
+    aten.is_pinned.default: _is_pinned,
+    aten._pin_memory.default: _pin_memory,
+    aten.equal.default: _equal,
+}
+
+
+class _Linear4bitFn(torch.autograd.Function):
+    """y = x @ W.T with W dequantized on the fly in forward and again in backward.
+
+    Saving the dequantized weight would hold a dense copy of every frozen matrix until backward;
+    holding the 4-bit weight and dequantizing twice trades a memory-bound kernel for that memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.weight = weight
+        return torch.nn.functional.linear(x, weight.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype)
+        return grad_x, None
+
+
+def linear_4bit(x: torch.Tensor, weight: Weight4bit) -> torch.Tensor:
+    return _Linear4bitFn.apply(x, weight)

@@ -1,0 +1,129 @@
+"""Turn a model built on the meta device (and possibly already sharded by FSDP2) into real tensors.
+
+Each parameter becomes exactly this rank's rows, read straight from the checkpoint files into the
+shard: no rank ever holds the full state dict. Rows per rank follow FSDP2's ``torch.chunk`` rule
+(rank r owns rows [r*c, (r+1)*c) with c = ceil(rows / world)), which is what FSDP expects to find
+in ``DTensor._local_tensor``. 4-bit weights are padded to a multiple of the world size on the meta
+model already (see models/quant.py), so their chunks are always even.
+
+Frozen dense weights (embeddings, norms, lm_head) are cast to the model's compute dtype; LoRA
+parameters are fp32 master weights initialised from (seed, name), identical on any world size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from models.checkpoint import CheckpointError, CheckpointReader, quantize_rows
+from models.lora import lora_init_tensor
+from models.quant import Weight4bit
+
+__all__ = ["materialize", "shard_rows"]
+
+
+def shard_rows(n_rows: int, rank: int, world: int) -> tuple[int, int]:
+    chunk = -(-n_rows // world)
+    start = min(rank * chunk, n_rows)
+    return start, min(start + chunk, n_rows)
+
+
+def _rank_world(param: torch.Tensor) -> tuple[int, int]:
+    if not isinstance(param, DTensor):
+        return 0, 1
+    placements = param.placements
+    if len(placements) != 1 or placements[0] != Shard(0):
+        raise NotImplementedError(f"only 1-D Shard(0) meshes are supported, got {placements}")
+    mesh = param.device_mesh
+    return mesh.get_local_rank(0), mesh.size(0)
+
+
+@torch.no_grad()
+def materialize(
+    model: nn.Module,
+    reader: CheckpointReader,
+    *,
+    device: torch.device,
+    lora_seed: int,
+    quant_device: torch.device | None = None,
+) -> None:
+    """Replace every meta parameter of ``model`` by this rank's shard read from ``reader``.
+
+    ``device`` is where shards live (CPU when FSDP offloads parameters). ``quant_device`` is where
+    a dense checkpoint's rows are quantized (the GPU when there is one: much faster than CPU).
+    """
+    quant_device = quant_device or device
+    seen: dict[int, nn.Parameter] = {}
+    for mod_name, module in model.named_modules():
+        for pname, param in list(module.named_parameters(recurse=False)):
+            name = f"{mod_name}.{pname}" if mod_name else pname
+            if id(param) in seen:  # tied weights: one tensor, two names
+                setattr(module, pname, seen[id(param)])
+                continue
+            rank, world = _rank_world(param)
+            local_meta = param.to_local() if isinstance(param, DTensor) else param
+            new_local = _load_local(name, local_meta, param.shape, rank, world, reader, device, lora_seed, quant_device)
+            if isinstance(param, DTensor):
+                new = DTensor(new_local, param._spec, requires_grad=False)
+            else:
+                new = new_local
+            new_param = nn.Parameter(new, requires_grad=param.requires_grad)
+            seen[id(param)] = new_param
+            setattr(module, pname, new_param)
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(device)
+
+
+def _load_local(name, local_meta, global_shape, rank, world, reader, device, lora_seed, quant_device):
+    n_rows = global_shape[0]
+    if ".lora_" in name:
+        start, end = shard_rows(n_rows, rank, world)
+        full = lora_init_tensor(name, tuple(global_shape), lora_seed)
+        return full[start:end].to(device=device, dtype=local_meta.dtype).contiguous()
+
+    if isinstance(local_meta, Weight4bit):
+        return _load_4bit(name, local_meta, global_shape, rank, world, reader, device, quant_device)
+
+    if not reader.has(name) and name == "lm_head.weight" and reader.shape.tie_word_embeddings:
+        name = "model.embed_tokens.weight"
+    start, end = shard_rows(n_rows, rank, world)
+    return reader.dense_rows(name, tuple(global_shape), start, end, local_meta.dtype).to(device)
+
+
+def _load_4bit(name, local_meta: Weight4bit, global_shape, rank, world, reader, device, quant_device):
+    prefix = name.removesuffix(".weight")
+    padded_rows, k = global_shape
+    n_rows = local_meta.n_rows
+    if padded_rows % world:
+        raise AssertionError(f"{name}: 4-bit rows {padded_rows} not padded to a multiple of {world}")
+    chunk = padded_rows // world
+    start = rank * chunk
+    real_end = min(start + chunk, n_rows)
+    local = Weight4bit(
+        torch.zeros(chunk, k // 2, dtype=torch.uint8, device=device),
+        torch.zeros(chunk, k // local_meta.blocksize, dtype=torch.float32, device=device),
+        torch.zeros(16, dtype=torch.float32, device=device),
+        n_rows,
+        local_meta.quant_type,
+        local_meta.blocksize,
+        local_meta.dtype,
+    )
+    # A rank past the last real row (tiny weights, many ranks) still reads one row for the code book.
+    lo, hi = (start, real_end) if real_end > start else (0, 1)
+    if reader.is_4bit(prefix):
+        rows = reader.rows_4bit(prefix, n_rows, k, lo, hi)
+    else:
+        dense = reader.dense_rows(name, (n_rows, k), lo, hi, torch.float32)
+        rows = quantize_rows(dense.to(quant_device), local_meta.quant_type, local_meta.blocksize)
+    if (rows.quant_type, rows.blocksize) != (local_meta.quant_type, local_meta.blocksize):
+        raise CheckpointError(
+            f"{prefix}: checkpoint is {rows.quant_type}/blocksize {rows.blocksize}, model was built for "
+            f"{local_meta.quant_type}/{local_meta.blocksize}"
+        )
+    n = max(real_end - start, 0)
+    local.packed[:n].copy_(rows.packed[:n])
+    local.absmax[:n].copy_(rows.absmax[:n])
+    local.code.copy_(rows.code)
+    return local

@@ -1,0 +1,79 @@
+"""Apply activation checkpointing, torch.compile and FSDP2 to the model, in this order.
+
+The order is torchtitan's and it matters:
+  1. activation checkpointing wraps each block's forward, so FSDP's hooks (added later, around the
+     module call) stay outside the recomputed region and re-gather the block before its recompute;
+  2. torch.compile compiles each block in place (names unchanged, so checkpoint keys still match);
+  3. ``fully_shard`` on every block, then on the embeddings (unless tied to lm_head), then the root
+     (norm + lm_head + whatever is left). 4-bit weights shard through ``Weight4bit``'s all-gather
+     extension; LoRA parameters and frozen dense weights shard as ordinary parameters.
+
+All of it runs on the meta model: nothing is allocated until ``parallel.materialize`` reads each
+rank's rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["parallelize", "apply_activation_checkpointing", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> int:
+    """Recompute block activations in backward: ``full`` = every block, ``selective`` = every k-th.
+
+    Non-reentrant checkpointing, patched onto the block instance so parameter names do not change.
+    Returns the number of checkpointed blocks.
+    """
+    if mode == "none":
+        return 0
+    if mode not in ("full", "selective"):
+        raise ValueError(f"activation_checkpoint.mode must be none, full or selective, got {mode!r}")
+    step = 1 if mode == "full" else every
+    count = 0
+    for i, block in enumerate(model.model.layers):
+        if i % step == 0:
+            inner = block.forward
+            block.forward = functools.partial(_checkpointed_forward, inner)
+            count += 1
+    return count
+
+
+def _checkpointed_forward(inner, *args, **kwargs):
+    return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+def parallelize(
+    model: nn.Module,
+    mesh,
+    *,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    pin_memory: bool = False,
+    ac_mode: str = "none",
+    ac_every: int = 1,
+    compile: bool = False,
+) -> nn.Module:
+    apply_activation_checkpointing(model, ac_mode, ac_every)
+    if compile:
+        for block in model.model.layers:
+            block.compile(fullgraph=False)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    offload = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()
+    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    for block in model.model.layers:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+    if not model.args.shape.tie_word_embeddings:
+        fully_shard(model.model.embed_tokens, reshard_after_forward=reshard_after_forward, **kw)
+    # The root's parameters (norm, lm_head) are needed again right at the start of backward.
+    fully_shard(model, reshard_after_forward=False, **kw)
+    return model

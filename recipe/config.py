@@ -1,0 +1,481 @@
+"""Typed job configuration: one dataclass per TOML section, CLI overrides on top.
+
+Precedence is CLI > TOML file > dataclass default. Every field carries its help
+text (and, for enumerated settings, its valid choices) in ``field.metadata`` so
+``--help``, validation and documentation all read from a single source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - older interpreters
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says how."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    # Mutable defaults (lists) need default_factory, otherwise every JobConfig
+    # would share the same list object.
+    meta: dict[str, Any] = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class Job:
+    config_file: str = _f("", "Path of the TOML file that was loaded (set by the loader).")
+    dump_folder: str = _f("./outputs", "Root folder for everything a run writes (checkpoints, metrics, profiles).")
+    description: str = _f("", "Free-form description of the run.")
+    seed: int = _f(42, "Seeds LoRA init, dropout and data order.")
+    deterministic: bool = _f(False, "Call torch.use_deterministic_algorithms(True).")
+
+
+@dataclass
+class Model:
+    checkpoint: str = _f(
+        "",
+        "Directory of a HF Llama 3.x checkpoint: pre-quantized bitsandbytes 4-bit (nf4/fp4) "
+        "or plain bf16/fp16 safetensors.",
+    )
+    synthetic_shape: str = _f(
+        "",
+        "If set and `checkpoint` does not exist, first write a synthetic random checkpoint of this shape there.",
+        ("", "debug", "llama3_2_1b", "llama3_1_8b", "llama3_1_70b"),
+    )
+    quant_type: str = _f(
+        "nf4",
+        "For a plain (unquantized) checkpoint, quantize frozen linear weights at load.",
+        ("nf4", "fp4", "none"),
+    )
+    tokenizer: str = _f("", "Tokenizer directory; empty means the checkpoint directory.")
+
+
+@dataclass
+class Lora:
+    rank: int = _f(16, "LoRA rank r.")
+    alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = _f(0.0, "Dropout on the LoRA input path, in [0, 1).")
+    target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Linear module names (last path component) that receive LoRA adapters.",
+    )
+
+
+@dataclass
+class Data:
+    path: str = _f("", "JSONL or Parquet file; empty means synthetic random tokens.")
+    format: str = _f(
+        "auto",
+        "Sample format; 'auto' infers it from the fields of the first record.",
+        ("auto", "text", "instruction", "chat", "synthetic"),
+    )
+    seq_len: int = _f(2048, "Sequence length of each training row.")
+    packing: bool = _f(True, "Pack samples into full seq_len rows; otherwise pad each sample.")
+    mask_prompt: bool = _f(True, "Exclude prompt tokens from the loss.")
+    text_field: str = _f("text", "Record field holding raw text (format 'text').")
+    prompt_field: str = _f("instruction", "Record field holding the instruction (format 'instruction').")
+    input_field: str = _f("input", "Record field holding the optional input (format 'instruction').")
+    response_field: str = _f("output", "Record field holding the response (format 'instruction').")
+    messages_field: str = _f("messages", "Record field holding the message list (format 'chat').")
+    num_synthetic_samples: int = _f(1024, "Number of samples in the synthetic data set.")
+
+
+@dataclass
+class Training:
+    steps: int = _f(100, "Number of optimizer steps.")
+    micro_batch_size: int = _f(1, "Sequences per forward pass per rank.")
+    global_batch_size: int = _f(
+        -1,
+        "Sequences per optimizer step over all ranks; -1 means micro_batch_size * data-parallel ranks "
+        "(no gradient accumulation). Must be a multiple of micro_batch_size * dp ranks.",
+    )
+    max_norm: float = _f(1.0, "Gradient clipping max norm (<= 0 disables).")
+    mixed_precision_param: str = _f("bfloat16", "Compute dtype for parameters.", _DTYPES)
+    mixed_precision_reduce: str = _f("float32", "Dtype of gradient reduce-scatter.", _DTYPES)
+    device: str = _f("auto", "Device type; 'auto' picks cuda when available.", ("auto", "cpu", "cuda"))
+    compile: bool = _f(False, "torch.compile each transformer block.")
+    loss_scale_init: float = _f(65536.0, "Initial loss scale (float16 only).")
+    loss_scale_growth_interval: int = _f(2000, "Steps without overflow before the loss scale grows (float16 only).")
+
+
+@dataclass
+class Optimizer:
+    name: str = _f("AdamW", "Optimizer name.")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    beta1: float = _f(0.9, "Adam beta1.")
+    beta2: float = _f(0.999, "Adam beta2.")
+    eps: float = _f(1e-8, "Adam epsilon.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay.")
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = _f(10, "Linear warmup steps.")
+    decay_type: str = _f("cosine", "Decay shape after warmup.", ("cosine", "linear", "constant"))
+    min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of the peak.")
+
+
+@dataclass
+class Parallelism:
+    data_parallel_shard_degree: int = _f(-1, "FSDP ranks; -1 means all ranks.")
+    reshard_after_forward: bool = _f(True, "Free unsharded parameters after forward (re-gather in backward).")
+    cpu_offload: bool = _f(False, "Offload sharded parameters and gradients to CPU.")
+    backend: str = _f("auto", "Process group backend; 'auto' is nccl on GPU, gloo on CPU.", ("auto", "nccl", "gloo"))
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = _f("none", "Activation checkpointing of transformer blocks.", ("none", "full", "selective"))
+    selective_every: int = _f(2, "With mode 'selective', checkpoint every k-th block.")
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = _f(False, "Save training checkpoints.")
+    folder: str = _f("checkpoint", "Checkpoint folder, relative to job.dump_folder.")
+    interval: int = _f(100, "Save every this many steps.")
+    keep_latest_k: int = _f(0, "Keep only the latest k checkpoints (0 keeps all).")
+    load_step: int = _f(-1, "Step to resume from; -1 means the latest complete checkpoint.")
+    async_mode: bool = _f(False, "Save checkpoints asynchronously.")
+    export_adapter: bool = _f(True, "Write a PEFT adapter at the end of training.")
+
+
+@dataclass
+class Profiling:
+    enable_memory_snapshot: bool = _f(False, "Record CUDA memory snapshots.")
+    memory_snapshot_steps: list[int] = _f([], "Steps at which to dump a memory snapshot.")
+    enable_profiling: bool = _f(False, "Run the torch profiler.")
+    profile_steps: list[int] = _f([], "Steps to trace with the profiler.")
+    save_folder: str = _f("profiling", "Profiling output folder, relative to job.dump_folder.")
+    memory_report: bool = _f(True, "Log a per-step memory report.")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = _f(1, "Log metrics every this many steps.")
+    enable_jsonl: bool = _f(True, "Write metrics as JSON lines.")
+    enable_tensorboard: bool = _f(False, "Write TensorBoard event files.")
+    save_folder: str = _f("metrics", "Metrics output folder, relative to job.dump_folder.")
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    lora: Lora = field(default_factory=Lora)
+    data: Data = field(default_factory=Data)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    profiling: Profiling = field(default_factory=Profiling)
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+# ---------------------------------------------------------------------------
+# Schema introspection
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}  # type: ignore[misc]
+
+
+def _fields(section_cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    # Resolve the string annotations that `from __future__ import annotations` leaves behind.
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(section_cls)}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _check_section(section: str, where: str) -> type:
+    secs = _sections()
+    if section not in secs:
+        raise ConfigError(
+            f"unknown config section '{section}' ({where}).{_suggest(section, list(secs))} "
+            f"Valid sections: {', '.join(secs)}."
+        )
+    return secs[section]
+
+
+def _check_key(section: str, key: str, where: str) -> tuple[dataclasses.Field, Any]:
+    fields = _fields(_check_section(section, where))
+    if key not in fields:
+        sug = _suggest(key, list(fields))
+        sug = sug.replace("'", f"'{section}.", 1) if sug else ""
+        raise ConfigError(
+            f"unknown config key '{section}.{key}' ({where}).{sug} "
+            f"Valid keys in [{section}]: {', '.join(fields)}."
+        )
+    return fields[key]
+
+
+# ---------------------------------------------------------------------------
+# Value conversion
+
+def _type_error(name: str, tp: Any, value: Any, where: str) -> ConfigError:
+    return ConfigError(
+        f"{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}) ({where}). "
+        f"Give a value of type {_type_name(tp)}."
+    )
+
+
+def _from_toml(name: str, tp: Any, value: Any, where: str) -> Any:
+    """Check a TOML-typed value strictly: TOML already has types, so no string coercion."""
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise _type_error(name, tp, value, where)
+        (elem,) = typing.get_args(tp)
+        return [_from_toml(f"{name}[{i}]", elem, v, where) for i, v in enumerate(value)]
+    # bool is a subclass of int, so it must be excluded explicitly for numeric fields.
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise _type_error(name, tp, value, where)
+    return value
+
+
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+
+
+def _from_cli(name: str, tp: Any, raw: str, where: str) -> Any:
+    """Parse a command-line string into the field's type."""
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        items = [s.strip() for s in raw.split(",")]
+        # Drop empties so "" means [] and a trailing comma is harmless.
+        return [_from_cli(name, elem, s, where) for s in items if s]
+    try:
+        if tp is bool:
+            low = raw.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if tp is int:
+            return int(raw)
+        if tp is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{name}: expected {_type_name(tp)}, got {raw!r} (str) ({where}). "
+            + ("Use true/false/1/0/yes/no." if tp is bool else f"Give a value of type {_type_name(tp)}.")
+        ) from None
+    return raw
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+# (section, key, predicate, requirement text) for simple range checks.
+_RANGES: list[tuple[str, str, typing.Callable[[Any], bool], str]] = [
+    ("lora", "rank", lambda v: v > 0, "> 0"),
+    ("lora", "alpha", lambda v: v > 0, "> 0"),
+    ("lora", "dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data", "seq_len", lambda v: v > 0, "> 0"),
+    ("training", "steps", lambda v: v >= 0, ">= 0"),
+    ("training", "micro_batch_size", lambda v: v > 0, "> 0"),
+    ("optimizer", "lr", lambda v: v > 0, "> 0"),
+    ("lr_scheduler", "warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("activation_checkpoint", "selective_every", lambda v: v >= 1, ">= 1"),
+    ("checkpoint", "interval", lambda v: v >= 1, ">= 1"),
+    ("checkpoint", "keep_latest_k", lambda v: v >= 0, ">= 0"),
+    ("metrics", "log_freq", lambda v: v >= 1, ">= 1"),
+]
+
+
+def validate(cfg: JobConfig) -> None:
+    """Check choice fields and simple ranges; cross-field checks that need the
+    world size (e.g. global_batch_size divisibility) happen at setup time."""
+    for sec in _sections():
+        obj = getattr(cfg, sec)
+        for key, (f, _) in _fields(type(obj)).items():
+            choices = f.metadata.get("choices")
+            val = getattr(obj, key)
+            if choices is not None and val not in choices:
+                raise ConfigError(
+                    f"{sec}.{key}: invalid value {val!r}.{_suggest(str(val), [c for c in choices if c])} "
+                    f"Valid choices: {', '.join(repr(c) for c in choices)}."
+                )
+    for sec, key, ok, req in _RANGES:
+        val = getattr(getattr(cfg, sec), key)
+        # `not ok(...)` also rejects NaN, whose comparisons are all False.
+        if not ok(val) or (isinstance(val, float) and math.isnan(val)):
+            default = getattr(_sections()[sec](), key)
+            raise ConfigError(f"{sec}.{key} must be {req}, got {val!r}. Set e.g. --{sec}.{key}={default}.")
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+def _apply_toml(cfg: JobConfig, data: dict[str, Any], where: str) -> None:
+    for section, table in data.items():
+        _check_section(section, where)
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"'{section}' must be a table ({where}); write it as a [{section}] header followed by key = value lines."
+            )
+        obj = getattr(cfg, section)
+        for key, value in table.items():
+            _, tp = _check_key(section, key, where)
+            setattr(obj, key, _from_toml(f"{section}.{key}", tp, value, where))
+
+
+def _parse_argv(argv: list[str]) -> list[tuple[str, str, str | None]]:
+    """Split argv into (section, key, raw value or None for a bare flag)."""
+    out: list[tuple[str, str, str | None]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(
+                f"unexpected argument {arg!r}: overrides must look like --section.key=value "
+                f"or --section.key value (e.g. --training.steps=10); see --help."
+            )
+        name, eq, raw = arg[2:].partition("=")
+        value: str | None = raw if eq else None
+        # Space form: consume the next token unless it is itself an option.
+        if value is None and i < len(argv) and not argv[i].startswith("--"):
+            value = argv[i]
+            i += 1
+        section, _, key = name.partition(".")
+        out.append((section, key, value))
+    return out
+
+
+def config_from_dict(data: dict[str, Any], where: str = "dict") -> JobConfig:
+    """Build and validate a JobConfig from a nested dict such as config_to_dict's output."""
+    cfg = JobConfig()
+    _apply_toml(cfg, data, where)
+    validate(cfg)
+    return cfg
+
+
+def load_config(argv: list[str] | None = None) -> JobConfig:
+    """Defaults, then the TOML named by --job.config_file, then CLI overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(format_help())
+        raise SystemExit(0)
+
+    overrides = []
+    for section, key, raw in _parse_argv(argv):
+        where = f"from --{section}.{key}"
+        _, tp = _check_key(section, key, "on the command line")
+        if raw is None:
+            if tp is not bool:
+                raise ConfigError(
+                    f"--{section}.{key} needs a value: use --{section}.{key}=VALUE ({_type_name(tp)})."
+                )
+            raw = "true"
+        overrides.append((section, key, _from_cli(f"{section}.{key}", tp, raw, where)))
+
+    cfg = JobConfig()
+    # The file path comes from the CLI; the last occurrence wins like any override.
+    path = next((v for s, k, v in reversed(overrides) if (s, k) == ("job", "config_file")), "")
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path!r}. Check --job.config_file.")
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"malformed TOML in {path!r}: {e}. Fix the syntax at that position.") from None
+        _apply_toml(cfg, data, f"in {path}")
+
+    for section, key, value in overrides:
+        setattr(getattr(cfg, section), key, value)
+    cfg.job.config_file = path
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Help and serialization
+
+def format_help() -> str:
+    lines = [
+        "usage: [--job.config_file PATH] [--section.key=value | --section.key value ...]",
+        "CLI overrides beat the TOML file, which beats defaults. Lists are comma-separated; "
+        "a bare --section.flag sets a bool to true.",
+    ]
+    for sec, cls in _sections().items():
+        lines.append(f"\n[{sec}]")
+        defaults = cls()
+        for key, (f, tp) in _fields(cls).items():
+            lines.append(f"  --{sec}.{key} ({_type_name(tp)}, default: {getattr(defaults, key)!r})")
+            lines.append(f"      {f.metadata.get('help', '')}")
+            if "choices" in f.metadata:
+                lines.append(f"      choices: {', '.join(repr(c) for c in f.metadata['choices'])}")
+    return "\n".join(lines)
+
+
+def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        # repr gives shortest round-trip text; TOML spells inf/nan the same way.
+        return repr(v)
+    if isinstance(v, str):
+        # ensure_ascii=False avoids \ud83d-style surrogate escapes that TOML rejects;
+        # DEL is the one control char JSON leaves raw but TOML forbids.
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(cfg: JobConfig) -> str:
+    parts = []
+    for sec, table in config_to_dict(cfg).items():
+        parts.append(f"[{sec}]")
+        parts.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+        parts.append("")
+    return "\n".join(parts)

@@ -1,0 +1,109 @@
+"""Optimizer, learning-rate schedule and the fp16 loss scaler.
+
+The loss scaler is written for sharded gradients: each rank unscales its own shard and the
+overflow flag is all-reduced, so every rank skips the same steps (``torch.amp.GradScaler`` assumes
+unsharded gradients on one device). A skipped step still advances the step counter and the
+schedule, so the learning rate stays a function of the step number (no silent shift); each skip is
+logged by the training loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from parallel.distributed import all_reduce_sum
+
+__all__ = ["build_optimizer", "build_lr_scheduler", "LossScaler", "lr_lambda"]
+
+
+def build_optimizer(params, cfg_opt) -> torch.optim.Optimizer:
+    if cfg_opt.name.lower() != "adamw":
+        raise ValueError(f"optimizer.name = {cfg_opt.name!r}: only 'AdamW' is supported")
+    return torch.optim.AdamW(
+        params,
+        lr=cfg_opt.lr,
+        betas=(cfg_opt.beta1, cfg_opt.beta2),
+        eps=cfg_opt.eps,
+        weight_decay=cfg_opt.weight_decay,
+        foreach=True,
+    )
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, then decay."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if decay == "constant":
+        return 1.0
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    if decay == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def build_lr_scheduler(optimizer, cfg_sched, total_steps: int):
+    fn = lambda s: lr_lambda(
+        s,
+        warmup=cfg_sched.warmup_steps,
+        total=total_steps,
+        decay=cfg_sched.decay_type,
+        min_ratio=cfg_sched.min_lr_ratio,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 over FSDP-sharded gradients (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000,
+                 growth_factor: float = 2.0, backoff_factor: float = 0.5):
+        self.enabled = enabled
+        self.scale = float(init_scale) if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.good_steps = 0
+        self.skipped = 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    @torch.no_grad()
+    def unscale_(self, params) -> bool:
+        """Divide gradients by the scale; True when any rank saw inf/nan (then skip the step)."""
+        if not self.enabled:
+            return False
+        inv = 1.0 / self.scale
+        bad = torch.zeros((), dtype=torch.float32)
+        for p in params:
+            if p.grad is None:
+                continue
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            g.mul_(inv)
+            bad = bad + (~torch.isfinite(g)).any().float().cpu()
+        device = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
+        return bool(all_reduce_sum(bad.to(device)).item() > 0)
+
+    def update(self, found_inf: bool) -> None:
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            self.skipped += 1
+        else:
+            self.good_steps += 1
+            if self.good_steps % self.growth_interval == 0:
+                self.scale *= self.growth_factor
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.scale, self.good_steps, self.skipped = sd["scale"], sd["good_steps"], sd["skipped"]

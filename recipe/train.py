@@ -1,0 +1,235 @@
+"""QLoRA training entry point: ``python -m recipe.train --job.config_file FILE [--section.key=value ...]``.
+
+Reads top to bottom in the order data flows:
+  config -> process group -> checkpoint reader -> model on meta -> parallelize (AC, compile, FSDP2)
+  -> materialize this rank's shards -> data -> optimizer -> [resume] -> train loop -> save / export.
+
+Loss normalisation: every optimizer step divides the summed token losses of all micro-batches on
+all ranks by the global number of target tokens (all-reduced before the first micro-batch), so an
+N-rank run with accumulation computes exactly the loss and gradients of a 1-rank run over the same
+global batch. FSDP averages gradients over ranks, so each rank's backward loss carries a factor of
+the world size to turn that average back into the global sum.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import CheckpointReader
+from models.llama import LlamaForCausalLM, ModelArgs
+from parallel.distributed import DistInfo, all_reduce_sum, destroy, init_distributed
+from parallel.materialize import materialize
+from parallel.parallelize import DTYPES, parallelize
+from recipe.config import JobConfig, dump_toml, load_config
+from recipe.data import GlobalBatchLoader, build_data, count_targets, load_tokenizer
+from recipe.metrics import MetricsLogger, host_rss_gib, log, peak_memory_gib
+from recipe.optim import LossScaler, build_lr_scheduler, build_optimizer
+
+__all__ = ["Trainer", "main", "build_model"]
+
+
+def ensure_checkpoint(cfg: JobConfig, dist_info: DistInfo) -> Path:
+    """The base checkpoint directory; writes a synthetic one first when the config asks for it."""
+    path = Path(cfg.model.checkpoint)
+    if not cfg.model.checkpoint:
+        raise SystemExit("[model] checkpoint is empty: set it to a HF checkpoint directory")
+    if cfg.model.synthetic_shape and not (path / "config.json").exists():
+        if dist_info.is_main:
+            from models.synthetic import write_synthetic_checkpoint
+
+            log(f"writing a synthetic '{cfg.model.synthetic_shape}' checkpoint to {path}")
+            write_synthetic_checkpoint(path, shape=cfg.model.synthetic_shape, seed=cfg.job.seed)
+        torch.distributed.barrier()
+    return path
+
+
+def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -> LlamaForCausalLM:
+    """Meta model -> parallelize -> this rank's shards. No rank ever holds the full weights."""
+    scheme = reader.quant_scheme()
+    if scheme is None and cfg.model.quant_type != "none":
+        scheme = (cfg.model.quant_type, 64)
+    param_dtype = DTYPES[cfg.training.mixed_precision_param]
+    args = ModelArgs(
+        shape=reader.shape,
+        lora_rank=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        lora_targets=tuple(cfg.lora.target_modules),
+        quant_type=scheme[0] if scheme else None,
+        quant_blocksize=scheme[1] if scheme else 64,
+        dtype=param_dtype,
+        row_multiple=dist_info.world_size,
+    )
+    unknown = set(args.lora_targets) - {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    if unknown:
+        raise SystemExit(f"[lora] target_modules has unknown module(s) {sorted(unknown)}")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args)
+    offload = cfg.parallelism.cpu_offload
+    parallelize(
+        model,
+        dist_info.mesh,
+        param_dtype=param_dtype,
+        reduce_dtype=DTYPES[cfg.training.mixed_precision_reduce],
+        reshard_after_forward=cfg.parallelism.reshard_after_forward,
+        cpu_offload=offload,
+        pin_memory=offload and dist_info.device.type == "cuda",
+        ac_mode=cfg.activation_checkpoint.mode,
+        ac_every=cfg.activation_checkpoint.selective_every,
+        compile=cfg.training.compile,
+    )
+    shard_device = torch.device("cpu") if offload else dist_info.device
+    materialize(model, reader, device=shard_device, lora_seed=cfg.job.seed, quant_device=dist_info.device)
+    return model
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    skipped: bool
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        torch.manual_seed(cfg.job.seed)
+        if cfg.job.deterministic:
+            torch.use_deterministic_algorithms(True)
+        p = cfg.parallelism
+        self.dist = init_distributed(cfg.training.device, p.backend, p.data_parallel_shard_degree, p.cpu_offload)
+        self.device = self.dist.device
+        self.dump = Path(cfg.job.dump_folder)
+        self._check_batch_layout()
+
+        ckpt_dir = ensure_checkpoint(cfg, self.dist)
+        self.reader = CheckpointReader(ckpt_dir)
+        t0 = time.perf_counter()
+        self.model = build_model(cfg, self.reader, self.dist)
+        self.load_time_s = time.perf_counter() - t0
+        self.load_peak_gib = peak_memory_gib(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        log(f"model ready in {self.load_time_s:.1f}s; load peak {self.load_peak_gib:.2f} GiB/rank; "
+            f"{self.num_trainable():,} trainable parameters", self.dist.rank)
+
+        shape = self.reader.shape
+        tokenizer = None
+        if cfg.data.path and cfg.data.format != "synthetic":
+            tokenizer = load_tokenizer(cfg.model.tokenizer or str(ckpt_dir))
+        self.data = build_data(cfg.data, tokenizer, shape.vocab_size, cfg.job.seed)
+        gbs = cfg.training.global_batch_size
+        if gbs == -1:
+            gbs = cfg.training.micro_batch_size * self.dist.world_size
+        self.loader = GlobalBatchLoader(
+            self.data, gbs, cfg.training.micro_batch_size, self.dist.rank, self.dist.world_size, cfg.job.seed
+        )
+
+        self.optimizer = build_optimizer(self.params, cfg.optimizer)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+        fp16 = cfg.training.mixed_precision_param == "float16"
+        self.scaler = LossScaler(fp16, cfg.training.loss_scale_init, cfg.training.loss_scale_growth_interval)
+        self.step = 0  # optimizer steps completed
+        self.metrics = MetricsLogger(
+            self.dump / cfg.metrics.save_folder, cfg.training.steps, self.dist.rank,
+            cfg.metrics.log_freq, cfg.metrics.enable_jsonl,
+        )
+        if self.dist.is_main:
+            self.dump.mkdir(parents=True, exist_ok=True)
+            (self.dump / "config.toml").write_text(dump_toml(cfg))
+
+    def _check_batch_layout(self) -> None:
+        t, world = self.cfg.training, self.dist.world_size
+        gbs = t.global_batch_size if t.global_batch_size != -1 else t.micro_batch_size * world
+        if gbs % (t.micro_batch_size * world):
+            raise SystemExit(
+                f"training.global_batch_size = {gbs} is not a multiple of micro_batch_size "
+                f"({t.micro_batch_size}) x ranks ({world}); use e.g. {t.micro_batch_size * world * max(1, gbs // (t.micro_batch_size * world))}"
+            )
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def train_step(self) -> StepResult:
+        micro = self.loader.micro_batches(self.step)
+        n_local = sum(count_targets(mb["labels"]) for mb in micro)
+        n_global = all_reduce_sum(torch.tensor(float(n_local), device=self.device)).item()
+        n_global = max(n_global, 1.0)
+        world = self.dist.world_size
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i, mb in enumerate(micro):
+            # LoRA gradients are small: accumulate them unsharded and reduce once per step.
+            self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            out = self.model(**batch)
+            self.scaler.scale_loss(out.loss_sum * (world / n_global)).backward()
+            loss_sum += out.loss_sum.detach().float()
+        found_inf = self.scaler.unscale_(self.params)
+        grad_norm = self._clip()
+        if not found_inf:
+            self.optimizer.step()
+        self.scaler.update(found_inf)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        loss = all_reduce_sum(loss_sum).item() / n_global
+        tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
+        return StepResult(loss=loss, grad_norm=grad_norm, tokens=tokens, skipped=found_inf)
+
+    def _clip(self) -> float:
+        max_norm = self.cfg.training.max_norm
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.params, max_norm if max_norm > 0 else float("inf"), foreach=True
+        )
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def train(self) -> list[float]:
+        cfg = self.cfg
+        losses = []
+        self.model.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        while self.step < cfg.training.steps:
+            lr = self.scheduler.get_last_lr()[0]
+            t0 = time.perf_counter()
+            r = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            losses.append(r.loss)
+            if r.skipped:
+                log(f"step {self.step}: fp16 overflow, optimizer step skipped, loss scale -> {self.scaler.scale:g}",
+                    self.dist.rank)
+            self.metrics.step(self.step, {
+                "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
+                "tokens_per_s": r.tokens / dt, "step_time_s": dt,
+                "peak_mem_gib": peak_memory_gib(self.device), "host_rss_gib": host_rss_gib(),
+                "skipped": r.skipped, "loss_scale": self.scaler.scale,
+            })
+        return losses
+
+    def close(self) -> None:
+        self.metrics.close()
+        destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

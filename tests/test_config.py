@@ -1,0 +1,255 @@
+import dataclasses
+
+import pytest
+
+from recipe.config import (
+    ConfigError,
+    JobConfig,
+    config_from_dict,
+    config_to_dict,
+    dump_toml,
+    load_config,
+)
+
+
+def write(tmp_path, text, name="cfg.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_without_file():
+    cfg = load_config([])
+    assert cfg == JobConfig()
+    assert cfg.lora.target_modules[0] == "q_proj"
+    assert cfg.profiling.profile_steps == []
+    # default lists must not be shared between instances
+    JobConfig().lora.target_modules.append("x")
+    assert "x" not in JobConfig().lora.target_modules
+
+
+def test_precedence_cli_over_toml_over_default(tmp_path):
+    path = write(tmp_path, "[training]\nsteps = 7\nmicro_batch_size = 3\n[optimizer]\nlr = 1\n")
+    cfg = load_config(["--job.config_file", path, "--training.steps=9"])
+    assert cfg.training.steps == 9  # CLI beats TOML
+    assert cfg.training.micro_batch_size == 3  # TOML beats default
+    assert cfg.training.max_norm == 1.0  # default
+    assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)  # int accepted for float
+    assert cfg.job.config_file == path
+
+
+def test_equals_and_space_forms(tmp_path):
+    path = write(tmp_path, "")
+    a = load_config([f"--job.config_file={path}", "--job.seed=5", "--optimizer.lr=2e-4", "--job.description=x y"])
+    b = load_config(["--job.config_file", path, "--job.seed", "5", "--optimizer.lr", "2e-4", "--job.description", "x y"])
+    assert a == b
+    assert a.job.seed == 5 and a.optimizer.lr == 2e-4 and a.job.description == "x y"
+    assert load_config(["--parallelism.data_parallel_shard_degree", "-1"]).parallelism.data_parallel_shard_degree == -1
+
+
+def test_list_parsing(tmp_path):
+    cfg = load_config(["--lora.target_modules=q_proj, v_proj", "--profiling.profile_steps=3,4"])
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.profiling.profile_steps == [3, 4]
+    assert load_config(["--profiling.profile_steps="]).profiling.profile_steps == []
+    path = write(tmp_path, '[lora]\ntarget_modules = ["o_proj"]\n[profiling]\nmemory_snapshot_steps = [1, 2]\n')
+    cfg = load_config(["--job.config_file", path])
+    assert cfg.lora.target_modules == ["o_proj"]
+    assert cfg.profiling.memory_snapshot_steps == [1, 2]
+
+
+def test_list_element_type_errors(tmp_path):
+    with pytest.raises(ConfigError, match="profiling.profile_steps.*expected int.*'x'"):
+        load_config(["--profiling.profile_steps=1,x"])
+    path = write(tmp_path, '[profiling]\nprofile_steps = [1, "2"]\n')
+    with pytest.raises(ConfigError, match=r"profiling.profile_steps\[1\].*expected int"):
+        load_config(["--job.config_file", path])
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [("true", True), ("FALSE", False), ("1", True), ("0", False), ("Yes", True), ("no", False)],
+)
+def test_bool_parsing(raw, expected):
+    assert load_config([f"--training.compile={raw}"]).training.compile is expected
+    assert load_config(["--training.compile", raw]).training.compile is expected
+
+
+def test_bare_bool_flag():
+    cfg = load_config(["--training.compile", "--checkpoint.enable"])
+    assert cfg.training.compile is True and cfg.checkpoint.enable is True
+
+
+def test_bad_bool():
+    with pytest.raises(ConfigError, match="training.compile.*expected bool.*'maybe'.*true/false"):
+        load_config(["--training.compile=maybe"])
+
+
+def test_bare_non_bool_needs_value():
+    with pytest.raises(ConfigError, match=r"--training.steps needs a value.*--training.steps=VALUE"):
+        load_config(["--training.steps"])
+
+
+def test_unknown_section_cli():
+    with pytest.raises(ConfigError) as e:
+        load_config(["--traning.steps=3"])
+    msg = str(e.value)
+    assert "'traning'" in msg and "Did you mean 'training'" in msg and "lr_scheduler" in msg
+
+
+def test_unknown_section_toml(tmp_path):
+    path = write(tmp_path, "[optimzer]\nlr = 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--job.config_file", path])
+    msg = str(e.value)
+    assert "'optimzer'" in msg and "'optimizer'" in msg and path in msg
+
+
+def test_unknown_key(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--training.stepz=3"])
+    assert "'training.stepz'" in str(e.value) and "Did you mean 'training.steps'" in str(e.value)
+    path = write(tmp_path, "[lora]\nrnak = 8\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--job.config_file", path])
+    assert "'lora.rnak'" in str(e.value) and "'lora.rank'" in str(e.value)
+
+
+def test_wrong_type_cli():
+    with pytest.raises(ConfigError) as e:
+        load_config(["--training.steps=abc"])
+    assert "training.steps" in str(e.value) and "expected int, got 'abc' (str)" in str(e.value)
+    with pytest.raises(ConfigError, match="optimizer.lr.*expected float.*'fast'"):
+        load_config(["--optimizer.lr=fast"])
+
+
+def test_wrong_type_toml(tmp_path):
+    path = write(tmp_path, '[training]\nsteps = "10"\n')
+    with pytest.raises(ConfigError, match=r"training.steps: expected int, got '10' \(str\)"):
+        load_config(["--job.config_file", path])
+    path = write(tmp_path, "[training]\nsteps = true\n", "b.toml")
+    with pytest.raises(ConfigError, match=r"training.steps: expected int, got True \(bool\)"):
+        load_config(["--job.config_file", path])
+    path = write(tmp_path, "[training]\ncompile = 1\n", "c.toml")
+    with pytest.raises(ConfigError, match=r"training.compile: expected bool"):
+        load_config(["--job.config_file", path])
+    path = write(tmp_path, "training = 3\n", "d.toml")
+    with pytest.raises(ConfigError, match=r"'training' must be a table.*\[training\]"):
+        load_config(["--job.config_file", path])
+
+
+@pytest.mark.parametrize(
+    "arg,field",
+    [
+        ("--model.quant_type=int8", "model.quant_type"),
+        ("--data.format=csv", "data.format"),
+        ("--training.mixed_precision_param=fp8", "training.mixed_precision_param"),
+        ("--training.mixed_precision_reduce=bf16", "training.mixed_precision_reduce"),
+        ("--training.device=tpu", "training.device"),
+        ("--lr_scheduler.decay_type=step", "lr_scheduler.decay_type"),
+        ("--parallelism.backend=mpi", "parallelism.backend"),
+        ("--activation_checkpoint.mode=partial", "activation_checkpoint.mode"),
+        ("--model.synthetic_shape=llama_huge", "model.synthetic_shape"),
+    ],
+)
+def test_invalid_choice(arg, field):
+    with pytest.raises(ConfigError) as e:
+        load_config([arg])
+    msg = str(e.value)
+    assert field in msg and repr(arg.split("=", 1)[1]) in msg and "Valid choices" in msg
+
+
+def test_choice_message_lists_choices():
+    with pytest.raises(ConfigError) as e:
+        load_config(["--model.quant_type=nf3"])
+    assert "'nf4', 'fp4', 'none'" in str(e.value) and "Did you mean 'nf4'" in str(e.value)
+    assert load_config(["--model.synthetic_shape=debug"]).model.synthetic_shape == "debug"
+    assert load_config(["--model.synthetic_shape="]).model.synthetic_shape == ""
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "--lora.rank=0",
+        "--lora.alpha=0",
+        "--lora.dropout=1.0",
+        "--lora.dropout=-0.1",
+        "--data.seq_len=0",
+        "--training.steps=-1",
+        "--training.micro_batch_size=0",
+        "--optimizer.lr=0",
+        "--optimizer.lr=nan",
+        "--lr_scheduler.warmup_steps=-1",
+        "--activation_checkpoint.selective_every=0",
+        "--checkpoint.interval=0",
+        "--checkpoint.keep_latest_k=-1",
+        "--metrics.log_freq=0",
+    ],
+)
+def test_range_checks(arg):
+    name = arg[2:].split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config([arg])
+    assert f"{name} must be" in str(e.value) and f"--{name}=" in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not found") as e:
+        load_config(["--job.config_file", path])
+    assert path in str(e.value)
+
+
+def test_malformed_toml(tmp_path):
+    path = write(tmp_path, "[training]\nsteps = = 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--job.config_file", path])
+    msg = str(e.value)
+    assert path in msg and "malformed TOML" in msg and "line 2" in msg
+
+
+@pytest.mark.parametrize("argv", [["positional"], ["--steps=3"], ["-x"]])
+def test_bad_override_form(argv):
+    with pytest.raises(ConfigError, match=r"--section.key=value"):
+        load_config(argv)
+
+
+def test_dump_toml_round_trip(tmp_path):
+    cfg = load_config(
+        [
+            "--job.description=quote \" and \\ and ünïcode 🚀\nnewline",
+            "--lora.target_modules=q_proj,o_proj",
+            "--profiling.profile_steps=3,4",
+            "--optimizer.eps=1e-12",
+            "--training.compile",
+            "--model.quant_type=fp4",
+        ]
+    )
+    path = write(tmp_path, dump_toml(cfg), "dumped.toml")
+    back = load_config(["--job.config_file", path])
+    cfg.job.config_file = path
+    assert back == cfg
+    d = config_to_dict(back)
+    assert d["lora"]["target_modules"] == ["q_proj", "o_proj"]
+    assert config_from_dict(d) == back
+    # the dict must be a copy, not a view into the dataclass
+    d["lora"]["target_modules"].append("x")
+    assert back.lora.target_modules == ["q_proj", "o_proj"]
+
+
+def test_default_round_trip(tmp_path):
+    path = write(tmp_path, dump_toml(JobConfig()))
+    assert load_config(["--job.config_file", path]) == dataclasses.replace(
+        JobConfig(), job=dataclasses.replace(JobConfig().job, config_file=path)
+    )
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_config(["--training.steps=3", flag])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "[lora]" in out and "--training.global_batch_size" in out
+    assert "Exclude prompt tokens from the loss." in out
+    assert "'nf4', 'fp4', 'none'" in out and "default: 2048" in out
