@@ -55,8 +55,9 @@ class ModelArgs:
     dtype: torch.dtype = torch.bfloat16
     # 4-bit rows are padded to a multiple of this (the data-parallel world size), see models/quant.py.
     row_multiple: int = 1
-    # Tokens per cross-entropy chunk: full-vocabulary fp32 logits of a whole batch are never held.
-    loss_chunk_tokens: int = 4096
+    # Tokens per cross-entropy chunk (0: about 128 Mi logits per chunk, ~0.5 GiB in fp32): the
+    # full-vocabulary logits of a whole batch (2 x 2048 x 128256 fp32 = 2 GiB for Llama 3) never exist.
+    loss_chunk_tokens: int = 0
 
 
 @dataclass
@@ -269,7 +270,8 @@ class LlamaForCausalLM(nn.Module):
             return CausalLMOutput(logits=h)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h).float())
-        loss_sum, n_tokens = chunked_cross_entropy(h, self.lm_head, labels, self.args.loss_chunk_tokens)
+        chunk = self.args.loss_chunk_tokens or max(256, 2**27 // self.args.shape.vocab_size)
+        loss_sum, n_tokens = chunked_cross_entropy(h, self.lm_head, labels, chunk)
         denom = num_items_in_batch if num_items_in_batch is not None else n_tokens.clamp(min=1)
         logits = self.lm_head(h).float() if return_logits else None
         return CausalLMOutput(loss=loss_sum / denom, logits=logits, loss_sum=loss_sum, num_tokens=n_tokens)

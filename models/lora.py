@@ -54,7 +54,8 @@ class QLoRALinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        kind = "4bit" if isinstance(self.weight, Weight4bit) else str(self.weight.dtype)
+        w = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
+        kind = "4bit" if isinstance(w, Weight4bit) else str(w.dtype)
         return f"in={self.in_features}, out={self.out_features}, base={kind}, rank={self.rank}"
 
 

@@ -164,8 +164,6 @@ class Trainer:
         world = self.dist.world_size
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for i, mb in enumerate(micro):
-            # LoRA gradients are small: accumulate them unsharded and reduce once per step.
-            self.model.set_requires_gradient_sync(i == len(micro) - 1)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             out = self.model(**batch)
             self.scaler.scale_loss(out.loss_sum * (world / n_global)).backward()
