@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue-3 benchmark on a GPU machine: recipe (FSDP2, sharded 4-bit) vs HF Trainer FSDP2, one call.
+#
+#   STAGES="ckpt r2 r1 hf2 off2" STEPS=60 bash benchmarks/gpu_fsdp.sh OUTDIR
+#
+# Stages: debug (tiny model smoke test, 2 GPUs), ckpt (write the 8B-shaped nf4 checkpoint),
+# r1/r2/r4 (recipe on 1/2/4 GPUs), off2 (recipe, 2 GPUs, CPU offload), hf1/hf2/hf4 (HF baseline).
+# Every run writes OUTDIR/NAME.log and a JSON summary; the report table is printed at the end.
+set -u
+OUT=${1:-/tmp/bench}
+mkdir -p "$OUT"
+CK=${CK:-/tmp/ck_llama3_1_8b_nf4}
+STEPS=${STEPS:-60}
+HF_STEPS=${HF_STEPS:-8}
+OFF_STEPS=${OFF_STEPS:-8}
+TMO=${TMO:-420}
+PY=${PY:-python3}
+CFG=train_configs/llama3_8b_qlora.toml
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)"
+
+recipe() {  # name ngpu overrides...
+  local name=$1 n=$2; shift 2
+  local t0=$SECONDS
+  timeout "$TMO" $PY -m torch.distributed.run --standalone --nproc_per_node "$n" -m recipe.train \
+    --job.config_file $CFG --model.checkpoint=$CK --job.dump_folder="$OUT/$name" "$@" >"$OUT/$name.log" 2>&1
+  echo "[$name] rc=$? $((SECONDS - t0))s | $(grep -E '^step' "$OUT/$name.log" | tail -1)"
+  grep -E "Error|error:" "$OUT/$name.log" | grep -v "^\[rank1\]" | tail -5
+}
+hf() {  # name ngpu
+  local name=$1 n=$2 t0=$SECONDS
+  timeout "$TMO" $PY -m torch.distributed.run --standalone --nproc_per_node "$n" benchmarks/hf_trainer_fsdp.py \
+    --checkpoint $CK --out "$OUT/$name.json" --steps "$HF_STEPS" >"$OUT/$name.log" 2>&1
+  echo "[$name] rc=$? $((SECONDS - t0))s"
+  grep -E "Error|error:" "$OUT/$name.log" | tail -5
+}
+
+for st in ${STAGES:-ckpt r2 r1 hf2}; do
+  case $st in
+    debug) timeout 120 $PY -m torch.distributed.run --standalone --nproc_per_node 2 -m recipe.train \
+             --job.config_file train_configs/debug_model.toml --training.mixed_precision_param=bfloat16 \
+             --job.dump_folder="$OUT/debug" --model.checkpoint=/tmp/ck_debug >"$OUT/debug.log" 2>&1
+           echo "[debug] rc=$? | $(grep -E '^step' "$OUT/debug.log" | tail -1)"; grep -E "Error" "$OUT/debug.log" | tail -5 ;;
+    ckpt) t0=$SECONDS; [ -f $CK/config.json ] || $PY -m models.synthetic --shape llama3_1_8b --out $CK --device cuda 2>&1 | tail -2
+          echo "[ckpt] $((SECONDS - t0))s $(du -sh $CK | cut -f1)" ;;
+    r1) CUDA_VISIBLE_DEVICES=0 recipe r1 1 --training.steps=$STEPS ;;
+    r2) recipe r2 2 --training.steps=$STEPS ;;
+    r4) recipe r4 4 --training.steps=$STEPS ;;
+    off2) recipe off2 2 --training.steps=$OFF_STEPS --parallelism.cpu_offload ;;
+    hf1) CUDA_VISIBLE_DEVICES=0 hf hf1 1 ;;
+    hf2) hf hf2 2 ;;
+    hf4) hf hf4 4 ;;
+  esac
+done
+
+args=()
+for n in r1 r2 r4 off2; do [ -f "$OUT/$n/summary.json" ] && args+=("$n=$OUT/$n/summary.json"); done
+hargs=()
+for n in hf1 hf2 hf4; do [ -f "$OUT/$n.json" ] && hargs+=("$n=$OUT/$n.json"); done
+cmp=()
+[ -f "$OUT/r1/summary.json" ] && [ -f "$OUT/r2/summary.json" ] && cmp=(--compare r1 r2)
+$PY benchmarks/report.py --recipe "${args[@]}" --hf "${hargs[@]}" "${cmp[@]}"

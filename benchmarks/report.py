@@ -1,0 +1,62 @@
+"""Tabulate benchmark results: recipe summary.json files and HF baseline JSON files.
+
+    python benchmarks/report.py --recipe NAME=DIR/summary.json ... --hf NAME=hf.json ... [--compare A B]
+
+Prints a markdown table (per-GPU maxima over ranks) and, with --compare, the per-step loss
+difference between two recipe runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _row(name, world, device, ranks, path):
+    def mx(key):
+        vals = [r[key] for r in ranks if r.get(key) is not None]
+        return max(vals) if vals else float("nan")
+
+    tok = [r["tokens_per_s_per_gpu"] for r in ranks if r.get("tokens_per_s_per_gpu")]
+    return (f"| {name} | {path} | {world} | {device} | {mx('load_peak_gib'):.2f} | {mx('train_peak_gib'):.2f} | "
+            f"{mx('host_peak_rss_gib'):.2f} | {tok[0]:,.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", nargs="*", default=[])
+    ap.add_argument("--hf", nargs="*", default=[])
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"))
+    args = ap.parse_args()
+    print("| run | path | GPUs | card | load peak GiB/GPU | train peak GiB/GPU | host peak RSS GiB/rank | tokens/s/GPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    losses = {}
+    for spec in args.recipe:
+        name, path = spec.split("=", 1)
+        try:
+            s = json.load(open(path))
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"| {name} | recipe | missing ({e}) |")
+            continue
+        losses[name] = s["losses"]
+        print(_row(name, s["world"], s["device"], s["ranks"], "recipe"))
+    for spec in args.hf:
+        name, path = spec.split("=", 1)
+        try:
+            recs = json.load(open(path))
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"| {name} | HF | missing ({e}) |")
+            continue
+        print(_row(name, recs[0]["world"], recs[0]["device"], recs, recs[0]["path"]))
+    if args.compare:
+        a, b = (losses.get(n) for n in args.compare)
+        if a and b:
+            diffs = [abs(x - y) for x, y in zip(a, b)]
+            print(f"\nloss |{args.compare[0]} - {args.compare[1]}| over {len(diffs)} steps: "
+                  f"max {max(diffs):.2e}, mean {sum(diffs)/len(diffs):.2e}; "
+                  f"first {a[0]:.4f}/{b[0]:.4f}, last {a[-1]:.4f}/{b[-1]:.4f}")
+            print("per step:", " ".join(f"{d:.1e}" for d in diffs))
+
+
+if __name__ == "__main__":
+    main()
