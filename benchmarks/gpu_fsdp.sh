@@ -44,9 +44,21 @@ for st in ${STAGES:-ckpt r2 r1 hf2}; do
            echo "[debug] rc=$? | $(grep -E '^step' "$OUT/debug.log" | tail -1)"; grep -E "Error" "$OUT/debug.log" | tail -5 ;;
     ckpt) t0=$SECONDS; [ -f $CK/config.json ] || $PY -m models.synthetic --shape llama3_1_8b --out $CK --device cuda 2>&1 | tail -2
           echo "[ckpt] $((SECONDS - t0))s $(du -sh $CK | cut -f1)" ;;
-    r1) CUDA_VISIBLE_DEVICES=0 recipe r1 1 --training.steps=$STEPS ;;
-    r2) recipe r2 2 --training.steps=$STEPS ;;
-    r4) recipe r4 4 --training.steps=$STEPS ;;
+    r1) CUDA_VISIBLE_DEVICES=0 recipe r1 1 --training.steps=$STEPS ${R_EXTRA:-} ;;
+    r2) recipe r2 2 --training.steps=$STEPS ${R_EXTRA:-} ;;
+    r4) recipe r4 4 --training.steps=$STEPS ${R_EXTRA:-} ;;
+    prof2) timeout "$TMO" $PY -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/profile_step.py \
+             --job.config_file $CFG --model.checkpoint=$CK --job.dump_folder="$OUT/prof2" --checkpoint.export_adapter=false \
+             >"$OUT/prof2.log" 2>&1; echo "[prof2] rc=$?"; grep -v "^\[rank1\]" "$OUT/prof2.log" | grep -A30 "profiled step" ;;
+    ck2) t0=$SECONDS
+         recipe ck2 2 --training.steps=6 --checkpoint.enable --checkpoint.interval=3 --checkpoint.export_adapter=false
+         recipe ck2 2 --training.steps=8 --checkpoint.enable --checkpoint.interval=3 --checkpoint.export_adapter=false
+         grep -hE "checkpoint|resum" "$OUT/ck2.log" | grep -v "^\[rank1\]" | tail -8
+         du -sh "$OUT"/ck2/checkpoint/* 2>/dev/null ;;
+    mem2) timeout "$TMO" $PY -m torch.distributed.run --standalone --nproc_per_node 2 -m recipe.train \
+             --job.config_file train_configs/llama3_8b_memory_profile.toml --model.checkpoint=$CK \
+             --job.dump_folder="$OUT/mem2" >"$OUT/mem2.log" 2>&1; echo "[mem2] rc=$?"
+          grep -v "^\[rank1\]" "$OUT/mem2.log" | grep -A12 "memory report" | head -14 ;;
     off2) recipe off2 2 --training.steps=$OFF_STEPS --parallelism.cpu_offload ;;
     hf1) CUDA_VISIBLE_DEVICES=0 hf hf1 1 ;;
     hf2) hf hf2 2 ;;

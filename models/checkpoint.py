@@ -31,6 +31,7 @@ from models.shapes import LlamaShape, shape_from_hf_config
 __all__ = ["CheckpointError", "CheckpointReader", "Rows4bit"]
 
 _QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 class CheckpointError(ValueError):
@@ -59,14 +60,18 @@ class CheckpointReader:
             raise CheckpointError(f"{cfg_file} is missing: a HF checkpoint directory holds config.json")
         try:
             self.hf_config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+        try:
             self.shape: LlamaShape = shape_from_hf_config(self.hf_config)
-        except (json.JSONDecodeError, ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{cfg_file}: {e}") from e
         qc = self.hf_config.get("quantization_config") or {}
         self.prequantized = bool(qc.get("load_in_4bit"))
         if qc and not self.prequantized:
+            kind = f"quant_method {qc.get('quant_method')!r}" + (", load_in_8bit" if qc.get("load_in_8bit") else "")
             raise CheckpointError(
-                f"{cfg_file}: quantization_config {qc.get('quant_method')!r} is not bitsandbytes 4-bit; "
+                f"{cfg_file}: quantization_config ({kind}) is not bitsandbytes 4-bit (load_in_4bit); "
                 "use a bnb-4bit checkpoint or a plain bf16/fp16 one"
             )
         self.weight_map = self._read_weight_map()
@@ -147,7 +152,19 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: {keys[0]} does not hold quant-state JSON ({e})") from e
 
     def dense_rows(self, key: str, expect_shape: tuple[int, ...], start: int, end: int, dtype) -> torch.Tensor:
-        shape, _ = self.info(key)
+        shape, sdtype = self.info(key)
+        if sdtype not in _FLOAT_DTYPES:
+            prefix = key.removesuffix(".weight")
+            missing = [f"{key}.{s}" for s in ("absmax", "quant_map") if not self.has(f"{key}.{s}")]
+            hint = ""
+            if sdtype == "U8" and not missing:
+                hint = "; it is a packed 4-bit weight: build the model with quant_type nf4/fp4"
+            elif sdtype == "U8" and (self.prequantized or len(missing) < 2):
+                hint = f"; it looks like a packed 4-bit weight, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+            raise CheckpointError(
+                f"{self.path / self.weight_map[key]}: {key!r} is {sdtype} {tuple(shape)}, "
+                f"not a floating-point tensor{hint}"
+            )
         if tuple(shape) != tuple(expect_shape):
             raise CheckpointError(
                 f"{self.path}: {key!r} has shape {tuple(shape)} but the model built from config.json "
@@ -176,7 +193,18 @@ class CheckpointReader:
         packed = self.read(f"{prefix}.weight", start * half, end * half).reshape(end - start, half)
         bpr = k // bs  # blocks per row
         b0, b1 = start * bpr, end * bpr
-        if self.has(f"{prefix}.weight.nested_absmax"):
+        _, adtype = self.info(f"{prefix}.weight.absmax")
+        nested = self.has(f"{prefix}.weight.nested_absmax") or "nested_blocksize" in meta or adtype == "U8"
+        if nested:
+            # uint8 block scales are only meaningful with their nested scales, code book and offset:
+            # a missing one must not be papered over (reading uint8 codes as scales is silently wrong).
+            for key in (f"{prefix}.weight.nested_absmax", f"{prefix}.weight.nested_quant_map"):
+                self._slice(key)  # raises "key ... is missing"
+            if "nested_blocksize" not in meta or "nested_offset" not in meta or adtype != "U8":
+                raise CheckpointError(
+                    f"{self.path}: {prefix}.weight is double-quantized, but its quant_state lacks "
+                    f"nested_blocksize/nested_offset or {prefix}.weight.absmax is {adtype}, not U8"
+                )
             nb = int(meta["nested_blocksize"])
             q = self.read(f"{prefix}.weight.absmax", b0, b1).long()
             g0, g1 = b0 // nb, -(-b1 // nb)
@@ -186,6 +214,11 @@ class CheckpointReader:
             offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
             absmax = ncode[q] * nested[group] + offset
         else:
+            if adtype not in _FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{self.path}: {prefix}.weight.absmax is {adtype}; without double quantization the "
+                    "block scales are floating point"
+                )
             absmax = self.read(f"{prefix}.weight.absmax", b0, b1).float()
         return Rows4bit(
             packed=packed,

@@ -55,7 +55,7 @@ class ModelArgs:
     dtype: torch.dtype = torch.bfloat16
     # 4-bit rows are padded to a multiple of this (the data-parallel world size), see models/quant.py.
     row_multiple: int = 1
-    # Tokens per cross-entropy chunk (0: about 128 Mi logits per chunk, ~0.5 GiB in fp32): the
+    # Tokens per cross-entropy chunk (0: about 64 Mi logits per chunk, ~0.25 GiB in fp32): the
     # full-vocabulary logits of a whole batch (2 x 2048 x 128256 fp32 = 2 GiB for Llama 3) never exist.
     loss_chunk_tokens: int = 0
 
@@ -270,7 +270,7 @@ class LlamaForCausalLM(nn.Module):
             return CausalLMOutput(logits=h)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h).float())
-        chunk = self.args.loss_chunk_tokens or max(256, 2**27 // self.args.shape.vocab_size)
+        chunk = self.args.loss_chunk_tokens or max(256, 2**26 // self.args.shape.vocab_size)
         loss_sum, n_tokens = chunked_cross_entropy(h, self.lm_head, labels, chunk)
         denom = num_items_in_batch if num_items_in_batch is not None else n_tokens.clamp(min=1)
         logits = self.lm_head(h).float() if return_logits else None
@@ -286,9 +286,12 @@ def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int):
     h = h[:, :-1].reshape(-1, h.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(h.device)
     total = h.new_zeros((), dtype=torch.float32)
+    any_targets = bool((targets != IGNORE_INDEX).any())
     for start in range(0, h.shape[0], chunk_tokens):
         hc, tc = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if not bool((tc != IGNORE_INDEX).any()):
+        # Chunks without targets add nothing; but with no target at all, the first chunk still runs
+        # (it sums to 0) so that the loss has a graph: backward must run (grad accumulation, FSDP).
+        if not bool((tc != IGNORE_INDEX).any()) and (any_targets or start > 0):
             continue
         total = total + torch.utils.checkpoint.checkpoint(_ce_chunk, hc, tc, lm_head, use_reentrant=False)
     return total, (targets != IGNORE_INDEX).sum()

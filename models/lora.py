@@ -50,7 +50,10 @@ class QLoRALinear(nn.Module):
         else:
             y = nn.functional.linear(x, w.to(x.dtype))
         if self.rank > 0:
-            y = y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            # The adapter runs in its own parameters' dtype (fp32 master weights when no FSDP
+            # mixed-precision policy casts them; then a no-op), its output in the base output's dtype.
+            xa = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+            y = y + (self.lora_B(self.lora_A(xa)) * self.scaling).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:

@@ -18,7 +18,7 @@ import functools
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["parallelize", "apply_activation_checkpointing", "DTYPES"]
@@ -73,7 +73,19 @@ def parallelize(
     for block in model.model.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
     if not model.args.shape.tie_word_embeddings:
+        # Embeddings and lm_head in groups of their own: each is gathered only around its use, so
+        # the 1 GiB (Llama 3 8B) lm_head is not resident while the embeddings and blocks run.
         fully_shard(model.model.embed_tokens, reshard_after_forward=reshard_after_forward, **kw)
-    # The root's parameters (norm, lm_head) are needed again right at the start of backward.
+        fully_shard(model.lm_head, reshard_after_forward=reshard_after_forward, **kw)
+    # The root keeps what is left (the final norm; embeddings + lm_head when tied). It is needed
+    # again right at the start of backward, so it stays gathered.
     fully_shard(model, reshard_after_forward=False, **kw)
+    # Sum gradients over ranks instead of averaging: the training loop divides the loss by the
+    # global token count itself, so the backward (and its bf16 rounding) is the same on any world
+    # size. A world-size factor in the loss instead would round bf16 gradients differently on 3 ranks.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            if hasattr(module, "set_force_sum_reduction_for_comms"):  # newer torch: sum on the wire too
+                module.set_force_sum_reduction_for_comms(True)
     return model
