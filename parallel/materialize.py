@@ -81,7 +81,9 @@ def _load_local(name, local_meta, global_shape, rank, world, reader, device, lor
     if ".lora_" in name:
         start, end = shard_rows(n_rows, rank, world)
         full = lora_init_tensor(name, tuple(global_shape), lora_seed)
-        return full[start:end].to(device=device, dtype=local_meta.dtype).contiguous()
+        # copy=True: a slice of `full` would keep the whole tensor alive on every rank (and its
+        # storage offset breaks DCP's async staging copy).
+        return full[start:end].to(device=device, dtype=local_meta.dtype, copy=True)
 
     if isinstance(local_meta, Weight4bit):
         return _load_4bit(name, local_meta, global_shape, rank, world, reader, device, quant_device)
