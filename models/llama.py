@@ -281,18 +281,15 @@ def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int):
     """Sum of next-token losses and the number of target tokens, computed chunk by chunk.
 
     Each chunk's logits are recomputed in backward (checkpoint), so peak memory holds one chunk of
-    (chunk_tokens x vocab) fp32 logits instead of the whole batch's.
+    (chunk_tokens x vocab) fp32 logits instead of the whole batch's. Chunks whose targets are all
+    ignored are still computed (they add 0): skipping them would need a GPU->CPU sync per chunk,
+    and a batch without any target must still produce a graph for backward.
     """
     h = h[:, :-1].reshape(-1, h.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(h.device)
     total = h.new_zeros((), dtype=torch.float32)
-    any_targets = bool((targets != IGNORE_INDEX).any())
     for start in range(0, h.shape[0], chunk_tokens):
         hc, tc = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        # Chunks without targets add nothing; but with no target at all, the first chunk still runs
-        # (it sums to 0) so that the loss has a graph: backward must run (grad accumulation, FSDP).
-        if not bool((tc != IGNORE_INDEX).any()) and (any_targets or start > 0):
-            continue
         total = total + torch.utils.checkpoint.checkpoint(_ce_chunk, hc, tc, lm_head, use_reentrant=False)
     return total, (targets != IGNORE_INDEX).sum()
 

@@ -162,20 +162,53 @@ class Checkpoint:
 
 @dataclass
 class Profiling:
-    enable_memory_snapshot: bool = _f(False, "Record CUDA memory snapshots.")
-    memory_snapshot_steps: list[int] = _f([], "Steps at which to dump a memory snapshot.")
-    enable_profiling: bool = _f(False, "Run the torch profiler.")
-    profile_steps: list[int] = _f([], "Steps to trace with the profiler.")
+    enable_memory_snapshot: bool = _f(
+        False,
+        "Record CUDA memory history and dump per-rank snapshot pickles (open them at "
+        "https://pytorch.org/memory_viz) to <dump_folder>/<save_folder>/memory_snapshot/; CUDA only "
+        "(skipped with a message on CPU).",
+    )
+    memory_snapshot_steps: list[int] = _f(
+        [],
+        "1-based steps to record: recording starts before the first listed step and "
+        "rank{r}_step{N}.pickle is dumped after the last (N). Empty: only the out-of-memory dump.",
+    )
+    memory_snapshot_on_oom: bool = _f(
+        True,
+        "With enable_memory_snapshot: record from the first step on and dump rank{r}_oom.pickle when a "
+        "step runs out of CUDA memory (then the error is re-raised).",
+    )
+    memory_snapshot_max_entries: int = _f(
+        100000, "Allocation events kept in the memory history ring buffer (max_entries)."
+    )
+    enable_profiling: bool = _f(False, "Trace profile_steps with the torch profiler (CPU, + CUDA when available).")
+    profile_steps: list[int] = _f(
+        [],
+        "1-based steps to trace; each is exported as a Chrome trace "
+        "<dump_folder>/<save_folder>/traces/rank{r}_step{N}.json (open in https://ui.perfetto.dev).",
+    )
     save_folder: str = _f("profiling", "Profiling output folder, relative to job.dump_folder.")
-    memory_report: bool = _f(True, "Log a per-step memory report.")
+    memory_report: bool = _f(
+        True,
+        "Measure per-rank memory per phase (load, forward, backward, optimizer; max over steps), print a "
+        "table at the end and write <dump_folder>/<metrics.save_folder>/memory_report.json. Adds no "
+        "device synchronisation.",
+    )
 
 
 @dataclass
 class Metrics:
     log_freq: int = _f(1, "Log metrics every this many steps.")
     enable_jsonl: bool = _f(True, "Write metrics as JSON lines.")
-    enable_tensorboard: bool = _f(False, "Write TensorBoard event files.")
+    enable_tensorboard: bool = _f(
+        False, "Write TensorBoard event files to <dump_folder>/<save_folder>/tensorboard (optional package: pip install tensorboard)."
+    )
     save_folder: str = _f("metrics", "Metrics output folder, relative to job.dump_folder.")
+    peak_tflops: float = _f(
+        0.0,
+        "Peak dense bf16 TFLOP/s of one GPU, for MFU; 0 looks the GPU up in recipe.metrics.PEAK_FLOPS "
+        "(MFU is null on CPU or an unknown GPU).",
+    )
 
 
 @dataclass
@@ -321,6 +354,8 @@ _RANGES: list[tuple[str, str, typing.Callable[[Any], bool], str]] = [
     ("checkpoint", "interval", lambda v: v >= 1, ">= 1"),
     ("checkpoint", "keep_latest_k", lambda v: v >= 0, ">= 0"),
     ("metrics", "log_freq", lambda v: v >= 1, ">= 1"),
+    ("metrics", "peak_tflops", lambda v: v >= 0, ">= 0"),
+    ("profiling", "memory_snapshot_max_entries", lambda v: v >= 1, ">= 1"),
 ]
 
 

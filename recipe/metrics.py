@@ -1,17 +1,91 @@
-"""Per-step log line and the metrics JSONL file."""
+"""Per-step log line, the metrics JSONL file, optional TensorBoard, and the MFU formula.
+
+Files (rank 0 only), under ``<job.dump_folder>/<metrics.save_folder>/``:
+
+* ``metrics.jsonl``: one JSON object per optimizer step, with the keys
+
+  ==================== ===============================================================================
+  ``step``             1-based optimizer step
+  ``loss``             mean token loss over the global batch (all ranks, all micro-batches)
+  ``lr``               learning rate used by this step
+  ``grad_norm``        global LoRA gradient norm before clipping
+  ``tokens_per_s``     tokens (padding included) this rank processed per second of step time
+  ``tokens_per_s_global`` ``tokens_per_s`` x world size: throughput of the whole job
+  ``step_time_s``      wall time of the step (CUDA synchronised)
+  ``tflops``           achieved model TFLOP/s per rank: ``flops_per_token * tokens_per_s / 1e12``
+  ``mfu``              model FLOPs utilisation in [0, 1] (formula below); ``null`` on CPU or an unknown GPU
+  ``peak_mem_gib``     CUDA: peak allocated GiB since training started; CPU: peak host RSS GiB
+  ``host_rss_gib``     current host resident set size of rank 0, GiB
+  ``skipped``          fp16 overflow: the optimizer step was skipped
+  ``loss_scale``       current fp16 loss scale (1 when not fp16)
+  ==================== ===============================================================================
+
+* ``tensorboard/``: the numeric keys above as scalars, when ``metrics.enable_tensorboard`` is set and the
+  optional ``tensorboard`` package is installed (``pip install tensorboard``).
+
+MFU
+---
+``model_flops_per_token`` counts the matmul FLOPs (1 multiply-add = 2 FLOPs) that one training token
+costs in this recipe. With L layers, hidden size h (= heads x head_dim), sequence length s, vocabulary V,
+
+* ``N_blocks`` = frozen projection weights of all blocks = L * (q + k + v + o + gate + up + down sizes),
+* ``N_head``   = V * h (lm_head; the embedding lookup is no matmul and is not counted),
+* ``P_lora``   = LoRA parameters = sum over adapted projections of r * (in + out),
+* ``f``        = fraction of blocks under activation checkpointing (none 0, full 1, selective
+  ceil(L / k) / L),
+
+::
+
+    forward   = 2 (N_blocks + N_head) + 2 P_lora + 4 L s h
+    backward  = 2 (N_blocks + N_head)        input gradients only: the 4-bit base is frozen, so there
+                                             are no weight-gradient matmuls for it
+              + 4 P_lora                     LoRA input gradients + LoRA weight gradients
+              + 8 L s h                      attention backward = 2 x its forward
+    recompute = f (2 N_blocks + 2 P_lora + 4 L s h)   checkpointed blocks re-run their forward
+              + 2 N_head                     the chunked cross-entropy re-runs lm_head in backward
+    flops_per_token = forward + backward + recompute
+
+Attention forward is ``2 * 2 * s * h`` per layer per token (Q K^T and attention x V over the full s x s
+score matrix; the causal mask is not discounted, the PaLM / torchtitan convention). Recomputation is
+counted (pass ``recompute=False`` for the PaLM-style "MFU" that leaves it out; with it, the number is
+what PaLM calls hardware FLOPs utilisation). With no AC this is 4N + 2 N_head + 6 P_lora + 12 L s h;
+with full AC 6N + 8 P_lora + 16 L s h (N = N_blocks + N_head).
+
+``mfu = flops_per_token * tokens_per_s (per rank) / peak_flops (per GPU)``, where ``peak_flops`` is the
+GPU's dense bf16 (fp16 for T4) tensor-core peak from ``PEAK_FLOPS`` (or ``metrics.peak_tflops``),
+whatever dtype the run trains in. Unknown GPUs and CPUs give ``mfu = null``.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import resource
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
-__all__ = ["MetricsLogger", "peak_memory_gib", "host_rss_gib", "log"]
+__all__ = [
+    "MetricsLogger",
+    "peak_memory_gib",
+    "reset_peak_memory",
+    "host_rss_gib",
+    "log",
+    "PEAK_FLOPS",
+    "peak_flops",
+    "model_flops_per_token",
+    "JSONL_KEYS",
+]
+
+JSONL_KEYS = (
+    "step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_global", "step_time_s",
+    "tflops", "mfu", "peak_mem_gib", "host_rss_gib", "skipped", "loss_scale",
+)
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -19,9 +93,32 @@ def log(msg: str, rank: int = 0) -> None:
         print(msg, flush=True)
 
 
+# Peak GiB seen before the last reset by ``reset_peak_memory``, per CUDA device index: phase
+# measurements reset the allocator's peak counter, and this keeps ``peak_memory_gib`` a run peak.
+_PEAK_FLOOR: dict[int, int] = {}
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def reset_peak_memory(device: torch.device, keep_run_peak: bool = True) -> None:
+    """``torch.cuda.reset_peak_memory_stats``; with ``keep_run_peak`` ``peak_memory_gib`` still reports
+    the peak since the last reset with ``keep_run_peak=False`` (the start of training)."""
+    if device.type != "cuda":
+        return
+    i = _cuda_index(device)
+    if keep_run_peak:
+        _PEAK_FLOOR[i] = max(_PEAK_FLOOR.get(i, 0), torch.cuda.max_memory_allocated(i))
+    else:
+        _PEAK_FLOOR.pop(i, None)
+    torch.cuda.reset_peak_memory_stats(i)
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        i = _cuda_index(device)
+        return max(_PEAK_FLOOR.get(i, 0), torch.cuda.max_memory_allocated(i)) / 2**30
     return host_rss_gib(peak=True)
 
 
@@ -35,28 +132,164 @@ def host_rss_gib(peak: bool = False) -> float:
         return float("nan")
 
 
-class MetricsLogger:
-    """One line per step on rank 0 (with a progress/ETA column) and one JSON object per step."""
+# ---------------------------------------------------------------------------
+# MFU
 
-    def __init__(self, folder: Path | None, total_steps: int, rank: int, log_freq: int = 1, enable_jsonl: bool = True):
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU (T4: fp16, it has no bf16), from the vendors'
+# datasheets. Matched against torch.cuda.get_device_name() as whole words, first match wins, so the
+# more specific names come first.
+PEAK_FLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("T4", 65e12),
+]
+
+
+def peak_flops(device: torch.device | str, override_tflops: float = 0.0) -> float | None:
+    """Peak dense FLOP/s of one GPU, or None (CPU, unknown GPU) so that MFU is reported as null."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    for key, flops in PEAK_FLOPS:
+        if re.search(r"(?<![A-Za-z0-9])" + re.escape(key) + r"(?![A-Za-z0-9])", name):
+            return flops
+    return None
+
+
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _proj_dims(shape) -> dict[str, tuple[int, int]]:
+    h, i = shape.hidden_size, shape.intermediate_size
+    q = shape.num_attention_heads * shape.head_dim
+    kv = shape.num_key_value_heads * shape.head_dim
+    return {
+        "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+    }  # (in, out)
+
+
+def ac_fraction(num_layers: int, ac_mode: str, ac_every: int = 1) -> float:
+    """Fraction of blocks whose forward is recomputed (matches parallel.parallelize's choice)."""
+    if ac_mode == "full":
+        return 1.0
+    if ac_mode == "selective":
+        return math.ceil(num_layers / max(ac_every, 1)) / num_layers
+    return 0.0
+
+
+def model_flops_per_token(
+    shape,
+    seq_len: int,
+    lora_rank: int,
+    lora_targets: Iterable[str] = _PROJ,
+    ac_mode: str = "none",
+    ac_every: int = 1,
+    recompute: bool = True,
+) -> float:
+    """Training FLOPs per token of QLoRA on ``shape`` (a models.shapes.LlamaShape); see the module doc."""
+    dims = _proj_dims(shape)
+    targets = set(lora_targets)
+    L, s = shape.num_hidden_layers, seq_len
+    h_attn = shape.num_attention_heads * shape.head_dim
+    n_blocks = L * sum(i * o for i, o in dims.values())
+    n_head = shape.vocab_size * shape.hidden_size
+    p_lora = L * sum(lora_rank * (i + o) for name, (i, o) in dims.items() if name in targets) if lora_rank else 0
+    attn_fwd = 2 * 2 * L * s * h_attn
+    f = ac_fraction(L, ac_mode, ac_every)
+    forward = 2 * (n_blocks + n_head) + 2 * p_lora + attn_fwd
+    backward = 2 * (n_blocks + n_head) + 4 * p_lora + 2 * attn_fwd
+    recomp = f * (2 * n_blocks + 2 * p_lora + attn_fwd) + 2 * n_head if recompute else 0.0
+    return float(forward + backward + recomp)
+
+
+# ---------------------------------------------------------------------------
+# Logger
+
+def _open_tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print(
+            "metrics.enable_tensorboard is set but TensorBoard is not installed; it is optional: "
+            "`pip install tensorboard` to get event files (continuing without them).",
+            flush=True,
+        )
+        return None
+    return SummaryWriter(log_dir=str(folder / "tensorboard"))
+
+
+class MetricsLogger:
+    """One line per step on rank 0 (with a progress/ETA column) and one JSON object per step.
+
+    ``flops_per_token`` / ``peak_flops`` (FLOP/s of one GPU, None when unknown) add ``tflops`` and ``mfu``
+    to each record; ``world_size`` adds ``tokens_per_s_global``.
+    """
+
+    def __init__(
+        self,
+        folder: Path | None,
+        total_steps: int,
+        rank: int,
+        log_freq: int = 1,
+        enable_jsonl: bool = True,
+        *,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        world_size: int = 1,
+        enable_tensorboard: bool = False,
+    ):
         self.rank = rank
         self.total = total_steps
         self.log_freq = log_freq
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.world_size = world_size
         self.start = time.perf_counter()
         self.first_step: int | None = None
         self.file = None
-        if rank == 0 and enable_jsonl and folder is not None:
+        self.tb = None
+        if rank == 0 and folder is not None and (enable_jsonl or enable_tensorboard):
             folder.mkdir(parents=True, exist_ok=True)
-            self.file = open(folder / "metrics.jsonl", "a")
+            if enable_jsonl:
+                self.file = open(folder / "metrics.jsonl", "a")
+            if enable_tensorboard:
+                self.tb = _open_tensorboard(folder)
+
+    def _derived(self, record: dict) -> dict:
+        out = {}
+        tps = record.get("tokens_per_s")
+        if tps is not None:
+            out["tokens_per_s_global"] = tps * self.world_size
+            fpt = self.flops_per_token
+            out["tflops"] = fpt * tps / 1e12 if fpt else None
+            out["mfu"] = fpt * tps / self.peak_flops if fpt and self.peak_flops else None
+        return out
 
     def step(self, step: int, record: dict) -> None:
         if self.rank != 0:
             return
+        record = {**record, **{k: v for k, v in self._derived(record).items() if k not in record}}
         if self.first_step is None:
             self.first_step, self.start = step, time.perf_counter() - record.get("step_time_s", 0.0)
         if self.file is not None:
             self.file.write(json.dumps({"step": step, **record}) + "\n")
             self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
         if step % self.log_freq and step != self.total:
             return
         done = step - self.first_step + 1
@@ -71,9 +304,10 @@ class MetricsLogger:
             f"lr {record['lr']:.2e}",
             f"gnorm {record['grad_norm']:.3f}",
             f"tok/s {record['tokens_per_s']:,.0f}",
-            f"mem {record['peak_mem_gib']:.2f}GiB",
-            f"eta {eta:,.0f}s",
         ]
+        if record.get("mfu") is not None:
+            parts.append(f"mfu {100 * record['mfu']:.1f}%")
+        parts += [f"mem {record['peak_mem_gib']:.2f}GiB", f"eta {eta:,.0f}s"]
         if record.get("skipped"):
             parts.append(f"SKIPPED (fp16 overflow, loss scale now {record['loss_scale']:g})")
         print(" | ".join(parts), file=sys.stdout, flush=True)
@@ -81,3 +315,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+            self.file = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

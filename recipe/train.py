@@ -7,8 +7,9 @@ Reads top to bottom in the order data flows:
 Loss normalisation: every optimizer step divides the summed token losses of all micro-batches on
 all ranks by the global number of target tokens (all-reduced before the first micro-batch), so an
 N-rank run with accumulation computes exactly the loss and gradients of a 1-rank run over the same
-global batch. FSDP averages gradients over ranks, so each rank's backward loss carries a factor of
-the world size to turn that average back into the global sum.
+global batch. FSDP sums (not averages) gradients over ranks (parallel/parallelize.py sets its divide
+factor to 1), so the backward loss is the same ``loss_sum / n_global`` on any world size: with a
+bf16 backward, a factor of the world size there would change the rounding of every gradient.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from models.llama import LlamaForCausalLM, ModelArgs
 from parallel.distributed import DistInfo, all_reduce_sum, destroy, init_distributed
 from parallel.materialize import materialize
 from parallel.parallelize import DTYPES, parallelize
+from recipe.checkpoint import Checkpointer
 from recipe.config import JobConfig, dump_toml, load_config
 from recipe.data import GlobalBatchLoader, build_data, count_targets, load_tokenizer
-from recipe.metrics import MetricsLogger, host_rss_gib, log, peak_memory_gib
+from recipe.metrics import MetricsLogger, host_rss_gib, log, model_flops_per_token, peak_flops, peak_memory_gib
 from recipe.optim import LossScaler, build_lr_scheduler, build_optimizer
+from recipe.profiling import Profiler
 
 __all__ = ["Trainer", "main", "build_model"]
 
@@ -102,7 +105,9 @@ class Trainer:
         self.cfg = cfg
         torch.manual_seed(cfg.job.seed)
         if cfg.job.deterministic:
-            torch.use_deterministic_algorithms(True)
+            # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA starts.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
         p = cfg.parallelism
         self.dist = init_distributed(cfg.training.device, p.backend, p.data_parallel_shard_degree, p.cpu_offload)
         self.device = self.dist.device
@@ -115,6 +120,8 @@ class Trainer:
         self.model = build_model(cfg, self.reader, self.dist)
         self.load_time_s = time.perf_counter() - t0
         self.load_peak_gib = peak_memory_gib(self.device)
+        self.profiler = Profiler(cfg, self.dist.rank, self.dist.world_size, self.device, self.dump)
+        self.profiler.after_load()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         log(f"model ready in {self.load_time_s:.1f}s; load peak {self.load_peak_gib:.2f} GiB/rank; "
             f"{self.num_trainable():,} trainable parameters", self.dist.rank)
@@ -139,10 +146,18 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.dump / cfg.metrics.save_folder, cfg.training.steps, self.dist.rank,
             cfg.metrics.log_freq, cfg.metrics.enable_jsonl,
+            flops_per_token=model_flops_per_token(
+                shape, cfg.data.seq_len, cfg.lora.rank, cfg.lora.target_modules,
+                cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every,
+            ),
+            peak_flops=peak_flops(self.device, cfg.metrics.peak_tflops),
+            world_size=self.dist.world_size, enable_tensorboard=cfg.metrics.enable_tensorboard,
         )
         if self.dist.is_main:
             self.dump.mkdir(parents=True, exist_ok=True)
             (self.dump / "config.toml").write_text(dump_toml(cfg))
+        self.checkpointer = Checkpointer(cfg, self)
+        self.step = self.checkpointer.maybe_resume()  # raises CheckpointLoadError before any training
 
     def _check_batch_layout(self) -> None:
         t, world = self.cfg.training, self.dist.world_size
@@ -161,12 +176,15 @@ class Trainer:
         n_local = sum(count_targets(mb["labels"]) for mb in micro)
         n_global = all_reduce_sum(torch.tensor(float(n_local), device=self.device)).item()
         n_global = max(n_global, 1.0)
-        world = self.dist.world_size
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for i, mb in enumerate(micro):
+            if "attention_mask" in mb and bool(mb["attention_mask"].all()):
+                # No padding: let the model take the pure-causal SDPA path without inspecting the
+                # mask on the GPU (a device->host sync per micro-batch).
+                mb = {k: v for k, v in mb.items() if k != "attention_mask"}
             batch = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             out = self.model(**batch)
-            self.scaler.scale_loss(out.loss_sum * (world / n_global)).backward()
+            self.scaler.scale_loss(out.loss_sum / n_global).backward()
             loss_sum += out.loss_sum.detach().float()
         found_inf = self.scaler.unscale_(self.params)
         grad_norm = self._clip()
@@ -192,17 +210,23 @@ class Trainer:
     def train(self) -> list[float]:
         cfg = self.cfg
         losses = []
+        self.step_times: list[float] = []
         self.model.train()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        self.profiler.start(self.model, self.optimizer)
         while self.step < cfg.training.steps:
             lr = self.scheduler.get_last_lr()[0]
+            self.profiler.step_start(self.step + 1)
             t0 = time.perf_counter()
-            r = self.train_step()
+            with self.profiler.oom_guard(self.step + 1):
+                r = self.train_step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
+            self.profiler.step_end(self.step)
             losses.append(r.loss)
+            self.step_times.append(dt)
             if r.skipped:
                 log(f"step {self.step}: fp16 overflow, optimizer step skipped, loss scale -> {self.scaler.scale:g}",
                     self.dist.rank)
@@ -212,18 +236,61 @@ class Trainer:
                 "peak_mem_gib": peak_memory_gib(self.device), "host_rss_gib": host_rss_gib(),
                 "skipped": r.skipped, "loss_scale": self.scaler.scale,
             })
+            self.checkpointer.maybe_save(self.step)
+        self.profiler.finish()  # collective: the per-rank memory report, gathered to rank 0
+        self.checkpointer.maybe_save(self.step, force=True)
+        self.checkpointer.wait()
+        if cfg.checkpoint.export_adapter:
+            self.checkpointer.export_adapter(self.dump / "adapter")
         return losses
 
     def close(self) -> None:
+        if hasattr(self, "profiler"):
+            self.profiler.close()
+        if hasattr(self, "checkpointer"):
+            self.checkpointer.close()
         self.metrics.close()
         destroy()
+
+
+    def write_summary(self, losses: list[float], warmup_steps: int = 3) -> dict:
+        """Per-rank memory and speed, gathered to rank 0 into <dump>/summary.json (benchmarks read it)."""
+        import json
+        import statistics
+
+        timed = self.step_times[warmup_steps:] or self.step_times
+        cuda = self.device.type == "cuda"
+        gbs = self.loader.grad_accum_steps * self.cfg.training.micro_batch_size * self.dist.world_size
+        mine = {
+            "rank": self.dist.rank,
+            "load_peak_gib": self.load_peak_gib if cuda else None,
+            "train_peak_gib": peak_memory_gib(self.device) if cuda else None,
+            "host_peak_rss_gib": host_rss_gib(peak=True),
+            "tokens_per_s_per_gpu": gbs * self.cfg.data.seq_len / statistics.median(timed) / self.dist.world_size
+            if timed else None,
+        }
+        ranks = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(ranks, mine)
+        summary = {
+            "world": self.dist.world_size,
+            "device": torch.cuda.get_device_name(self.device) if cuda else "cpu",
+            "torch": torch.__version__,
+            "load_time_s": self.load_time_s,
+            "losses": losses,
+            "step_times_s": self.step_times,
+            "ranks": ranks,
+        }
+        if self.dist.is_main:
+            (self.dump / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     trainer = Trainer(cfg)
     try:
-        trainer.train()
+        losses = trainer.train()
+        trainer.write_summary(losses)
     finally:
         trainer.close()
     return 0
