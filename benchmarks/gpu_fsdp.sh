@@ -59,6 +59,14 @@ for st in ${STAGES:-ckpt r2 r1 hf2}; do
              --job.config_file train_configs/llama3_8b_memory_profile.toml --model.checkpoint=$CK \
              --job.dump_folder="$OUT/mem2" >"$OUT/mem2.log" 2>&1; echo "[mem2] rc=$?"
           grep -v "^\[rank1\]" "$OUT/mem2.log" | grep -A12 "memory report" | head -14 ;;
+    det) # 1 GPU and 2 GPUs side by side (GPU 0 | GPUs 1,2), deterministic kernels: the loss comparison.
+         (CUDA_VISIBLE_DEVICES=0 recipe r1 1 --training.steps=$STEPS --job.deterministic) &
+         (CUDA_VISIBLE_DEVICES=1,2 recipe r2 2 --training.steps=$STEPS --job.deterministic) &
+         wait ;;
+    ckmem) # checkpoint save/resume (GPUs 0,1) next to the memory-profile run (GPUs 2,3)
+         (CUDA_VISIBLE_DEVICES=2,3 STAGES=mem2 bash "$0" "$OUT" >"$OUT/mem2.out" 2>&1) &
+         CUDA_VISIBLE_DEVICES=0,1 STAGES=ck2 bash "$0" "$OUT" 2>&1 | grep -v "^|" | tail -12
+         wait; grep -v "^|" "$OUT/mem2.out" | tail -14 ;;
     off2) recipe off2 2 --training.steps=$OFF_STEPS --parallelism.cpu_offload ;;
     hf1) CUDA_VISIBLE_DEVICES=0 hf hf1 1 ;;
     hf2) hf hf2 2 ;;
