@@ -128,9 +128,11 @@ class Weight4bit(torch.Tensor):
             n = self.packed.numel()
             packed = buf[:n].view(self.packed.shape)
             absmax = buf[n:].view(torch.float32).view(self.absmax.shape)
-            return self._with(packed, absmax, dtype=param_dtype), (buf,)
+            return self._with(packed, absmax, code=self.code.to(buf.device), dtype=param_dtype), (buf,)
         packed, absmax = all_gather_outputs
-        return self._with(packed, absmax, dtype=param_dtype), (packed, absmax)
+        # With CPU offload ``self`` is the CPU shard while the gathered data is on the GPU: the
+        # 16-entry code book follows the data.
+        return self._with(packed, absmax, code=self.code.to(packed.device), dtype=param_dtype), (packed, absmax)
 
     # -- the few aten ops that sharding, device moves and state handling need ------------------
     @classmethod

@@ -47,6 +47,7 @@ def materialize(
     device: torch.device,
     lora_seed: int,
     quant_device: torch.device | None = None,
+    buffer_device: torch.device | None = None,
 ) -> None:
     """Replace every meta parameter of ``model`` by this rank's shard read from ``reader``.
 
@@ -54,6 +55,9 @@ def materialize(
     a dense checkpoint's rows are quantized (the GPU when there is one: much faster than CPU).
     """
     quant_device = quant_device or device
+    # Buffers (RoPE frequencies) are not FSDP-managed: they live where compute runs, also when
+    # parameter shards are offloaded to the CPU.
+    buffer_device = buffer_device or device
     seen: dict[int, nn.Parameter] = {}
     for mod_name, module in model.named_modules():
         for pname, param in list(module.named_parameters(recurse=False)):
@@ -73,7 +77,7 @@ def materialize(
             setattr(module, pname, new_param)
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
-            module.reset_buffers(device)
+            module.reset_buffers(buffer_device)
 
 
 def _load_local(name, local_meta, global_shape, rank, world, reader, device, lora_seed, quant_device):

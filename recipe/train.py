@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,8 @@ def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -
         compile=cfg.training.compile,
     )
     shard_device = torch.device("cpu") if offload else dist_info.device
-    materialize(model, reader, device=shard_device, lora_seed=cfg.job.seed, quant_device=dist_info.device)
+    materialize(model, reader, device=shard_device, lora_seed=cfg.job.seed, quant_device=dist_info.device,
+                buffer_device=dist_info.device)
     return model
 
 
@@ -192,7 +194,11 @@ class Trainer:
             self.optimizer.step()
         self.scaler.update(found_inf)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped fp16 step still advances the schedule (lr stays a function of the step
+            # number); torch warns about a scheduler step without an optimizer step.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self.step += 1
         loss = all_reduce_sum(loss_sum).item() / n_global
         tokens = sum(int(mb["input_ids"].numel()) for mb in micro)

@@ -412,3 +412,30 @@ def test_rope_buffer_after_materialize_matches_hf_model(debug_bf16_ckpt):
     hf = build_hf_model(debug_bf16_ckpt)
     assert not ours.model.rotary_emb.inv_freq.is_meta
     assert torch.equal(ours.model.rotary_emb.inv_freq, hf.model.rotary_emb.inv_freq.to(torch.float32))
+
+
+# --- device placement under CPU offload (the GPU run that found these used CUDA; meta stands in here)
+
+
+def test_gathered_weight_takes_code_book_to_the_data_device():
+    """With CPU offload FSDP calls fsdp_post_all_gather on the CPU shard while the gathered bytes are
+    on the GPU; the code book must follow the data or dequantize mixes devices."""
+    shard = Weight4bit.empty(8, 128, quant_type="nf4", blocksize=64, dtype=torch.float32, device="cpu")
+    packed = torch.zeros(16, 64, dtype=torch.uint8, device="meta")
+    absmax = torch.ones(16, 2, dtype=torch.float32, device="meta")
+    full, _ = shard.fsdp_post_all_gather((packed, absmax), None, torch.float32)
+    assert full.code.device == packed.device == full.packed.device
+    buf = torch.zeros(shard.packed.numel() + 4 * shard.absmax.numel(), dtype=torch.uint8, device="meta")
+    full1, _ = shard.fsdp_post_all_gather((buf,), None, torch.float32)
+    assert full1.code.device == buf.device
+
+
+def test_buffers_live_on_the_compute_device_when_shards_do_not(debug_nf4_ckpt):
+    from parallel.materialize import materialize
+
+    reader = CheckpointReader(debug_nf4_ckpt)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(ModelArgs(reader.shape, lora_rank=4, dtype=torch.float32))
+    materialize(model, reader, device=torch.device("cpu"), lora_seed=0, buffer_device=torch.device("meta"))
+    assert model.model.rotary_emb.inv_freq.device.type == "meta"
+    assert all(p.device.type == "cpu" for p in model.parameters())
