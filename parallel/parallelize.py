@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["parallelize", "apply_activation_checkpointing", "DTYPES"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> int:

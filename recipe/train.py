@@ -179,7 +179,12 @@ class Trainer:
         n_global = all_reduce_sum(torch.tensor(float(n_local), device=self.device)).item()
         n_global = max(n_global, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        # Exact mode: gradients of all micro-batches are summed locally in fp64 (exact for bf16/fp32
+        # addends) and reduced once, so the result does not depend on how the batch was split.
+        exact = self.cfg.training.mixed_precision_reduce == "float64"
         for i, mb in enumerate(micro):
+            if exact:
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
             if "attention_mask" in mb and bool(mb["attention_mask"].all()):
                 # No padding: let the model take the pure-causal SDPA path without inspecting the
                 # mask on the GPU (a device->host sync per micro-batch).

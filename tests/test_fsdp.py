@@ -45,6 +45,8 @@ VARIANTS = {
     # 1.7e-5 in the step-3 loss and 3e-5 in the step-3 gradients. At 5e-3 it differs by < 4e-7.
     "padded_data": (["--optimizer.lr=5e-3"], 1e-5),
     "no_accum": ([], 1e-5),  # micro batch = global / ranks: one micro-batch per rank and step
+    # fp64 accumulation, reduced once per step: exact sums, hence bit-identical gradients (below).
+    "bf16_exact": (["--training.mixed_precision_param=bfloat16", "--training.mixed_precision_reduce=float64"], 1e-3),
 }
 
 
@@ -209,6 +211,21 @@ def test_matches_single_process(results, variant, world):
     assert grad_diff <= tol, f"{variant}, {world} ranks: LoRA gradients differ by {grad_diff:.3e}"
     for a, b in zip(ref["grad_norms"], got["grad_norms"]):
         assert abs(a - b) <= tol * max(1.0, abs(a))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_exact_accumulation_gives_bit_identical_gradients(results, world):
+    """With reduce dtype float64 the per-step gradient is the exact sum of the micro-batch gradients,
+    rounded once: however the batch is split over ranks and accumulation steps, it is bit-identical
+    (the first step, before optimizer rounding could differ, is compared with torch.equal)."""
+    ref = _load_run(results, 1, "bf16_exact")
+    got = _load_run(results, world, "bf16_exact")
+    assert got["accum"] == GBS // world > 1
+    for name, g in ref["grads"][0].items():
+        assert torch.equal(g, got["grads"][0][name]), (name, float((g - got["grads"][0][name]).abs().max()))
+    plain_ref, plain = _load_run(results, 1, "bf16"), _load_run(results, world, "bf16")
+    plain_diff = max(float((g - plain["grads"][0][n]).abs().max()) for n, g in plain_ref["grads"][0].items())
+    print(f"\n[exact] world={world}: bf16 fp32-reduce step-0 grad diff {plain_diff:.3e}, fp64-reduce 0")
 
 
 # ----------------------------------------------------------------------- 2. shards == checkpoint
