@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import CheckpointReader
-from models.llama import LlamaForCausalLM, ModelArgs
+from models.llama import LORA_TARGETS, LlamaForCausalLM, ModelArgs
 from parallel.distributed import DistInfo, all_reduce_sum, destroy, init_distributed
 from parallel.materialize import materialize
 from parallel.parallelize import DTYPES, parallelize
@@ -70,9 +70,9 @@ def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -
         dtype=param_dtype,
         row_multiple=dist_info.world_size,
     )
-    unknown = set(args.lora_targets) - {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    unknown = set(args.lora_targets) - set(LORA_TARGETS)
     if unknown:
-        raise SystemExit(f"[lora] target_modules has unknown module(s) {sorted(unknown)}")
+        raise SystemExit(f"[lora] target_modules has unknown module(s) {sorted(unknown)}; valid: {list(LORA_TARGETS)}")
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
     offload = cfg.parallelism.cpu_offload
@@ -133,11 +133,8 @@ class Trainer:
         if cfg.data.path and cfg.data.format != "synthetic":
             tokenizer = load_tokenizer(cfg.model.tokenizer or str(ckpt_dir))
         self.data = build_data(cfg.data, tokenizer, shape.vocab_size, cfg.job.seed)
-        gbs = cfg.training.global_batch_size
-        if gbs == -1:
-            gbs = cfg.training.micro_batch_size * self.dist.world_size
         self.loader = GlobalBatchLoader(
-            self.data, gbs, cfg.training.micro_batch_size, self.dist.rank, self.dist.world_size, cfg.job.seed
+            self.data, self.global_batch, cfg.training.micro_batch_size, self.dist.rank, self.dist.world_size, cfg.job.seed
         )
 
         self.optimizer = build_optimizer(self.params, cfg.optimizer)
@@ -162,8 +159,10 @@ class Trainer:
         self.step = self.checkpointer.maybe_resume()  # raises CheckpointLoadError before any training
 
     def _check_batch_layout(self) -> None:
+        """Checked before anything is loaded: a wrong layout should not cost a model load."""
         t, world = self.cfg.training, self.dist.world_size
         gbs = t.global_batch_size if t.global_batch_size != -1 else t.micro_batch_size * world
+        self.global_batch = gbs
         if gbs % (t.micro_batch_size * world):
             raise SystemExit(
                 f"training.global_batch_size = {gbs} is not a multiple of micro_batch_size "
@@ -271,7 +270,7 @@ class Trainer:
 
         timed = self.step_times[warmup_steps:] or self.step_times
         cuda = self.device.type == "cuda"
-        gbs = self.loader.grad_accum_steps * self.cfg.training.micro_batch_size * self.dist.world_size
+        gbs = self.global_batch
         mine = {
             "rank": self.dist.rank,
             "load_peak_gib": self.load_peak_gib if cuda else None,
