@@ -4,7 +4,9 @@
 #   STAGES="ckpt r2 r1 hf2 off2" STEPS=60 bash benchmarks/gpu_fsdp.sh OUTDIR
 #
 # Stages: debug (tiny model smoke test, 2 GPUs), ckpt (write the 8B-shaped nf4 checkpoint),
-# r1/r2/r4 (recipe on 1/2/4 GPUs), off2 (recipe, 2 GPUs, CPU offload), hf1/hf2/hf4 (HF baseline).
+# r1/r2/r4 (recipe on 1/2/4 GPUs), off2 (recipe, 2 GPUs, CPU offload), hf1/hf2/hf4 (HF baseline),
+# det / det64 (1 GPU beside 2 GPUs, deterministic kernels; det64 adds fp64 gradient accumulation:
+# needs 3 GPUs), ckmem (checkpoint save/resume beside the memory profile: 4 GPUs), prof2, ck2, mem2.
 # Every run writes OUTDIR/NAME.log and a JSON summary; the report table is printed at the end.
 set -u
 OUT=${1:-/tmp/bench}
@@ -62,6 +64,10 @@ for st in ${STAGES:-ckpt r2 r1 hf2}; do
     det) # 1 GPU and 2 GPUs side by side (GPU 0 | GPUs 1,2), deterministic kernels: the loss comparison.
          (CUDA_VISIBLE_DEVICES=0 recipe r1 1 --training.steps=$STEPS --job.deterministic) &
          (CUDA_VISIBLE_DEVICES=1,2 recipe r2 2 --training.steps=$STEPS --job.deterministic) &
+         wait ;;
+    det64) # as det, with fp64 gradient accumulation: gradients bit-identical on 1 and 2 GPUs
+         (CUDA_VISIBLE_DEVICES=0 recipe r1 1 --training.steps=$STEPS --job.deterministic --training.mixed_precision_reduce=float64) &
+         (CUDA_VISIBLE_DEVICES=1,2 recipe r2 2 --training.steps=$STEPS --job.deterministic --training.mixed_precision_reduce=float64) &
          wait ;;
     ckmem) # checkpoint save/resume (GPUs 0,1) next to the memory-profile run (GPUs 2,3)
          (CUDA_VISIBLE_DEVICES=2,3 STAGES=mem2 bash "$0" "$OUT" >"$OUT/mem2.out" 2>&1) &
