@@ -6,7 +6,7 @@
 # Stages: debug (tiny model smoke test, 2 GPUs), ckpt (write the 8B-shaped nf4 checkpoint),
 # r1/r2/r4 (recipe on 1/2/4 GPUs), off2 (recipe, 2 GPUs, CPU offload), hf1/hf2/hf4 (HF baseline),
 # det / det64 (1 GPU beside 2 GPUs, deterministic kernels; det64 adds fp64 gradient accumulation:
-# needs 3 GPUs), ckmem (checkpoint save/resume beside the memory profile: 4 GPUs), prof2, ck2, mem2.
+# needs 3 GPUs), vp2 (2 GPUs, vocabulary-sharded embedding), ckmem (checkpoint save/resume beside the memory profile: 4 GPUs), prof2, ck2, mem2.
 # Every run writes OUTDIR/NAME.log and a JSON summary; the report table is printed at the end.
 set -u
 OUT=${1:-/tmp/bench}
@@ -73,6 +73,7 @@ for st in ${STAGES:-ckpt r2 r1 hf2}; do
          (CUDA_VISIBLE_DEVICES=2,3 STAGES=mem2 bash "$0" "$OUT" >"$OUT/mem2.out" 2>&1) &
          CUDA_VISIBLE_DEVICES=0,1 STAGES=ck2 bash "$0" "$OUT" 2>&1 | grep -v "^|" | tail -12
          wait; grep -v "^|" "$OUT/mem2.out" | tail -14 ;;
+    vp2) recipe vp2 2 --training.steps=$STEPS --parallelism.vocab_parallel_embedding ;;
     off2) recipe off2 2 --training.steps=$OFF_STEPS --parallelism.cpu_offload ;;
     hf1) CUDA_VISIBLE_DEVICES=0 hf hf1 1 ;;
     hf2) hf hf2 2 ;;
@@ -81,7 +82,7 @@ for st in ${STAGES:-ckpt r2 r1 hf2}; do
 done
 
 args=()
-for n in r1 r2 r4 off2; do [ -f "$OUT/$n/summary.json" ] && args+=("$n=$OUT/$n/summary.json"); done
+for n in r1 r2 r4 vp2 off2; do [ -f "$OUT/$n/summary.json" ] && args+=("$n=$OUT/$n/summary.json"); done
 hargs=()
 for n in hf1 hf2 hf4; do [ -f "$OUT/$n.json" ] && hargs+=("$n=$OUT/$n.json"); done
 cmp=()

@@ -78,6 +78,8 @@ def materialize(
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers(buffer_device)
+        if hasattr(module, "load_shard"):  # buffers that hold checkpoint rows (parallel/embedding.py)
+            module.load_shard(reader, buffer_device)
 
 
 def _load_local(name, local_meta, global_shape, rank, world, reader, device, lora_seed, quant_device):

@@ -1,6 +1,8 @@
 """Apply activation checkpointing, torch.compile and FSDP2 to the model, in this order.
 
 The order is torchtitan's and it matters:
+  0. optionally, the frozen embedding table becomes a vocabulary-sharded lookup (parallel/embedding.py)
+     that FSDP does not manage;
   1. activation checkpointing wraps each block's forward, so FSDP's hooks (added later, around the
      module call) stay outside the recomputed region and re-gather the block before its recompute;
   2. torch.compile compiles each block in place (names unchanged, so checkpoint keys still match);
@@ -20,6 +22,8 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
+
+from parallel.embedding import VocabShardedEmbedding
 
 __all__ = ["parallelize", "apply_activation_checkpointing", "DTYPES"]
 
@@ -62,7 +66,16 @@ def parallelize(
     ac_mode: str = "none",
     ac_every: int = 1,
     compile: bool = False,
+    vocab_parallel_embedding: bool = False,
 ) -> nn.Module:
+    tied = model.args.shape.tie_word_embeddings
+    sharded_embedding = vocab_parallel_embedding and mesh.size() > 1 and not tied
+    if sharded_embedding:
+        emb = model.model.embed_tokens
+        model.model.embed_tokens = VocabShardedEmbedding(
+            emb.num_embeddings, emb.embedding_dim, dtype=emb.weight.dtype, rank=mesh.get_local_rank(),
+            world=mesh.size(), group=mesh.get_group(), key="model.embed_tokens.weight",
+        )
     apply_activation_checkpointing(model, ac_mode, ac_every)
     if compile:
         for block in model.model.layers:
@@ -72,7 +85,7 @@ def parallelize(
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
     for block in model.model.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
-    if not model.args.shape.tie_word_embeddings:
+    if not tied and not sharded_embedding:
         fully_shard(model.model.embed_tokens, reshard_after_forward=reshard_after_forward, **kw)
     # The root keeps norm and lm_head (and the embeddings when tied). It is needed again right at
     # the start of backward, so it stays gathered. (lm_head in a group of its own measured worse on

@@ -147,6 +147,12 @@ class Parallelism:
     reshard_after_forward: bool = _f(True, "Free unsharded parameters after forward (re-gather in backward).")
     cpu_offload: bool = _f(False, "Offload sharded parameters and gradients to CPU.")
     backend: str = _f("auto", "Process group backend; 'auto' is nccl on GPU, gloo on CPU.", ("auto", "nccl", "gloo"))
+    vocab_parallel_embedding: bool = _f(
+        False,
+        "Keep each rank's rows of the frozen embedding table and assemble lookups with one all-reduce of "
+        "the activations, instead of all-gathering the whole table per micro-batch (saves its memory and "
+        "traffic). Experimental: not yet measured on GPUs. Ignored with tied embeddings or one rank.",
+    )
 
 
 @dataclass

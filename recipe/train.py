@@ -87,6 +87,7 @@ def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -
         ac_mode=cfg.activation_checkpoint.mode,
         ac_every=cfg.activation_checkpoint.selective_every,
         compile=cfg.training.compile,
+        vocab_parallel_embedding=cfg.parallelism.vocab_parallel_embedding,
     )
     shard_device = torch.device("cpu") if offload else dist_info.device
     materialize(model, reader, device=shard_device, lora_seed=cfg.job.seed, quant_device=dist_info.device,

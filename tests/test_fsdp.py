@@ -45,6 +45,8 @@ VARIANTS = {
     # 1.7e-5 in the step-3 loss and 3e-5 in the step-3 gradients. At 5e-3 it differs by < 4e-7.
     "padded_data": (["--optimizer.lr=5e-3"], 1e-5),
     "no_accum": ([], 1e-5),  # micro batch = global / ranks: one micro-batch per rank and step
+    # The embedding table stays vocabulary-sharded (no all-gather); lookups are exact sums.
+    "vocab_parallel": (["--parallelism.vocab_parallel_embedding=true", "--training.mixed_precision_param=bfloat16"], 1e-3),
     # fp64 accumulation, reduced once per step: exact sums, hence bit-identical gradients (below).
     "bf16_exact": (["--training.mixed_precision_param=bfloat16", "--training.mixed_precision_reduce=float64"], 1e-3),
 }
