@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.shapes import SHAPES
+
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - older interpreters
@@ -60,7 +62,7 @@ class Model:
     synthetic_shape: str = _f(
         "",
         "If set and `checkpoint` does not exist, first write a synthetic random checkpoint of this shape there.",
-        ("", "debug", "llama3_2_1b", "llama3_1_8b", "llama3_1_70b"),
+        ("",) + tuple(SHAPES),
     )
     quant_type: str = _f(
         "nf4",

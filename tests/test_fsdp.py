@@ -47,6 +47,8 @@ VARIANTS = {
     "no_accum": ([], 1e-5),  # micro batch = global / ranks: one micro-batch per rank and step
     # The embedding table stays vocabulary-sharded (no all-gather); lookups are exact sums.
     "vocab_parallel": (["--parallelism.vocab_parallel_embedding=true", "--training.mixed_precision_param=bfloat16"], 1e-3),
+    # Llama 3.2 style tied embeddings: embed_tokens and lm_head are one tensor in the root group.
+    "tied": ([], 1e-5),
     # fp64 accumulation, reduced once per step: exact sums, hence bit-identical gradients (below).
     "bf16_exact": (["--training.mixed_precision_param=bfloat16", "--training.mixed_precision_reduce=float64"], 1e-3),
 }
@@ -64,7 +66,7 @@ def _ref_name(variant: str, world: int) -> str:
 def _overrides(env, variant: str, micro: int, gbs: int = GBS) -> list[str]:
     extra, _ = VARIANTS[variant]
     o = [
-        f"--model.checkpoint={env['ckpt']}",
+        f"--model.checkpoint={env['tied_ckpt'] if variant == 'tied' else env['ckpt']}",
         "--model.synthetic_shape=debug",
         "--training.mixed_precision_param=float32",
         f"--training.steps={STEPS}",
@@ -127,13 +129,15 @@ def _write_jsonl(path: Path, n: int = 24) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, debug_nf4_ckpt):
-    """The conftest's debug nf4 double-quant checkpoint (several safetensors shards) + a JSONL file."""
+def env(tmp_path_factory, debug_nf4_ckpt, debug_tied_nf4_ckpt):
+    """The conftest's debug nf4 double-quant checkpoints (several safetensors shards; untied and tied)
+    + a JSONL file."""
     root = tmp_path_factory.mktemp("fsdp")
     ckpt = debug_nf4_ckpt
     jsonl = root / "instr.jsonl"
     _write_jsonl(jsonl)
-    return {"root": root, "ckpt": str(ckpt), "jsonl": str(jsonl), "missing_ckpt": str(root / "never_written")}
+    return {"root": root, "ckpt": str(ckpt), "tied_ckpt": str(debug_tied_nf4_ckpt), "jsonl": str(jsonl),
+            "missing_ckpt": str(root / "never_written")}
 
 
 _RESULTS: dict[int, Path | BaseException] = {}
