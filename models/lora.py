@@ -52,8 +52,10 @@ class QLoRALinear(nn.Module):
         if self.rank > 0:
             # The adapter runs in its own parameters' dtype (fp32 master weights when no FSDP
             # mixed-precision policy casts them; then a no-op), its output in the base output's dtype.
+            # The scale multiplies the rank-r intermediate, not the (tokens x out_features) output:
+            # r/out as many elements (1/224 for gate/up of Llama 3 8B at r=64), same product.
             xa = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-            y = y + (self.lora_B(self.lora_A(xa)) * self.scaling).to(y.dtype)
+            y = y + self.lora_B(self.lora_A(xa) * self.scaling).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:

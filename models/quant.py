@@ -217,10 +217,9 @@ def _view(w, size):
     if size == list(w.shape):
         return w._with(w.packed, w.absmax)
     if size == [-1] or size == [w.numel()]:
-        # FSDP keeps a flat alias of each shard; the inner row layout is unchanged.
-        flat = Weight4bit.__new__(Weight4bit, w.packed.reshape(1, -1), w.absmax, w.code, w.n_rows, w.quant_type, w.blocksize, w.dtype)
-        flat.__init__(w.packed, w.absmax, w.code, w.n_rows, w.quant_type, w.blocksize, w.dtype)
-        return flat
+        # FSDP keeps a flat alias of each shard (it reads it only for plain parameters). A one-row
+        # view over the same storages stands in for it; the row layout of the data is unchanged.
+        return w._with(w.packed.reshape(1, -1), w.absmax.reshape(1, -1))
     raise NotImplementedError(f"Weight4bit cannot be viewed as {size}")
 
 
