@@ -20,8 +20,15 @@ packed layout cannot have). ``dequantize`` drops the padding rows.
 
 from __future__ import annotations
 
+import logging
+
 import torch
-import bitsandbytes.functional as bnbF
+
+# On AVX512-BF16 CPUs bitsandbytes warns at import that an optional CPU gemm kernel package is
+# missing. The recipe never uses bitsandbytes' CPU gemm (it dequantizes, then calls torch), so
+# the warning is noise on every start.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+import bitsandbytes.functional as bnbF  # noqa: E402
 
 aten = torch.ops.aten
 

@@ -296,9 +296,25 @@ class Trainer:
         return summary
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe bad input (config, checkpoint, data, layout): reported without a traceback."""
+    from models.checkpoint import CheckpointError
+    from parallel.distributed import LayoutError
+    from recipe.checkpoint import CheckpointLoadError
+    from recipe.config import ConfigError
+    from recipe.data import DataError
+
+    return (ConfigError, CheckpointError, DataError, LayoutError, CheckpointLoadError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
-    trainer = Trainer(cfg)
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        trainer = Trainer(cfg)
+    except _user_errors() as e:
+        print(f"error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
+        destroy()
+        return 2
     try:
         losses = trainer.train()
         trainer.write_summary(losses)

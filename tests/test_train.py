@@ -106,3 +106,16 @@ def test_compiled_blocks_match_eager(tmp_path, debug_nf4_ckpt):
     eager, compiled = losses(False), losses(True)
     assert abs(eager[0] - compiled[0]) < 1e-5, (eager, compiled)  # same forward before any update
     assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-3, (eager, compiled)
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    """Config and checkpoint mistakes end the run with the error's message, no traceback, exit 2."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "recipe.train", "--job.config_file", "train_configs/debug_model.toml"]
+    p = subprocess.run(cmd + ["--training.stps=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "training.stps" in p.stderr and "Did you mean 'training.steps'" in p.stderr
+    p = subprocess.run(cmd + [f"--model.checkpoint={tmp_path / 'none'}", "--model.synthetic_shape="],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "does not exist" in p.stderr and str(tmp_path / "none") in p.stderr
