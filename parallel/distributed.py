@@ -77,10 +77,11 @@ def init_distributed(device_kind: str = "auto", backend: str = "auto", dp_shard:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if world == 1 and "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
         kwargs = dict(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
+        if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" not in os.environ:
+            # A plain `python -m recipe.train`: a private rendezvous on a free port, without writing
+            # MASTER_* into the environment (child processes and later runs would inherit a stale port).
+            kwargs["init_method"] = f"tcp://127.0.0.1:{_free_port()}"
         if device.type == "cuda":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)

@@ -110,7 +110,8 @@ def test_compiled_blocks_match_eager(tmp_path, debug_nf4_ckpt):
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     """Config and checkpoint mistakes end the run with the error's message, no traceback, exit 2."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(REPO)
     cmd = [sys.executable, "-m", "recipe.train", "--job.config_file", "train_configs/debug_model.toml"]
     p = subprocess.run(cmd + ["--training.stps=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
