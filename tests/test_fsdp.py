@@ -47,6 +47,9 @@ VARIANTS = {
     "no_accum": ([], 1e-5),  # micro batch = global / ranks: one micro-batch per rank and step
     # The embedding table stays vocabulary-sharded (no all-gather); lookups are exact sums.
     "vocab_parallel": (["--parallelism.vocab_parallel_embedding=true", "--training.mixed_precision_param=bfloat16"], 1e-3),
+    # fp16 parameters (GPUs without bf16, e.g. T4) with the sharded loss scaler (scaled backward,
+    # per-shard unscale, all-reduced overflow flag).
+    "fp16": (["--training.mixed_precision_param=float16", "--training.loss_scale_init=1024"], 1e-3),
     # Llama 3.2 style tied embeddings: embed_tokens and lm_head are one tensor in the root group.
     "tied": ([], 1e-5),
     # fp64 accumulation, reduced once per step: exact sums, hence bit-identical gradients (below).
