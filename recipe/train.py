@@ -114,6 +114,8 @@ class Trainer:
         p = cfg.parallelism
         self.dist = init_distributed(cfg.training.device, p.backend, p.data_parallel_shard_degree, p.cpu_offload)
         self.device = self.dist.device
+        log(f"{self.dist.world_size} rank(s), backend {torch.distributed.get_backend()}, device {self.device.type}",
+            self.dist.rank)
         self.dump = Path(cfg.job.dump_folder)
         self._check_batch_layout()
 

@@ -38,6 +38,18 @@ def test_run_train_sh_trains_debug_model_and_loss_falls(tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_run_train_sh_two_processes_on_cpu_use_gloo(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, NGPU="2")
+    proc = subprocess.run(
+        ["./run_train.sh", f"--job.dump_folder={tmp_path / 'run'}", f"--model.checkpoint={tmp_path / 'ckpt'}",
+         "--training.steps=3", "--checkpoint.export_adapter=false", "--metrics.log_freq=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 rank(s), backend gloo, device cpu" in proc.stdout
+    assert len([l for l in proc.stdout.splitlines() if l.startswith("step")]) == 3  # rank 0 logs
+
+
 def test_run_train_sh_rejects_bad_ngpu_and_config(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, NGPU="zero")
     p = subprocess.run(["./run_train.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
