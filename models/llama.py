@@ -223,24 +223,36 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else inputs_embeds
         b, t = h.shape[:2]
+        documents = None
         if position_ids is None:
             position_ids = torch.arange(t, device=h.device)[None].expand(b, t)
+        else:
+            # Packed rows: a position id of 0 after the first token starts a new document, and a
+            # token attends only within its own document (consistent with its restarted RoPE positions).
+            documents = (position_ids == 0).cumsum(-1)
         cos, sin = self.rotary_emb(position_ids, h.dtype)
-        mask = _attention_mask(attention_mask, t, h.device)
+        mask = _attention_mask(attention_mask, documents, t, h.device)
         for layer in self.layers:
             h = layer(h, cos, sin, mask)
         return self.norm(h) if self.norm is not None else h
 
 
-def _attention_mask(attention_mask, t, device):
-    """None (pure causal, lets SDPA pick flash kernels) unless some key positions are padding."""
-    if attention_mask is None or bool(attention_mask.all()):
+def _attention_mask(attention_mask, documents, t, device):
+    """None (pure causal, lets SDPA pick flash kernels) unless there is padding or packing.
+
+    ``documents`` (batch, t) holds a document index per token when the caller passed position_ids;
+    then attention is causal within each document only.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and documents is None:
         return None
-    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-    keep = causal[None, None] & attention_mask[:, None, None, :].bool()
+    keep = torch.ones(t, t, dtype=torch.bool, device=device).tril()[None, None]
+    if documents is not None:
+        keep = keep & (documents[:, None, :, None] == documents[:, None, None, :])
+    if padded:
+        keep = keep & attention_mask[:, None, None, :].bool()
     # A fully padded query row would give NaN softmax; let it attend to itself.
-    keep = keep | torch.eye(t, dtype=torch.bool, device=device)[None, None]
-    return keep
+    return keep | torch.eye(t, dtype=torch.bool, device=device)[None, None]
 
 
 class LlamaForCausalLM(nn.Module):

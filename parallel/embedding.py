@@ -20,15 +20,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.materialize import shard_rows
+
 __all__ = ["VocabShardedEmbedding"]
 
 
 class VocabShardedEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int, *, dtype, rank: int, world: int, group, key: str):
         super().__init__()
-        chunk = -(-num_embeddings // world)
-        self.start = min(rank * chunk, num_embeddings)
-        self.end = min(self.start + chunk, num_embeddings)
+        self.start, self.end = shard_rows(num_embeddings, rank, world)  # FSDP's row split
         self.num_embeddings, self.embedding_dim = num_embeddings, dim
         self.group = group
         self.key = key  # checkpoint key of the full table

@@ -433,7 +433,9 @@ class Checkpointer:
             return
         done = torch.tensor([1.0 if self._pending.future.done() else 0.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+            # A CPU flag: reduce it on the gloo group made for async saves (a plain NCCL default
+            # group has no CPU backend).
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._pg)
         if done.item() == 1.0:
             self.wait()
 

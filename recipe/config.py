@@ -362,6 +362,7 @@ _RANGES: list[tuple[str, str, typing.Callable[[Any], bool], str]] = [
     ("data", "seq_len", lambda v: v > 0, "> 0"),
     ("training", "steps", lambda v: v >= 0, ">= 0"),
     ("training", "micro_batch_size", lambda v: v > 0, "> 0"),
+    ("training", "global_batch_size", lambda v: v == -1 or v > 0, "-1 (micro_batch_size x ranks) or > 0"),
     ("optimizer", "lr", lambda v: v > 0, "> 0"),
     ("lr_scheduler", "warmup_steps", lambda v: v >= 0, ">= 0"),
     ("activation_checkpoint", "selective_every", lambda v: v >= 1, ">= 1"),

@@ -80,15 +80,17 @@ class LossScaler:
         if not self.enabled:
             return False
         inv = 1.0 / self.scale
-        bad = torch.zeros((), dtype=torch.float32)
+        bad = None  # stays on the gradients' device: one host sync per step, not one per parameter
         for p in params:
             if p.grad is None:
                 continue
             g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
             g.mul_(inv)
-            bad = bad + (~torch.isfinite(g)).any().float().cpu()
-        device = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
-        return bool(all_reduce_sum(bad.to(device)).item() > 0)
+            flag = (~torch.isfinite(g)).any()
+            bad = flag if bad is None else bad | flag
+        if bad is None:  # no gradient on this rank: still join the all-reduce, on the params' device
+            bad = torch.zeros((), dtype=torch.bool, device=params[0].device if params else "cpu")
+        return bool(all_reduce_sum(bad.float()).item() > 0)
 
     def update(self, found_inf: bool) -> None:
         if not self.enabled:

@@ -25,11 +25,11 @@ import torch
 
 from models.checkpoint import CheckpointReader
 from models.llama import LORA_TARGETS, LlamaForCausalLM, ModelArgs
-from parallel.distributed import DistInfo, all_reduce_sum, destroy, init_distributed
+from parallel.distributed import DistInfo, LayoutError, all_reduce_sum, destroy, init_distributed
 from parallel.materialize import materialize
 from parallel.parallelize import DTYPES, parallelize
 from recipe.checkpoint import Checkpointer
-from recipe.config import JobConfig, dump_toml, load_config
+from recipe.config import ConfigError, JobConfig, dump_toml, load_config
 from recipe.data import GlobalBatchLoader, build_data, count_targets, load_tokenizer
 from recipe.metrics import MetricsLogger, host_rss_gib, log, model_flops_per_token, peak_flops, peak_memory_gib
 from recipe.optim import LossScaler, build_lr_scheduler, build_optimizer
@@ -42,9 +42,11 @@ def ensure_checkpoint(cfg: JobConfig, dist_info: DistInfo) -> Path:
     """The base checkpoint directory; writes a synthetic one first when the config asks for it."""
     path = Path(cfg.model.checkpoint)
     if not cfg.model.checkpoint:
-        raise SystemExit("[model] checkpoint is empty: set it to a HF checkpoint directory")
-    if cfg.model.synthetic_shape and not (path / "config.json").exists():
-        if dist_info.is_main:
+        raise ConfigError("[model] checkpoint is empty: set it to a HF checkpoint directory")
+    if cfg.model.synthetic_shape:
+        # Rank 0 decides and writes; every rank takes the barrier, whatever it sees on disk (a rank
+        # that starts late could otherwise find the files, skip the barrier and desynchronise).
+        if dist_info.is_main and not (path / "config.json").exists():
             from models.synthetic import write_synthetic_checkpoint
 
             log(f"writing a synthetic '{cfg.model.synthetic_shape}' checkpoint to {path}")
@@ -70,9 +72,6 @@ def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -
         dtype=param_dtype,
         row_multiple=dist_info.world_size,
     )
-    unknown = set(args.lora_targets) - set(LORA_TARGETS)
-    if unknown:
-        raise SystemExit(f"[lora] target_modules has unknown module(s) {sorted(unknown)}; valid: {list(LORA_TARGETS)}")
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
     offload = cfg.parallelism.cpu_offload
@@ -95,6 +94,20 @@ def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -
     return model
 
 
+def _drop_trivial_masks(mb: dict) -> dict:
+    """Drop an all-ones attention_mask and position_ids equal to 0..T-1, checked on the
+    CPU copy: the model then takes the pure-causal (flash) attention path and never inspects them
+    on the GPU. Packed rows (positions restarting at 0) keep position_ids: the model masks attention
+    between their documents."""
+    mb = dict(mb)
+    if "attention_mask" in mb and bool(mb["attention_mask"].all()):
+        del mb["attention_mask"]
+    pos = mb.get("position_ids")
+    if pos is not None and torch.equal(pos, torch.arange(pos.shape[-1]).expand_as(pos)):
+        del mb["position_ids"]
+    return mb
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -106,6 +119,9 @@ class StepResult:
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
+        unknown = set(cfg.lora.target_modules) - set(LORA_TARGETS)
+        if unknown:
+            raise ConfigError(f"lora.target_modules: unknown module(s) {sorted(unknown)}; valid: {list(LORA_TARGETS)}")
         torch.manual_seed(cfg.job.seed)
         if cfg.job.deterministic:
             # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA starts.
@@ -166,8 +182,8 @@ class Trainer:
         t, world = self.cfg.training, self.dist.world_size
         gbs = t.global_batch_size if t.global_batch_size != -1 else t.micro_batch_size * world
         self.global_batch = gbs
-        if gbs % (t.micro_batch_size * world):
-            raise SystemExit(
+        if gbs <= 0 or gbs % (t.micro_batch_size * world):
+            raise LayoutError(
                 f"training.global_batch_size = {gbs} is not a multiple of micro_batch_size "
                 f"({t.micro_batch_size}) x ranks ({world}); use e.g. {t.micro_batch_size * world * max(1, gbs // (t.micro_batch_size * world))}"
             )
@@ -178,7 +194,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         micro = self.loader.micro_batches(self.step)
         n_local = sum(count_targets(mb["labels"]) for mb in micro)
-        n_global = all_reduce_sum(torch.tensor(float(n_local), device=self.device)).item()
+        n_global = all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64, device=self.device)).item()
         n_global = max(n_global, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         # Exact mode: gradients of all micro-batches are summed locally in fp64 (exact for bf16/fp32
@@ -187,10 +203,7 @@ class Trainer:
         for i, mb in enumerate(micro):
             if exact:
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            if "attention_mask" in mb and bool(mb["attention_mask"].all()):
-                # No padding: let the model take the pure-causal SDPA path without inspecting the
-                # mask on the GPU (a device->host sync per micro-batch).
-                mb = {k: v for k, v in mb.items() if k != "attention_mask"}
+            mb = _drop_trivial_masks(mb)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             out = self.model(**batch)
             self.scaler.scale_loss(out.loss_sum / n_global).backward()

@@ -234,7 +234,7 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
             if job.get("expect_exit"):
                 try:
                     Trainer(cfg)
-                except (SystemExit, LayoutError) as e:
+                except LayoutError as e:
                     msg = f"{type(e).__name__}: {e}"
                 else:
                     msg = None

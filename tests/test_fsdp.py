@@ -367,9 +367,10 @@ def test_cuda_without_gpu(tmp_path, clean_env):
 
 
 def test_global_batch_not_divisible_single_process(tmp_path, clean_env):
+    from parallel.distributed import LayoutError
     from recipe.train import Trainer
 
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(LayoutError) as e:
         Trainer(_cfg(tmp_path, "--training.global_batch_size=5", "--training.micro_batch_size=2",
                      "--training.device=cpu"))
     msg = str(e.value)
@@ -383,6 +384,6 @@ def test_global_batch_not_divisible_multi_rank(results, env, world):
     for rank in range(world):
         msg = _load(results, world, "bad_batch", rank)["message"]
         assert msg is not None, "the Trainer accepted an impossible batch layout"
-        assert msg.startswith("SystemExit")
+        assert msg.startswith("LayoutError")
         assert f"global_batch_size = {gbs}" in msg and "micro_batch_size (2)" in msg and f"ranks ({world})" in msg, msg
     assert not Path(env["missing_ckpt"]).exists()

@@ -439,3 +439,20 @@ def test_buffers_live_on_the_compute_device_when_shards_do_not(debug_nf4_ckpt):
     materialize(model, reader, device=torch.device("cpu"), lora_seed=0, buffer_device=torch.device("meta"))
     assert model.model.rotary_emb.inv_freq.device.type == "meta"
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_packed_documents_do_not_attend_to_each_other(debug_bf16_ckpt):
+    """A row packing two documents (position ids restarting at 0) gives each document exactly the
+    logits it gets alone: attention stops at document boundaries, consistent with the positions."""
+    m = build_recipe_model(debug_bf16_ckpt)
+    V = m.args.shape.vocab_size
+    d1, d2 = _ids(V, seed=1, shape=(1, 20)), _ids(V, seed=2, shape=(1, 28))
+    row = torch.cat([d1, d2], dim=1)
+    pos = torch.cat([torch.arange(20), torch.arange(28)])[None]
+    with torch.no_grad():
+        packed = m(row, position_ids=pos).logits
+        alone1, alone2 = m(d1).logits, m(d2).logits
+        leaky = m(row).logits  # plain causal over the whole row: document 2 sees document 1
+    assert _maxdiff(packed[:, :20], alone1) <= 1e-5
+    assert _maxdiff(packed[:, 20:], alone2) <= 1e-5
+    assert _maxdiff(leaky[:, 20:], alone2) > 1e-3
