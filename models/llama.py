@@ -297,8 +297,10 @@ def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int):
     ignored are still computed (they add 0): skipping them would need a GPU->CPU sync per chunk,
     and a batch without any target must still produce a graph for backward.
     """
-    h = h[:, :-1].reshape(-1, h.shape[-1])
-    targets = labels[:, 1:].reshape(-1).to(h.device)
+    # Shift the labels, not the hidden states: h[:, :-1] would copy (batch x seq x hidden) and the
+    # checkpointed chunks would keep that copy alive until backward. The last position has no target.
+    targets = F.pad(labels[:, 1:].to(h.device), (0, 1), value=IGNORE_INDEX).reshape(-1)
+    h = h.reshape(-1, h.shape[-1])
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_tokens):
         hc, tc = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
