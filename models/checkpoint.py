@@ -154,7 +154,6 @@ class CheckpointReader:
     def dense_rows(self, key: str, expect_shape: tuple[int, ...], start: int, end: int, dtype) -> torch.Tensor:
         shape, sdtype = self.info(key)
         if sdtype not in _FLOAT_DTYPES:
-            prefix = key.removesuffix(".weight")
             missing = [f"{key}.{s}" for s in ("absmax", "quant_map") if not self.has(f"{key}.{s}")]
             hint = ""
             if sdtype == "U8" and not missing:

@@ -23,7 +23,7 @@ it returns ``CausalLMOutput`` with ``.loss`` and ``.logits``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -94,8 +94,6 @@ def _load_local(name, local_meta, global_shape, rank, world, reader, device, lor
     if isinstance(local_meta, Weight4bit):
         return _load_4bit(name, local_meta, global_shape, rank, world, reader, device, quant_device)
 
-    if not reader.has(name) and name == "lm_head.weight" and reader.shape.tie_word_embeddings:
-        name = "model.embed_tokens.weight"
     start, end = shard_rows(n_rows, rank, world)
     return reader.dense_rows(name, tuple(global_shape), start, end, local_meta.dtype).to(device)
 

@@ -546,7 +546,6 @@ class Checkpointer:
                     "streams reseeded from (seed, step, rank), so dropout masks differ from an uninterrupted run",
                     self.rank)
         self._last_saved_step = step
-        t.step = step
         log(f"checkpoint: resumed from {path} (step {step}, saved on {meta.get('world_size')} rank(s)) "
             f"in {time.perf_counter() - t0:.2f}s", self.rank)
         return step

@@ -70,6 +70,8 @@ from typing import Iterable
 
 import torch
 
+from models.llama import LORA_TARGETS
+
 __all__ = [
     "MetricsLogger",
     "peak_memory_gib",
@@ -167,7 +169,7 @@ def peak_flops_for_name(name: str) -> float | None:
     return None
 
 
-_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PROJ = LORA_TARGETS
 
 
 def _proj_dims(shape) -> dict[str, tuple[int, int]]:

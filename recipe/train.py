@@ -238,8 +238,6 @@ class Trainer:
         losses = []
         self.step_times: list[float] = []
         self.model.train()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         self.profiler.start(self.model, self.optimizer)
         while self.step < cfg.training.steps:
             lr = self.scheduler.get_last_lr()[0]
