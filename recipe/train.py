@@ -331,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         losses = trainer.train()
         trainer.write_summary(losses)
+        # Tear down together: a rank that destroys its gloo group while a peer is still in its last
+        # collective makes the peer's transport threads abort ("terminate called without an active
+        # exception", seen on CPU CI). Only on success: after an error on one rank, a barrier would
+        # hang the others instead of letting torchrun stop them.
+        torch.distributed.barrier()
     finally:
         trainer.close()
     return 0
