@@ -138,6 +138,17 @@ class Trainer:
 
         ckpt_dir = ensure_checkpoint(cfg, self.dist)
         self.reader = CheckpointReader(ckpt_dir)
+        # Data before weights: a wrong data path, format or tokenizer fails in seconds, not after
+        # the model has been loaded.
+        shape = self.reader.shape
+        tokenizer = None
+        if cfg.data.path and cfg.data.format != "synthetic":
+            tokenizer = load_tokenizer(cfg.model.tokenizer or str(ckpt_dir))
+        self.data = build_data(cfg.data, tokenizer, shape.vocab_size, cfg.job.seed)
+        self.loader = GlobalBatchLoader(
+            self.data, self.global_batch, cfg.training.micro_batch_size, self.dist.rank, self.dist.world_size, cfg.job.seed
+        )
+
         t0 = time.perf_counter()
         self.model = build_model(cfg, self.reader, self.dist)
         self.load_time_s = time.perf_counter() - t0
@@ -147,15 +158,6 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         log(f"model ready in {self.load_time_s:.1f}s; load peak {self.load_peak_gib:.2f} GiB/rank; "
             f"{self.num_trainable():,} trainable parameters", self.dist.rank)
-
-        shape = self.reader.shape
-        tokenizer = None
-        if cfg.data.path and cfg.data.format != "synthetic":
-            tokenizer = load_tokenizer(cfg.model.tokenizer or str(ckpt_dir))
-        self.data = build_data(cfg.data, tokenizer, shape.vocab_size, cfg.job.seed)
-        self.loader = GlobalBatchLoader(
-            self.data, self.global_batch, cfg.training.micro_batch_size, self.dist.rank, self.dist.world_size, cfg.job.seed
-        )
 
         self.optimizer = build_optimizer(self.params, cfg.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)

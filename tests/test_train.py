@@ -132,3 +132,25 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "does not exist" in p.stderr and str(tmp_path / "none") in p.stderr
+
+
+def test_data_mistakes_are_reported_before_the_weights_are_read(tmp_path, debug_nf4_ckpt):
+    """The data is built before the model: with a broken weight file *and* a missing data file, the
+    run stops on the data (seconds), not on the weights (minutes for an 8B model)."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(debug_nf4_ckpt, ckpt)
+    for f in ckpt.glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated: unreadable weights
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, "-m", "recipe.train", "--job.config_file", "train_configs/debug_model.toml",
+           f"--model.checkpoint={ckpt}", "--model.synthetic_shape=", f"--job.dump_folder={tmp_path / 'run'}",
+           "--data.format=text", f"--data.path={tmp_path / 'missing.jsonl'}", f"--model.tokenizer={tmp_path}"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "DataError" in p.stderr and "CheckpointError" not in p.stderr, p.stderr
+    # The weights really are broken: with the synthetic data the same checkpoint fails on them.
+    p = subprocess.run(cmd[:-3], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "CheckpointError" in p.stderr, p.stderr
