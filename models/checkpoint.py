@@ -74,8 +74,8 @@ class CheckpointReader:
                 f"{cfg_file}: quantization_config ({kind}) is not bitsandbytes 4-bit (load_in_4bit); "
                 "use a bnb-4bit checkpoint or a plain bf16/fp16 one"
             )
+        self._handles: dict[str, object] = {}  # before the weight map: a single-file checkpoint opens its file
         self.weight_map = self._read_weight_map()
-        self._handles: dict[str, object] = {}
 
     # -- files -------------------------------------------------------------------------------------
     def _read_weight_map(self) -> dict[str, str]:

@@ -85,6 +85,32 @@ def test_dequantized_weights_equal_hf(request, ckpt_fixture):
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
 
+def test_reads_hf_save_pretrained_single_file(debug_bf16_ckpt, tmp_path):
+    """A bnb-4bit checkpoint written by HF itself: transformers quantizes the dense checkpoint at load
+    (nf4, double quant) and ``save_pretrained`` writes one ``model.safetensors`` without an index (what
+    small models get). The reader takes it, and every weight dequantizes exactly to bnb's
+    dequantization of the HF model that was saved."""
+    import transformers
+
+    qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(debug_bf16_ckpt), quantization_config=qc, dtype=torch.bfloat16, device_map="cpu")
+    out = tmp_path / "hf_bnb"
+    hf.save_pretrained(str(out))
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+
+    reader = CheckpointReader(out)
+    assert reader.prequantized and reader.quant_scheme() == ("nf4", 64)
+    ours = build_recipe_model(out, quant_type="nf4")
+    for prefix in _projections(reader.shape):
+        h = hf.get_submodule(prefix)
+        assert h.weight.quant_state.nested
+        a = ours.get_submodule(prefix).weight.dequantize(torch.float32)
+        assert torch.equal(a, _bnb_dequant_fp32(h.weight.data, h.weight.quant_state)), prefix
+    assert torch.equal(ours.model.norm.weight, hf.model.norm.weight.float())
+
+
 def test_dense_checkpoint_reads_equal_files(debug_bf16_ckpt):
     reader = CheckpointReader(debug_bf16_ckpt)
     assert not reader.prequantized and reader.quant_scheme() is None
