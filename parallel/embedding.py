@@ -32,7 +32,11 @@ class VocabShardedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, dim
         self.group = group
         self.key = key  # checkpoint key of the full table
-        self.register_buffer("weight", torch.empty(self.end - self.start, dim, dtype=dtype, device="meta"))
+        # Not persistent: the rows differ per rank and come from the base checkpoint, so they must
+        # stay out of training checkpoints (DCP would store one rank's rows as if they were everyone's).
+        self.register_buffer(
+            "weight", torch.empty(self.end - self.start, dim, dtype=dtype, device="meta"), persistent=False
+        )
 
     @torch.no_grad()
     def load_shard(self, reader, device) -> None:
@@ -45,7 +49,14 @@ class VocabShardedEmbedding(nn.Module):
         world = dist.get_world_size(self.group)
         gathered = [torch.empty_like(input_ids) for _ in range(world)]
         dist.all_gather(gathered, input_ids.contiguous(), group=self.group)
-        local = torch.stack(gathered) - self.start  # (world, *ids.shape)
+        # An id no rank owns would embed as zeros; nn.Embedding raises instead, so must this (an
+        # async check on the GPU: no host sync). Every rank sees every id, so all of them raise.
+        ids = torch.stack(gathered)
+        torch._assert_async(
+            ((ids >= 0) & (ids < self.num_embeddings)).all(),
+            f"token id out of range [0, {self.num_embeddings}) for the embedding table",
+        )
+        local = ids - self.start  # (world, *ids.shape)
         inside = (local >= 0) & (local < self.end - self.start)
         if self.end > self.start:
             out = nn.functional.embedding(local.clamp(0, self.end - self.start - 1), self.weight)
