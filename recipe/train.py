@@ -151,6 +151,9 @@ class Trainer:
 
         t0 = time.perf_counter()
         self.model = build_model(cfg, self.reader, self.dist)
+        # Dropout draws from the global generator: seed it per rank, or every rank would draw the
+        # same masks for its different samples. (LoRA initialisation has its own seeded generator.)
+        torch.manual_seed(cfg.job.seed + self.dist.rank)
         self.load_time_s = time.perf_counter() - t0
         self.load_peak_gib = peak_memory_gib(self.device)
         self.profiler = Profiler(cfg, self.dist.rank, self.dist.world_size, self.device, self.dump)
