@@ -221,7 +221,11 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(s)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
-        h = self.embed_tokens(input_ids) if self.embed_tokens is not None else inputs_embeds
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None and self.embed_tokens is None:
+            raise ValueError("this model part has no embedding table: pass inputs_embeds (hidden states)")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = h.shape[:2]
         documents = None
         if position_ids is None:

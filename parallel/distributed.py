@@ -78,7 +78,7 @@ def init_distributed(device_kind: str = "auto", backend: str = "auto", dp_shard:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         kwargs = dict(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
-        if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" not in os.environ:
+        if "WORLD_SIZE" not in os.environ:
             # A plain `python -m recipe.train`: a private rendezvous on a free port, without writing
             # MASTER_* into the environment (child processes and later runs would inherit a stale port).
             kwargs["init_method"] = f"tcp://127.0.0.1:{_free_port()}"

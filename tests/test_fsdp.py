@@ -387,3 +387,32 @@ def test_global_batch_not_divisible_multi_rank(results, env, world):
         assert msg.startswith("LayoutError")
         assert f"global_batch_size = {gbs}" in msg and "micro_batch_size (2)" in msg and f"ranks ({world})" in msg, msg
     assert not Path(env["missing_ckpt"]).exists()
+
+
+def test_plain_run_with_only_master_addr_set(clean_env):
+    """A shell that exports MASTER_ADDR (SLURM, some clusters) but no WORLD_SIZE/MASTER_PORT: a plain
+    `python -m recipe.train` is still a world of one on a private port."""
+    from parallel.distributed import init_distributed
+
+    clean_env.setenv("MASTER_ADDR", "127.0.0.1")
+    info = init_distributed("cpu")
+    assert info.world_size == 1 and info.rank == 0
+    assert "MASTER_PORT" not in os.environ
+
+
+def test_vocab_sharded_embedding_rejects_out_of_range_ids(clean_env):
+    """Like nn.Embedding, an id outside the table is an error, not a silent zero vector."""
+    import torch.distributed as dist
+
+    from parallel.distributed import init_distributed
+    from parallel.embedding import VocabShardedEmbedding
+
+    init_distributed("cpu")
+    emb = VocabShardedEmbedding(16, 4, dtype=torch.float32, rank=0, world=1, group=dist.group.WORLD, key="e")
+    emb.weight = torch.randn(16, 4)
+    ids = torch.tensor([[0, 15, 3]])
+    assert torch.equal(emb(ids), torch.nn.functional.embedding(ids, emb.weight))
+    assert emb.state_dict() == {}  # per-rank rows of the base model: never in a training checkpoint
+    for bad in (16, -1):
+        with pytest.raises(RuntimeError, match="out of range"):
+            emb(torch.tensor([[0, bad]]))

@@ -456,3 +456,17 @@ def test_packed_documents_do_not_attend_to_each_other(debug_bf16_ckpt):
     assert _maxdiff(packed[:, :20], alone1) <= 1e-5
     assert _maxdiff(packed[:, 20:], alone2) <= 1e-5
     assert _maxdiff(leaky[:, 20:], alone2) > 1e-3
+
+
+def test_inputs_embeds_equal_input_ids(debug_nf4_ckpt):
+    """HF's calling convention: inputs_embeds instead of input_ids gives the same logits; passing both
+    or neither is an error."""
+    model = build_recipe_model(debug_nf4_ckpt, quant_type="nf4", lora_rank=4)
+    ids = torch.randint(0, model.args.shape.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = model(inputs_embeds=model.model.embed_tokens(ids)).logits
+        assert torch.equal(out, ref)
+        for kwargs in ({}, {"input_ids": ids, "inputs_embeds": model.model.embed_tokens(ids)}):
+            with pytest.raises(ValueError, match="exactly one"):
+                model(**kwargs)
