@@ -147,9 +147,17 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: {prefix}.weight has block scales but no quant_state key")
         raw = self.read(keys[0])
         try:
-            return json.loads(bytes(raw.flatten().tolist()).decode())
+            meta = json.loads(bytes(raw.flatten().tolist()).decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{self.path}: {keys[0]} does not hold quant-state JSON ({e})") from e
+        missing = [f for f in ("quant_type", "blocksize") if f not in meta]
+        if missing or meta.get("quant_type") not in ("nf4", "fp4"):
+            what = f"lacks {', '.join(missing)}" if missing else f"has quant_type {meta['quant_type']!r}"
+            raise CheckpointError(
+                f"{self.path}: {keys[0]} {what}; a bitsandbytes 4-bit quant state names "
+                "quant_type ('nf4' or 'fp4') and blocksize"
+            )
+        return meta
 
     def dense_rows(self, key: str, expect_shape: tuple[int, ...], start: int, end: int, dtype) -> torch.Tensor:
         shape, sdtype = self.info(key)

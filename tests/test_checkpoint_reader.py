@@ -421,6 +421,18 @@ def test_error_packed_weight_wrong_dtype(broken_nf4):
     assert key in msg and "F32" in msg, msg
 
 
+@pytest.mark.parametrize("drop,match", [("blocksize", "lacks blocksize"), ("quant_type", "lacks quant_type")])
+def test_error_quant_state_json_incomplete(broken_nf4, drop, match):
+    key = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
+    with safe_open(str(broken_nf4 / _index(broken_nf4)["weight_map"][key]), "pt") as f:
+        meta = json.loads(bytes(f.get_tensor(key).tolist()).decode())
+    del meta[drop]
+    _rewrite_shard(broken_nf4, key, torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8))
+    with pytest.raises(CheckpointError, match=match) as e:
+        _load(broken_nf4)
+    assert key in str(e.value), str(e.value)
+
+
 def test_error_dense_weight_not_floating(broken_nf4):
     key = "model.norm.weight"
     fname = _rewrite_shard(broken_nf4, key, torch.ones(256, dtype=torch.int64))
