@@ -83,7 +83,8 @@ def read_records(path: str) -> list[dict]:
         except Exception as e:
             raise DataError(f"could not read parquet file {path}: {e}") from e
     else:
-        with open(path, encoding="utf-8") as f:
+        # newline="": JSONL lines end at "\n" only, so no universal-newline translation either.
+        with open(path, encoding="utf-8", newline="") as f:
             text = f.read()
         if ext == ".json" and text.lstrip().startswith("["):
             try:
@@ -95,7 +96,10 @@ def read_records(path: str) -> list[dict]:
                     raise DataError(f"{path}: element {i} is a {type(r).__name__}, expected a JSON object")
         else:
             records = []
-            for lineno, line in enumerate(text.splitlines(), start=1):
+            # Not str.splitlines(): it also splits on U+2028/U+2029, \x85 and \x1c-\x1e, which
+            # json.dumps(ensure_ascii=False) leaves raw inside strings.
+            for lineno, line in enumerate(text.split("\n"), start=1):
+                line = line.removesuffix("\r")
                 if not line.strip():
                     continue
                 try:
@@ -145,22 +149,54 @@ def _get_str(rec: dict, key: str, idx: int, what: str) -> str:
     return v
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+def _render(tokenizer, messages, add_generation_prompt: bool, idx: int) -> str:
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as e:  # jinja errors and the template's own raise_exception(...)
+        raise DataError(
+            f"record {idx}: the tokenizer's chat template failed on this conversation: "
+            f"{type(e).__name__}: {e}; fix the record (roles, order) or use a tokenizer whose "
+            "chat template accepts it"
+        ) from e
     if not isinstance(out, str):  # defensive: some versions may wrap it
         out = out[0] if isinstance(out, list) else str(out)
     return out
 
 
+def _first_turn_start(tokenizer, message: dict, upto: str, idx: int) -> int | None:
+    """Where the content of an opening assistant turn starts in ``upto`` (its rendering), or None.
+
+    There is no earlier turn to render with the generation prompt, and many templates fail on an
+    empty conversation, so the turn's own text (content + end-of-turn) is taken from a rendering
+    behind a placeholder user turn: BOS, system defaults and the assistant header stay prompt, as
+    they do when the conversation opens with a user turn."""
+    user = [{"role": "user", "content": "?"}]
+    head = _render(tokenizer, user, True, idx)
+    both = _render(tokenizer, user + [message], False, idx)
+    if not both.startswith(head):
+        return None
+    turn = both[len(head):]
+    if not turn or not upto.endswith(turn):
+        return None
+    return len(upto) - len(turn)
+
+
 def _chat_sample(tokenizer, messages, idx: int, mask_prompt: bool) -> Sample:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"record {idx}: 'messages' must be a non-empty list of {{role, content}} objects")
-    for m in messages:
+    for j, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"record {idx}: every message needs 'role' and 'content'; got {m!r}")
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+            raise DataError(f"record {idx}: message {j}: every message needs 'role' and 'content'; got {m!r}")
+        # A template would render None or a list as its Python repr, silently into the targets.
+        for key in ("role", "content"):
+            if not isinstance(m[key], str):
+                raise DataError(
+                    f"record {idx}: message {j}: '{key}' must be a string, got {type(m[key]).__name__} "
+                    f"({m[key]!r:.80}); give every message a string '{key}' (\"\" for an empty turn)"
+                )
+    full = _render(tokenizer, messages, False, idx)
 
     # Character spans of assistant turns: [render(msgs[:i], gen_prompt=True), render(msgs[:i+1])).
     # Everything in between (system/user turns, headers) is prompt.
@@ -169,15 +205,20 @@ def _chat_sample(tokenizer, messages, idx: int, mask_prompt: bool) -> Sample:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prefix = _render(tokenizer, messages[:i], add_generation_prompt=True) if i > 0 else ""
-            upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-            if not (full.startswith(upto) and upto.startswith(prefix)):
+            upto = _render(tokenizer, messages[: i + 1], False, idx)
+            if i > 0:
+                prefix = _render(tokenizer, messages[:i], True, idx)
+                start, ok = len(prefix), upto.startswith(prefix)
+            else:
+                start = _first_turn_start(tokenizer, messages[0], upto, idx)
+                ok = start is not None
+            if not (ok and full.startswith(upto)):
                 raise DataError(
                     f"record {idx}: the chat template does not render conversations incrementally "
                     "(a rendered prefix of the conversation is not a prefix of the full rendering), "
                     "so assistant turns cannot be located for prompt masking; set [data] mask_prompt = false"
                 )
-            spans.append((len(prefix), len(upto)))
+            spans.append((start, len(upto)))
     else:
         spans.append((0, len(full)))
 
@@ -508,6 +549,12 @@ def build_data(cfg_data: Any, tokenizer_or_none, vocab_size: int, seed: int) -> 
     path = getattr(cfg_data, "path", "") or ""
     fmt = getattr(cfg_data, "format", "auto") or "auto"
     seq_len = int(cfg_data.seq_len)
+    if path and fmt == "synthetic":
+        # The shipped configs set format = "synthetic"; a path added on top must not be dropped.
+        raise DataError(
+            f"data.path is set ({path!r}) but data.format = 'synthetic', which ignores it; use "
+            "--data.format=auto (or text/instruction/chat) to train on the file, or clear data.path"
+        )
     if path == "" or fmt == "synthetic":
         n = int(getattr(cfg_data, "num_synthetic_samples", 0) or 0)
         if n < 1:

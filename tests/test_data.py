@@ -150,6 +150,47 @@ def test_chat_format_masking(tok):
     assert s2.labels[0] == -100 and s2.labels[1:] == s2.input_ids[1:]
 
 
+@pytest.mark.parametrize("content", [None, ["part"], {"type": "text"}, 3])
+def test_chat_content_must_be_str(tok, content):
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]}
+    with pytest.raises(DataError) as ei:
+        tokenize_records([good, bad], tok, "chat")
+    msg = str(ei.value)
+    assert "record 1" in msg and "message 1" in msg and "'content'" in msg and "string" in msg
+    with pytest.raises(DataError, match="record 0: message 0"):
+        tokenize_records([{"messages": [{"role": "user", "content": None}]}], tok, "chat", mask_prompt=False)
+
+
+def test_chat_template_error_is_data_error(tmp_path):
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    tok = load_tokenizer(make_tokenizer_dir(tmp_path / "tok", chat_template=template))
+    ok = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "x"}]}
+    tokenize_records([ok], tok, "chat")
+    with pytest.raises(DataError) as ei:
+        tokenize_records([ok, bad], tok, "chat")
+    msg = str(ei.value)
+    assert "record 1" in msg and "chat template" in msg and "no tool turns" in msg
+
+
+def test_chat_assistant_first_masking(tok):
+    # Only assistant contents + end-of-turn are targets, whichever role opens the conversation.
+    msgs = [
+        {"role": "assistant", "content": "Welcome!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    (s,) = tokenize_records([{"messages": msgs}], tok, "chat")
+    assert tok.decode(s.input_ids) == tok.apply_chat_template(msgs, tokenize=False)
+    assert target_spans(tok, s) == ["Welcome!<|eot_id|>", "4<|eot_id|>"]
+    (one,) = tokenize_records([{"messages": msgs[:1]}], tok, "chat")
+    assert target_spans(tok, one) == ["Welcome!<|eot_id|>"]
+
+
 def test_chat_without_template(tok_nochat):
     with pytest.raises(DataError, match="chat_template"):
         tokenize_records([{"messages": [{"role": "user", "content": "x"}]}], tok_nochat, "chat")
@@ -200,6 +241,26 @@ def test_read_records_jsonl(tmp_path):
         read_records(str(empty))
     with pytest.raises(DataError, match="missing.jsonl"):
         read_records(str(tmp_path / "missing.jsonl"))
+
+
+def test_read_records_jsonl_unicode_line_breaks(tmp_path):
+    # json.dumps(ensure_ascii=False) writes these raw inside strings; str.splitlines() would split on them.
+    weird = "a\u2028b\u2029c\x85d\x1ce\x1df\x1eg\x0bh\x0ci"
+    recs = [{"text": weird}, {"text": "next"}]
+    p = tmp_path / "u.jsonl"
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    assert "\u2028" in p.read_text(encoding="utf-8")
+    assert read_records(str(p)) == recs
+    # CRLF line ends are fine, and line numbers in errors still count only "\n"
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(
+        (json.dumps({"text": weird}, ensure_ascii=False) + "\r\n\r\n" + '{"text": oops}\r\n').encode("utf-8")
+    )
+    with pytest.raises(DataError) as ei:
+        read_records(str(crlf))
+    assert "crlf.jsonl:3:" in str(ei.value) and "line 3" in str(ei.value)
+    crlf.write_bytes((json.dumps({"text": weird}, ensure_ascii=False) + "\r\n").encode("utf-8"))
+    assert read_records(str(crlf)) == [{"text": weird}]
 
 
 def test_read_records_parquet_missing_pyarrow(tmp_path, monkeypatch):
@@ -392,8 +453,17 @@ def _cfg(**kw):
 def test_build_data_synthetic():
     d = build_data(_cfg(), None, vocab_size=500, seed=0)
     assert d["input_ids"].shape == (6, 32) and d["input_ids"].max() < 500
-    d2 = build_data(_cfg(path="ignored.jsonl", format="synthetic"), None, vocab_size=500, seed=0)
+    d2 = build_data(_cfg(format="synthetic"), None, vocab_size=500, seed=0)
     assert torch.equal(d["input_ids"], d2["input_ids"])
+
+
+def test_build_data_path_with_synthetic_format(tok, tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    # a path that is set must never be silently ignored
+    with pytest.raises(DataError) as ei:
+        build_data(_cfg(path=p, format="synthetic"), tok, vocab_size=len(tok), seed=0)
+    msg = str(ei.value)
+    assert "data.path" in msg and "'synthetic'" in msg and "--data.format=auto" in msg and p in msg
 
 
 def test_build_data_from_file(tok, tmp_path, capsys):
