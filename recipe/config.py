@@ -128,7 +128,7 @@ class Training:
 
 @dataclass
 class Optimizer:
-    name: str = _f("AdamW", "Optimizer name.")
+    name: str = _f("AdamW", "Optimizer name; only 'AdamW' is supported (in any letter case).")
     lr: float = _f(2e-4, "Peak learning rate.")
     beta1: float = _f(0.9, "Adam beta1.")
     beta2: float = _f(0.999, "Adam beta2.")
@@ -359,11 +359,26 @@ _RANGES: list[tuple[str, str, typing.Callable[[Any], bool], str]] = [
     ("lora", "rank", lambda v: v > 0, "> 0"),
     ("lora", "alpha", lambda v: v > 0, "> 0"),
     ("lora", "dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    # Without any target there is nothing to train; unknown names are rejected at setup time.
+    ("lora", "target_modules", lambda v: len(v) > 0,
+     "non-empty: at least one of the seven projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"),
     ("data", "seq_len", lambda v: v > 0, "> 0"),
     ("training", "steps", lambda v: v >= 0, ">= 0"),
     ("training", "micro_batch_size", lambda v: v > 0, "> 0"),
     ("training", "global_batch_size", lambda v: v == -1 or v > 0, "-1 (micro_batch_size x ranks) or > 0"),
-    ("optimizer", "lr", lambda v: v > 0, "> 0"),
+    ("training", "loss_scale_init", lambda v: 0 < v < math.inf, "> 0 and finite"),
+    # 0 would divide by zero in LossScaler.update.
+    ("training", "loss_scale_growth_interval", lambda v: v >= 1, ">= 1"),
+    # Case-insensitive like recipe.optim.build_optimizer, so it is not a choices field.
+    ("optimizer", "name", lambda v: v.lower() == "adamw", "'AdamW' (the only supported optimizer)"),
+    ("optimizer", "lr", lambda v: 0 < v < math.inf, "> 0 and finite"),
+    # torch.optim.AdamW raises on betas outside [0, 1) only when the optimizer is built, after the model loads.
+    ("optimizer", "beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer", "beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer", "eps", lambda v: 0 < v < math.inf, "> 0 and finite"),
+    ("optimizer", "weight_decay", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    # Outside [0, 1] the decayed lr overshoots the peak or turns negative.
+    ("lr_scheduler", "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("lr_scheduler", "warmup_steps", lambda v: v >= 0, ">= 0"),
     ("activation_checkpoint", "selective_every", lambda v: v >= 1, ">= 1"),
     ("checkpoint", "interval", lambda v: v >= 1, ">= 1"),
@@ -392,6 +407,8 @@ def validate(cfg: JobConfig) -> None:
         # `not ok(...)` also rejects NaN, whose comparisons are all False.
         if not ok(val) or (isinstance(val, float) and math.isnan(val)):
             default = getattr(_sections()[sec](), key)
+            if isinstance(default, list):  # in the comma-separated form the CLI takes
+                default = ",".join(str(x) for x in default)
             raise ConfigError(f"{sec}.{key} must be {req}, got {val!r}. Set e.g. --{sec}.{key}={default}.")
 
 

@@ -15,13 +15,15 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from parallel.distributed import all_reduce_sum
+from recipe.config import ConfigError
 
 __all__ = ["build_optimizer", "build_lr_scheduler", "LossScaler", "lr_lambda"]
 
 
 def build_optimizer(params, cfg_opt) -> torch.optim.Optimizer:
     if cfg_opt.name.lower() != "adamw":
-        raise ValueError(f"optimizer.name = {cfg_opt.name!r}: only 'AdamW' is supported")
+        # validate() already rejects this; kept for configs built without it.
+        raise ConfigError(f"optimizer.name = {cfg_opt.name!r}: only 'AdamW' is supported; set --optimizer.name=AdamW")
     return torch.optim.AdamW(
         params,
         lr=cfg_opt.lr,

@@ -184,6 +184,28 @@ def test_choice_message_lists_choices():
         "--checkpoint.interval=0",
         "--checkpoint.keep_latest_k=-1",
         "--metrics.log_freq=0",
+        "--optimizer.lr=-1e-4",
+        "--optimizer.lr=inf",
+        "--optimizer.beta1=1.0",
+        "--optimizer.beta1=-0.1",
+        "--optimizer.beta2=1.0",
+        "--optimizer.beta2=1.5",
+        "--optimizer.beta2=nan",
+        "--optimizer.eps=0",
+        "--optimizer.eps=-1e-8",
+        "--optimizer.eps=inf",
+        "--optimizer.weight_decay=-0.01",
+        "--optimizer.weight_decay=inf",
+        "--optimizer.name=SGD",
+        "--optimizer.name=",
+        "--lr_scheduler.min_lr_ratio=-0.1",
+        "--lr_scheduler.min_lr_ratio=1.5",
+        "--training.loss_scale_growth_interval=0",
+        "--training.loss_scale_init=0",
+        "--training.loss_scale_init=-1024",
+        "--training.loss_scale_init=inf",
+        "--lora.target_modules=",
+        "--lora.target_modules=,",
     ],
 )
 def test_range_checks(arg):
@@ -191,6 +213,42 @@ def test_range_checks(arg):
     with pytest.raises(ConfigError) as e:
         load_config([arg])
     assert f"{name} must be" in str(e.value) and f"--{name}=" in str(e.value)
+
+
+def test_range_boundaries_accepted():
+    cfg = load_config(["--optimizer.beta1=0", "--optimizer.beta2=0.0", "--optimizer.weight_decay=0",
+                       "--lr_scheduler.min_lr_ratio=0", "--training.loss_scale_growth_interval=1",
+                       "--lora.target_modules=down_proj"])
+    assert cfg.optimizer.beta1 == 0 and cfg.lora.target_modules == ["down_proj"]
+    assert load_config(["--lr_scheduler.min_lr_ratio=1"]).lr_scheduler.min_lr_ratio == 1
+    # optim.build_optimizer has always accepted any case
+    assert load_config(["--optimizer.name=adamw"]).optimizer.name == "adamw"
+
+
+def test_range_checks_toml(tmp_path):
+    # the same checks apply to values from a file, and name the fix
+    path = write(tmp_path, "[optimizer]\nname = 'Adam'\n")
+    with pytest.raises(ConfigError, match="optimizer.name must be 'AdamW'") as e:
+        load_config(["--job.config_file", path])
+    assert "--optimizer.name=AdamW" in str(e.value)
+    path = write(tmp_path, "[lora]\ntarget_modules = []\n")
+    with pytest.raises(ConfigError, match="at least one of") as e:
+        load_config(["--job.config_file", path])
+    assert "q_proj" in str(e.value) and "down_proj" in str(e.value)
+
+
+def test_build_optimizer_rejects_unknown_name():
+    # a config that bypassed validate() still gets a user error (exit 2), not a ValueError traceback
+    import torch
+
+    from recipe.optim import build_optimizer
+
+    cfg = load_config([])
+    cfg.optimizer.name = "SGD"
+    with pytest.raises(ConfigError, match="--optimizer.name=AdamW"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.optimizer)
+    cfg.optimizer.name = "adamw"
+    assert isinstance(build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.optimizer), torch.optim.AdamW)
 
 
 def test_missing_file(tmp_path):
