@@ -74,6 +74,20 @@ def adapter_config(rank: int, alpha: float, dropout: float, target_modules, base
     return out
 
 
+def _check_out_dir(out: Path) -> None:
+    # A file at or above the output path is someone's data: the rename-into-place below would move it
+    # aside (and mkdir would fail with a bare errno), so refuse before touching anything.
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            if p.is_dir():
+                return
+            where = "exists and is" if p == out else f"cannot be created: {p} is"
+            raise NotADirectoryError(
+                f"output path {out} {where} a file, not a directory; choose another output directory "
+                "(the file is left untouched)"
+            )
+
+
 def write_adapter(out_dir, tensors: dict[str, torch.Tensor], config: dict, dtype: torch.dtype = torch.float32,
                   overwrite: bool = True) -> Path:
     """Write ``tensors`` (recipe FQNs -> full tensors) and ``config`` as a PEFT adapter directory.
@@ -83,6 +97,7 @@ def write_adapter(out_dir, tensors: dict[str, torch.Tensor], config: dict, dtype
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    _check_out_dir(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, _DTYPES[args.dtype], overwrite=args.overwrite)
-    except (CheckpointLoadError, FileExistsError) as e:
+    except (CheckpointLoadError, FileExistsError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported PEFT adapter from {args.checkpoint} to {out}")
