@@ -235,10 +235,11 @@ class CheckpointReader:
             blocksize=bs,
         )
 
-    def quant_scheme(self) -> tuple[str, int] | None:
-        """(quant_type, blocksize) of the pre-quantized projections, None for a dense checkpoint."""
+    def quant_scheme(self, quantize_dense_as: str = "none") -> tuple[str, int] | None:
+        """(quant_type, blocksize) of the pre-quantized projections. A dense checkpoint gives None,
+        or (``quantize_dense_as``, 64) when its projections are to be quantized at load."""
         if not self.prequantized:
-            return None
+            return None if quantize_dense_as == "none" else (quantize_dense_as, 64)
         qc = self.hf_config["quantization_config"]
         prefix = "model.layers.0.self_attn.q_proj"
         if self.is_4bit(prefix):

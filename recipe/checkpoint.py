@@ -132,6 +132,13 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x))
 
 
+def base_quant(cfg, reader) -> str:
+    """How the frozen base weights are stored in this run: 'nf4/64', 'fp4/64', ... or 'none'
+    (a pre-quantized checkpoint's own scheme wins over model.quant_type, as in the model build)."""
+    scheme = reader.quant_scheme(quantize_dense_as=cfg.model.quant_type)
+    return f"{scheme[0]}/{scheme[1]}" if scheme else "none"
+
+
 def lora_spec(cfg) -> dict[str, Any]:
     """What the LoRA tensors' shapes and meaning depend on (dropout does not change them)."""
     return {
@@ -294,10 +301,13 @@ class Checkpointer:
         self._opts = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
         self._load_opts = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False)
         # Async saves run their collectives in a background thread: give them their own gloo group
-        # so they never interleave with the training collectives of the main thread.
-        self._pg = None
+        # so they never interleave with the collectives of the main thread. The main thread's "is
+        # every rank's write done?" poll needs a CPU group too, but a different one: on the save's
+        # group it would be matched against the background thread's collectives (a deadlock).
+        self._pg = self._poll_pg = None
         if self.enabled and self.ck.async_mode and dist.is_initialized():
             self._pg = dist.new_group(backend="gloo")
+            self._poll_pg = dist.new_group(backend="gloo")
 
     # -- metadata --------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -321,6 +331,7 @@ class Checkpointer:
             "lora": {**lora_spec(self.cfg), "dropout": float(self.cfg.lora.dropout)},
             "model_shape": shape_dict(t.reader.shape),
             "quant_type": self.cfg.model.quant_type,
+            "base_quant": base_quant(self.cfg, t.reader),
             "trainable_params": trainable,
             "loader": _jsonable(t.loader.state_dict()),
             "config": _jsonable(config_to_dict(self.cfg)),
@@ -433,9 +444,8 @@ class Checkpointer:
             return
         done = torch.tensor([1.0 if self._pending.future.done() else 0.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            # A CPU flag: reduce it on the gloo group made for async saves (a plain NCCL default
-            # group has no CPU backend).
-            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._pg)
+            # A CPU flag (a plain NCCL default group has no CPU backend), never on the save's group.
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._poll_pg)
         if done.item() == 1.0:
             self.wait()
 
@@ -450,9 +460,10 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
-        if self._pg is not None:
-            dist.destroy_process_group(self._pg)
-            self._pg = None
+        for pg in (self._pg, self._poll_pg):
+            if pg is not None:
+                dist.destroy_process_group(pg)
+        self._pg = self._poll_pg = None
 
     # -- resume ----------------------------------------------------------------------------------
     def _choose(self) -> tuple[str | None, str | None]:
@@ -488,6 +499,13 @@ class Checkpointer:
             raise CheckpointLoadError(
                 f"checkpoint {path} has a different LoRA shape: saved {saved_lora}, "
                 f"this run has {lora_spec(self.cfg)}; set [lora] rank/alpha/target_modules to the saved values"
+            )
+        saved_quant, quant = meta.get("base_quant"), base_quant(self.cfg, self.trainer.reader)
+        if saved_quant is not None and saved_quant != quant:
+            raise CheckpointLoadError(
+                f"checkpoint {path} was trained against a {saved_quant} base, this run uses {quant}: "
+                f"set model.quant_type so the base is {saved_quant} again (an adapter learns the "
+                "quantization error of its base)"
             )
         if meta.get("model_shape") != shape_dict(self.trainer.reader.shape):
             raise CheckpointLoadError(
@@ -531,6 +549,7 @@ class Checkpointer:
         set_optimizer_state_dict(t.model, t.optimizer, sd["optim"], options=self._load_opts)
         state = json.loads(sd["trainer"])
         t.scheduler.load_state_dict(state["scheduler"])
+        self._apply_config_hyperparameters()
         t.scaler.load_state_dict(state["scaler"])
         t.loader.load_state_dict(state["loader"])
         step = int(state["step"])
@@ -549,6 +568,32 @@ class Checkpointer:
         log(f"checkpoint: resumed from {path} (step {step}, saved on {meta.get('world_size')} rank(s)) "
             f"in {time.perf_counter() - t0:.2f}s", self.rank)
         return step
+
+    def _apply_config_hyperparameters(self) -> None:
+        """The optimizer state holds the hyperparameters it was saved with; the run's config wins
+        (a user who resumes with another lr or weight decay means it), and each change is logged."""
+        t, o = self.trainer, self.cfg.optimizer
+        want = {"betas": (float(o.beta1), float(o.beta2)), "eps": float(o.eps), "weight_decay": float(o.weight_decay)}
+        changed = []
+        for g in t.optimizer.param_groups:
+            for k, v in want.items():
+                cur = tuple(g[k]) if k == "betas" else g[k]
+                if cur != v:
+                    changed.append(f"{k} {g[k]} -> {v}")
+                    g[k] = v
+            g["initial_lr"] = float(o.lr)
+        old = list(t.scheduler.base_lrs)
+        t.scheduler.base_lrs = [float(o.lr)] * len(old)
+        if old != t.scheduler.base_lrs:
+            changed.append(f"lr {old[0]} -> {o.lr}")
+        # The current lr from the (restored) step and the (config's) schedule and peak lr.
+        sched = t.scheduler
+        for g, fn, base in zip(t.optimizer.param_groups, sched.lr_lambdas, sched.base_lrs):
+            g["lr"] = base * fn(sched.last_epoch)
+        t.scheduler._last_lr = [g["lr"] for g in t.optimizer.param_groups]
+        if changed:
+            log(f"checkpoint: optimizer settings from the config, not the checkpoint: {', '.join(dict.fromkeys(changed))}",
+                self.rank)
 
     # -- export ----------------------------------------------------------------------------------
     def export_adapter(self, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path | None:

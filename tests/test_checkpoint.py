@@ -9,6 +9,7 @@ All runs are fp32 on CPU on a bf16 synthetic checkpoint loaded without quantizat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -155,6 +156,9 @@ def scenario_story(rank, world, root, base):
     a = root / "a"
     # 1. uninterrupted reference run
     t = Trainer(make_cfg(base, root / "ref", "--checkpoint.enable=false"))
+    rng = [None] * world  # the generator dropout draws from, per rank
+    dist.all_gather_object(rng, hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest())
+    res["dropout_rng_per_rank"] = rng
     res["ref"] = t.train()
     finish(t)
 
@@ -224,9 +228,7 @@ def scenario_resume3(rank, world, root, base):
     # (they come from the base model), or loading would see one rank's rows as everyone's.
     t = Trainer(make_cfg(base, root / "x3", "--lora.dropout=0", "--checkpoint.async_mode",
                          "--parallelism.vocab_parallel_embedding=true"))
-    draws = [None] * world  # the dropout generator of each rank (not restored: other world size)
-    dist.all_gather_object(draws, torch.rand(4).tolist())
-    res = {"start": t.step, "losses": t.train(), "listing": listing(root / "x3" / "checkpoint"), "draws": draws}
+    res = {"start": t.step, "losses": t.train(), "listing": listing(root / "x3" / "checkpoint")}
     finish(t)
     if rank == 0:
         (root / "x3.json").write_text(json.dumps(res))
@@ -279,6 +281,7 @@ def close(a, b, tol=1e-6):
 
 
 def test_kill_and_resume_is_exact(story):
+    assert len(set(story["dropout_rng_per_rank"])) == 2  # ranks draw different dropout masks
     ref = story["ref"]
     assert len(ref) == STEPS and len(set(ref)) == STEPS  # the loss moves, so equality means something
     close(story["killed"], ref[:3])
@@ -345,7 +348,6 @@ def test_resume_on_other_world_sizes(story, root, base):
 
     saved = FileSystemReader(str(root / "x3" / "checkpoint" / "step-6")).read_metadata().state_dict_metadata
     assert not [k for k in saved if "embed_tokens" in k], sorted(saved)
-    assert len({tuple(d) for d in res["draws"]}) == 3  # each rank draws its own dropout masks
     # the LoRA weights written by 3 ranks (uneven rows) equal those written by 2 ranks
     from recipe.export import read_checkpoint_lora
 
@@ -450,11 +452,12 @@ def bad_root(story, root):
         (["--checkpoint.load_step=6", "--lora.rank=4"], r"step-6 has a different LoRA shape"),
         (["--checkpoint.load_step=6", "--lora.target_modules=q_proj,v_proj"], r"different LoRA shape"),
         (["--checkpoint.load_step=6", "--training.global_batch_size=12"], r"data order changed"),
+        (["--checkpoint.load_step=6", "--model.quant_type=nf4"], r"trained against a none base, this run uses nf4/64"),
         (["--checkpoint.load_step=6", "BASE2"], r"different base model.*contents differ"),
         ([], r"step-9 is not a recipe checkpoint"),  # auto: the latest 'complete' one is foreign
     ],
     ids=["missing", "tmp-only", "partial", "foreign", "foreign-complete", "lora-rank", "lora-targets",
-         "data", "base-model", "auto-foreign"],
+         "data", "quant", "base-model", "auto-foreign"],
 )
 def test_bad_checkpoint_stops_before_training(bad_root, root, extra, match):
     from models.synthetic import write_synthetic_checkpoint
@@ -466,10 +469,35 @@ def test_bad_checkpoint_stops_before_training(bad_root, root, extra, match):
         if not base.exists():
             write_synthetic_checkpoint(base, shape="debug", quant_type="none", seed=1)
         extra = [e for e in extra if e != "BASE2"]
+    (bad_root / "config.toml").write_text("# the config of the run that wrote these checkpoints\n")
     before = snapshot(bad_root / "checkpoint")
     with pytest.raises(CheckpointLoadError, match=match):
         Trainer(make_cfg(base, bad_root, "--lora.dropout=0", *extra))
     assert snapshot(bad_root / "checkpoint") == before  # nothing written, moved or deleted
+    assert (bad_root / "config.toml").read_text().startswith("# the config of the run")  # not overwritten
+
+
+def test_resume_takes_optimizer_settings_from_the_config(story, root, base):
+    """A resumed run with another peak lr / weight decay / betas uses them (and says so); the
+    schedule position comes from the checkpoint."""
+    from recipe.optim import lr_lambda
+    from recipe.train import Trainer
+
+    shutil.copytree(root / "x2" / "checkpoint" / "step-3", root / "lr" / "checkpoint" / "step-3")
+    t = Trainer(make_cfg(base, root / "lr", "--lora.dropout=0", "--optimizer.lr=0.1",
+                         "--optimizer.weight_decay=0.05", "--optimizer.beta2=0.9"))
+    try:
+        assert t.step == 3
+        expect = [0.1 * lr_lambda(s, warmup=2, total=STEPS, decay="cosine", min_ratio=0.0) for s in (3, 4)]
+        for g in t.optimizer.param_groups:
+            assert g["lr"] == pytest.approx(expect[0], rel=1e-12) and g["weight_decay"] == 0.05
+            assert tuple(g["betas"]) == (0.9, 0.9)
+        t.train_step()
+        assert t.optimizer.param_groups[0]["lr"] == pytest.approx(expect[1], rel=1e-12)
+        # the optimizer moments were restored, not reset
+        assert all(st["step"].item() == 4 for st in t.optimizer.state.values())
+    finally:
+        finish(t)
 
 
 def test_auto_resume_skips_partial_and_temp(bad_root, root):
