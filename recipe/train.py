@@ -48,19 +48,27 @@ def ensure_checkpoint(cfg: JobConfig, dist_info: DistInfo) -> Path:
         # Rank 0 decides and writes; every rank takes the barrier, whatever it sees on disk (a rank
         # that starts late could otherwise find the files, skip the barrier and desynchronise).
         if dist_info.is_main and not (path / "config.json").exists():
-            from models.synthetic import write_synthetic_checkpoint
+            from models.synthetic import MARKER_FILE, write_synthetic_checkpoint
 
-            log(f"writing a synthetic '{cfg.model.synthetic_shape}' checkpoint to {path}")
-            write_synthetic_checkpoint(path, shape=cfg.model.synthetic_shape, seed=cfg.job.seed)
+            # config.json is written last: a marker without it is an interrupted synthetic write,
+            # which may be redone (only the writer's own files are replaced).
+            redo = (path / MARKER_FILE).is_file()
+            log(f"writing a synthetic '{cfg.model.synthetic_shape}' checkpoint to {path}"
+                + (" (redoing an interrupted write)" if redo else ""))
+            try:
+                write_synthetic_checkpoint(path, shape=cfg.model.synthetic_shape, seed=cfg.job.seed, overwrite=redo)
+            except FileExistsError as e:
+                raise ConfigError(
+                    f"model.checkpoint = {str(path)!r} has no config.json, so a synthetic checkpoint would be "
+                    f"written there, but: {e}. Point model.checkpoint at a real checkpoint or a new directory"
+                ) from e
         torch.distributed.barrier()
     return path
 
 
 def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -> LlamaForCausalLM:
     """Meta model -> parallelize -> this rank's shards. No rank ever holds the full weights."""
-    scheme = reader.quant_scheme()
-    if scheme is None and cfg.model.quant_type != "none":
-        scheme = (cfg.model.quant_type, 64)
+    scheme = reader.quant_scheme(quantize_dense_as=cfg.model.quant_type)
     param_dtype = DTYPES[cfg.training.mixed_precision_param]
     args = ModelArgs(
         shape=reader.shape,
@@ -179,9 +187,13 @@ class Trainer:
         )
         if self.dist.is_main:
             self.dump.mkdir(parents=True, exist_ok=True)
-            (self.dump / "config.toml").write_text(dump_toml(cfg))
         self.checkpointer = Checkpointer(cfg, self)
         self.step = self.checkpointer.maybe_resume()  # raises CheckpointLoadError before any training
+        if self.dist.is_main:
+            # After the resume checks: a rejected resume must leave the run's files as they were.
+            tmp = self.dump / f".config.toml.tmp-{os.getpid()}"
+            tmp.write_text(dump_toml(cfg))
+            tmp.replace(self.dump / "config.toml")
 
     def _check_batch_layout(self) -> None:
         """Checked before anything is loaded: a wrong layout should not cost a model load."""
@@ -338,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
     except _user_errors() as e:
         print(f"error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
+        status = os.environ.get("RECIPE_EXIT_STATUS_FILE")  # set by run_train.sh (torchrun hides exit codes)
+        if status:
+            with open(status, "w") as f:
+                f.write("2")
         destroy()
         return 2
     try:

@@ -59,6 +59,19 @@ def test_run_train_sh_rejects_bad_ngpu_and_config(tmp_path):
     assert p.returncode == 2 and "nope.toml" in p.stderr and "does not exist" in p.stderr
 
 
+def test_run_train_sh_paths_are_the_callers_and_bad_input_exits_2(tmp_path):
+    """Called from another directory: a relative CONFIG_FILE is found there; a bad key on 2 ranks
+    exits with 2 (torchrun alone would report 1), with the one-line message."""
+    import shutil
+
+    shutil.copy(REPO / "train_configs" / "debug_model.toml", tmp_path / "my.toml")
+    env = dict(os.environ, PYTHON=sys.executable, NGPU="2", CONFIG_FILE="my.toml")
+    p = subprocess.run([str(REPO / "run_train.sh"), "--training.stps=3"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "unknown config key 'training.stps'" in p.stderr and "Did you mean 'training.steps'" in p.stderr
+
+
 def test_fp16_overflow_skips_steps_without_shifting_the_schedule(tmp_path, debug_nf4_ckpt, capsys):
     from recipe.train import Trainer
 
