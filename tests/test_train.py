@@ -167,3 +167,32 @@ def test_data_mistakes_are_reported_before_the_weights_are_read(tmp_path, debug_
     # The weights really are broken: with the synthetic data the same checkpoint fails on them.
     p = subprocess.run(cmd[:-3], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "CheckpointError" in p.stderr, p.stderr
+
+
+def test_synthetic_checkpoint_write_is_redone_or_refused(tmp_path):
+    """model.synthetic_shape with a checkpoint directory that has no config.json: an interrupted
+    synthetic write (its marker, no config.json) is redone; a directory of other files is refused
+    with exit 2 and left as it was."""
+    from models.synthetic import MARKER_FILE
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, "-m", "recipe.train", "--job.config_file", "train_configs/debug_model.toml",
+           "--training.steps=1", "--checkpoint.export_adapter=false", f"--job.dump_folder={tmp_path / 'run'}"]
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    (interrupted / MARKER_FILE).write_text('{"status": "writing"}')
+    (interrupted / "model-00001-of-00002.safetensors").write_bytes(b"half a file")
+    p = subprocess.run(cmd + [f"--model.checkpoint={interrupted}"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "redoing an interrupted write" in p.stdout and (interrupted / "config.json").is_file()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    p = subprocess.run(cmd + [f"--model.checkpoint={foreign}"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "ConfigError" in p.stderr and "not a synthetic checkpoint" in p.stderr, p.stderr
+    assert [f.name for f in foreign.iterdir()] == ["notes.txt"] and (foreign / "notes.txt").read_text() == "mine"
