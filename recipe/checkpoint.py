@@ -482,9 +482,26 @@ class Checkpointer:
                 path = found[-1][1]
             meta = read_checkpoint_meta(path)
             self._validate(path, meta)
+            if self.ck.load_step >= 0 and self.enabled:
+                self._check_no_later_steps(int(meta.get("step", self.ck.load_step)))
             return str(path), None
         except CheckpointLoadError as e:
             return None, str(e)
+
+    def _check_no_later_steps(self, start: int) -> None:
+        """Going back to an older checkpoint in the same folder would reach steps whose directories
+        exist; those saves would be skipped (never overwritten), the final state included."""
+        later = sorted(
+            (int(m.group(1)), p.name) for p in self.folder.iterdir()
+            if (m := _STEP_RE.match(p.name)) and start < int(m.group(1)) <= self.cfg.training.steps
+        )
+        if later:
+            raise CheckpointLoadError(
+                f"checkpoint.load_step = {start}, but {self.folder} already holds later step(s) "
+                f"{', '.join(n for _, n in later)} that this run would reach and could not save without "
+                "overwriting; resume into a new job.dump_folder (copy the step directory there), or move "
+                "the later steps away yourself"
+            )
 
     def _validate(self, path: Path, meta: dict) -> None:
         why = fingerprint_diff(meta.get("base_fingerprint") or {}, self.fingerprint())

@@ -454,10 +454,11 @@ def bad_root(story, root):
         (["--checkpoint.load_step=6", "--training.global_batch_size=12"], r"data order changed"),
         (["--checkpoint.load_step=6", "--model.quant_type=nf4"], r"trained against a none base, this run uses nf4/64"),
         (["--checkpoint.load_step=6", "BASE2"], r"different base model.*contents differ"),
+        (["--checkpoint.load_step=6", "--training.steps=8"], r"load_step = 6, but .* later step\(s\) step-7, step-8"),
         ([], r"step-9 is not a recipe checkpoint"),  # auto: the latest 'complete' one is foreign
     ],
     ids=["missing", "tmp-only", "partial", "foreign", "foreign-complete", "lora-rank", "lora-targets",
-         "data", "quant", "base-model", "auto-foreign"],
+         "data", "quant", "base-model", "later-steps", "auto-foreign"],
 )
 def test_bad_checkpoint_stops_before_training(bad_root, root, extra, match):
     from models.synthetic import write_synthetic_checkpoint
