@@ -530,12 +530,12 @@ class Checkpointer:
                 f"this run has {shape_dict(self.trainer.reader.shape)}"
             )
         saved_loader, cur = meta.get("loader") or {}, _jsonable(self.trainer.loader.state_dict())
-        diff = {k: (saved_loader.get(k), v) for k, v in cur.items() if saved_loader.get(k) != v}
+        diff = {k: (saved_loader[k], v) for k, v in cur.items() if k in saved_loader and saved_loader[k] != v}
         if diff:
             raise CheckpointLoadError(
                 f"checkpoint {path}: the data order changed since it was saved "
                 f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); resume needs the same "
-                "data, job.seed and global batch size"
+                "data (file, tokenizer, seq_len, packing, masking), job.seed and global batch size"
             )
 
     def maybe_resume(self) -> int:

@@ -13,6 +13,7 @@ next document's BOS from the previous document's EOS.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -529,11 +530,28 @@ class GlobalBatchLoader:
             out.append({k: v.index_select(0, idx) for k, v in self.data.items()})
         return out
 
+    @property
+    def seq_len(self) -> int:
+        return int(self.data["input_ids"].shape[1])
+
+    @property
+    def data_sha1(self) -> str:
+        """Fingerprint of the token rows and labels: resuming on other data (same row count, other
+        content, masking or packing) would silently train on a different sequence of batches."""
+        if getattr(self, "_sha1", None) is None:
+            h = hashlib.sha1()
+            for key in ("input_ids", "labels"):
+                h.update(self.data[key].contiguous().numpy())  # buffer protocol: no copy
+            self._sha1 = h.hexdigest()
+        return self._sha1
+
+    _STATE_KEYS = ("seed", "num_rows", "global_batch_size", "seq_len", "data_sha1")
+
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "num_rows": self.num_rows, "global_batch_size": self.global_batch_size}
+        return {k: getattr(self, k) for k in self._STATE_KEYS}
 
     def load_state_dict(self, sd: dict) -> None:
-        for key in ("seed", "num_rows", "global_batch_size"):
+        for key in self._STATE_KEYS:  # keys a checkpoint lacks (older format) are not compared
             if key in sd and sd[key] != getattr(self, key):
                 raise DataError(
                     f"cannot resume: the checkpoint's data loader had {key}={sd[key]}, "

@@ -452,13 +452,14 @@ def bad_root(story, root):
         (["--checkpoint.load_step=6", "--lora.rank=4"], r"step-6 has a different LoRA shape"),
         (["--checkpoint.load_step=6", "--lora.target_modules=q_proj,v_proj"], r"different LoRA shape"),
         (["--checkpoint.load_step=6", "--training.global_batch_size=12"], r"data order changed"),
+        (["--checkpoint.load_step=6", "--data.seq_len=16"], r"data order changed .*seq_len: 32 -> 16, data_sha1"),
         (["--checkpoint.load_step=6", "--model.quant_type=nf4"], r"trained against a none base, this run uses nf4/64"),
         (["--checkpoint.load_step=6", "BASE2"], r"different base model.*contents differ"),
         (["--checkpoint.load_step=6", "--training.steps=8"], r"load_step = 6, but .* later step\(s\) step-7, step-8"),
         ([], r"step-9 is not a recipe checkpoint"),  # auto: the latest 'complete' one is foreign
     ],
     ids=["missing", "tmp-only", "partial", "foreign", "foreign-complete", "lora-rank", "lora-targets",
-         "data", "quant", "base-model", "later-steps", "auto-foreign"],
+         "data", "data-content", "quant", "base-model", "later-steps", "auto-foreign"],
 )
 def test_bad_checkpoint_stops_before_training(bad_root, root, extra, match):
     from models.synthetic import write_synthetic_checkpoint
