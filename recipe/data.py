@@ -46,9 +46,9 @@ def load_tokenizer(path: str):
         )
     if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         raise DataError(
-            f"no tokenizer in {path}: the checkpoint directory holds no "
-            "tokenizer.json/tokenizer_config.json; copy the tokenizer files there or set "
-            "[model] tokenizer = '<dir>'"
+            f"no tokenizer in {path}: it holds no tokenizer.json/tokenizer_config.json "
+            "(the tokenizer is [model] tokenizer, or the checkpoint directory when that is empty); "
+            "copy the tokenizer files there or set [model] tokenizer = '<dir>'"
         )
     from transformers import AutoTokenizer
 
