@@ -41,15 +41,21 @@ costs in this recipe. With L layers, hidden size h (= heads x head_dim), sequenc
                                              are no weight-gradient matmuls for it
               + 4 P_lora                     LoRA input gradients + LoRA weight gradients
               + 8 L s h                      attention backward = 2 x its forward
-    recompute = f (2 N_blocks + 2 P_lora + 4 L s h)   checkpointed blocks re-run their forward
+    recompute = f (2 N_blocks + 2 P_lora + 4 L s h - D)   checkpointed blocks re-run their forward
               + 2 N_head                     the chunked cross-entropy re-runs lm_head in backward
+
+where ``D`` = 2 L r h with a LoRA on down_proj, else 2 L h i (i = intermediate size): non-reentrant
+checkpointing stops the re-run once the last saved tensor is rebuilt, so a block's final matmul
+(down_proj's lora_B, or the frozen down_proj itself) is not recomputed (checked against torch's
+FlopCounterMode in tests/test_profiling.py). One approximation remains: layer 0's q/k/v input
+gradients are counted although autograd skips them (nothing before them trains), 0.2 % for Llama 3.1 8B.
     flops_per_token = forward + backward + recompute
 
 Attention forward is ``2 * 2 * s * h`` per layer per token (Q K^T and attention x V over the full s x s
 score matrix; the causal mask is not discounted, the PaLM / torchtitan convention). Recomputation is
 counted (pass ``recompute=False`` for the PaLM-style "MFU" that leaves it out; with it, the number is
 what PaLM calls hardware FLOPs utilisation). With no AC this is 4N + 2 N_head + 6 P_lora + 12 L s h;
-with full AC 6N + 8 P_lora + 16 L s h (N = N_blocks + N_head).
+with full AC 6N + 8 P_lora + 16 L s h - D (N = N_blocks + N_head).
 
 ``mfu = flops_per_token * tokens_per_s (per rank) / peak_flops (per GPU)``, where ``peak_flops`` is the
 GPU's dense bf16 (fp16 for T4) tensor-core peak from ``PEAK_FLOPS`` (or ``metrics.peak_tflops``),
@@ -144,7 +150,8 @@ PEAK_FLOPS: list[tuple[str, float]] = [
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
     ("GH200", 989e12),
     ("A100", 312e12),
     ("L4", 121e12),
@@ -212,7 +219,12 @@ def model_flops_per_token(
     f = ac_fraction(L, ac_mode, ac_every)
     forward = 2 * (n_blocks + n_head) + 2 * p_lora + attn_fwd
     backward = 2 * (n_blocks + n_head) + 4 * p_lora + 2 * attn_fwd
-    recomp = f * (2 * n_blocks + 2 * p_lora + attn_fwd) + 2 * n_head if recompute else 0.0
+    # Non-reentrant checkpointing stops recomputing once the last tensor backward needs is rebuilt:
+    # the block's final matmul (down_proj's lora_B, or without a down_proj adapter its frozen base
+    # matmul, whose input is what it saves) is not re-run.
+    h, inter = shape.hidden_size, shape.intermediate_size
+    not_rerun = L * 2 * (lora_rank * h if "down_proj" in targets and lora_rank else inter * h)
+    recomp = f * (2 * n_blocks + 2 * p_lora + attn_fwd - not_rerun) + 2 * n_head if recompute else 0.0
     return float(forward + backward + recomp)
 
 
