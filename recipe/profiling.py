@@ -233,6 +233,14 @@ class Profiler:
             late = sorted(s for s in steps if not 1 <= s <= cfg.training.steps)
             if late:
                 log(f"profiling.{name}: step(s) {late} outside 1..{cfg.training.steps} (training.steps) never run", rank)
+        # The snapshot window runs from its first to its last step and is dumped at the end: a last
+        # step that never runs must not take the whole window with it, so the window ends with the run.
+        inside = [s for s in self.snapshot_steps if s <= cfg.training.steps]
+        if inside and inside[-1] < self.snapshot_steps[-1]:
+            log(f"profiling.memory_snapshot_steps: the snapshot of steps {inside[0]}-{self.snapshot_steps[-1]} "
+                f"is dumped at step {cfg.training.steps}, the last one", rank)
+            inside.append(cfg.training.steps)
+        self.snapshot_steps = inside
         self.memory = MemoryReport(
             p.memory_report, self.device, rank, world_size,
             Path(dump) / cfg.metrics.save_folder / "memory_report.json",

@@ -427,3 +427,29 @@ def test_cuda_snapshots_oom_and_phases(tmp_path):
     assert not prof.recording
     report = prof.finish()
     assert report["device"] == "cuda" and report["ranks"][0]["gpu"]["load"] is not None
+
+
+def test_snapshot_window_past_the_last_step_is_still_dumped(tmp_path, monkeypatch):
+    """memory_snapshot_steps = [2, 50] in a 4-step run: recording starts at step 2 and the window is
+    dumped at step 4, the last step that runs (it used to wait for step 50 and write nothing).
+    The CUDA memory API is stubbed: this checks the window logic, not CUDA."""
+    import recipe.profiling as profiling
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
+                        lambda enabled="all", **k: calls.append(("record", enabled)))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot",
+                        lambda path: (calls.append(("dump", Path(path).name)), Path(path).write_bytes(b"x")))
+    monkeypatch.setattr(profiling, "reset_peak_memory", lambda *a, **k: None)
+    cfg = load_config(["--profiling.memory_report=false", "--training.steps=4", "--profiling.enable_memory_snapshot",
+                       "--profiling.memory_snapshot_steps=2,50", "--profiling.memory_snapshot_on_oom=false"])
+    prof = Profiler(cfg, 0, 1, torch.device("cuda"), tmp_path)
+    prof.start(torch.nn.Linear(2, 2))
+    for step in range(1, 5):
+        prof.step_start(step)
+        assert prof.recording == (step >= 2), step
+        prof.step_end(step)
+    prof.close()
+    dumps = [c[1] for c in calls if c[0] == "dump"]
+    assert len(dumps) == 1 and "step4" in dumps[0], calls
+    assert any("step4" in str(p) for p in prof.written)
