@@ -281,6 +281,21 @@ class MetricsLogger:
             if enable_tensorboard:
                 self.tb = _open_tensorboard(folder)
 
+    def begin(self, start_step: int) -> None:
+        """Called once the run knows where it starts. A run from step 0 into a folder that holds an
+        earlier run's metrics moves that file aside (kept, renamed) instead of appending to it, so a
+        plot never stitches two runs together; a resumed run appends (re-done steps: last one wins)."""
+        if self.file is None or start_step != 0 or self.file.tell() == 0:
+            return
+        path = Path(self.file.name)
+        self.file.close()
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+        while (aside := path.with_name(f"{path.name}.prev-{stamp}" + (f"-{n}" if n else ""))).exists():
+            n += 1  # never replace an earlier one
+        path.rename(aside)
+        log(f"metrics: {path} held an earlier run's steps; moved to {aside.name}", self.rank)
+        self.file = open(path, "a")
+
     def _derived(self, record: dict) -> dict:
         out = {}
         tps = record.get("tokens_per_s")

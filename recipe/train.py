@@ -189,6 +189,7 @@ class Trainer:
             self.dump.mkdir(parents=True, exist_ok=True)
         self.checkpointer = Checkpointer(cfg, self)
         self.step = self.checkpointer.maybe_resume()  # raises CheckpointLoadError before any training
+        self.metrics.begin(self.step)
         if self.dist.is_main:
             # After the resume checks: a rejected resume must leave the run's files as they were.
             tmp = self.dump / f".config.toml.tmp-{os.getpid()}"

@@ -283,6 +283,30 @@ def test_metrics_logger_mfu_and_old_api(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_fresh_run_into_a_used_folder_keeps_runs_apart(tmp_path):
+    """A run from step 0 moves an earlier run's metrics.jsonl aside (kept); a resumed run appends."""
+    from recipe.plot import load_run
+
+    rec = {"loss": 5.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 100.0, "step_time_s": 1.0,
+           "peak_mem_gib": 1.0, "host_rss_gib": 1.0, "skipped": False, "loss_scale": 1.0}
+    folder = tmp_path / "run" / "metrics"
+
+    def run(first, last, loss, start):
+        m = MetricsLogger(folder, last, 0)
+        m.begin(start)
+        for step in range(first, last + 1):
+            m.step(step, {**rec, "loss": loss})
+        m.close()
+
+    run(1, 6, 5.0, start=0)   # a 6-step run
+    run(1, 3, 1.0, start=0)   # a new, shorter run from scratch in the same folder
+    assert [(r["step"], r["loss"]) for r in load_run(tmp_path / "run")["steps"]] == [(1, 1.0), (2, 1.0), (3, 1.0)]
+    (old,) = folder.glob("metrics.jsonl.prev-*")
+    assert len(old.read_text().splitlines()) == 6  # the earlier run's steps are kept
+    run(4, 5, 2.0, start=3)   # resumed after step 3: appended
+    assert [r["loss"] for r in load_run(tmp_path / "run")["steps"]] == [1.0, 1.0, 1.0, 2.0, 2.0]
+
+
 def test_tensorboard_missing_is_a_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     m = MetricsLogger(tmp_path, 1, 0, enable_tensorboard=True)
