@@ -36,7 +36,11 @@ def main() -> None:
     wall = time.perf_counter() - t0
     if tr.dist.is_main:
         ka = prof.key_averages()
-        dev = sum(e.self_device_time_total for e in ka) / 1e6
+        # Kernels only: a CPU op's device time is its kernels' time again, and GPU user annotations
+        # (FSDP's ranges) span kernels too, so summing every event counted kernels twice or more.
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.is_user_annotation]
+        dev = sum(e.device_time_total for e in kernels) / 1e6
         print(f"profiled step: wall {wall:.3f}s, summed GPU kernel time {dev:.3f}s ({dev / wall:.0%} of wall)")
         print(ka.table(sort_by="self_device_time_total" if len(acts) > 1 else "self_cpu_time_total", row_limit=22, max_name_column_width=60))
     tr.close()

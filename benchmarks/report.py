@@ -2,7 +2,7 @@
 
     python benchmarks/report.py --recipe NAME=DIR/summary.json ... --hf NAME=hf.json ... [--compare A B]
 
-Prints a markdown table (per-GPU maxima over ranks) and, with --compare, the per-step loss
+Prints a markdown table (memory: maxima over ranks; tokens/s: the slowest rank) and, with --compare, the per-step loss
 difference between two recipe runs.
 """
 
@@ -17,9 +17,10 @@ def _row(name, world, device, ranks, path):
         vals = [r[key] for r in ranks if r.get(key) is not None]
         return max(vals) if vals else float("nan")
 
+    # Throughput: the slowest rank's (the step ends when every rank's does); memory: the largest.
     tok = [r["tokens_per_s_per_gpu"] for r in ranks if r.get("tokens_per_s_per_gpu")]
     return (f"| {name} | {path} | {world} | {device} | {mx('load_peak_gib'):.2f} | {mx('train_peak_gib'):.2f} | "
-            f"{mx('host_peak_rss_gib'):.2f} | {tok[0]:,.0f} |")
+            f"{mx('host_peak_rss_gib'):.2f} | {min(tok) if tok else float('nan'):,.0f} |")
 
 
 def main() -> None:
