@@ -62,12 +62,12 @@ for st in ${STAGES:-ckpt r2 r1 hf2}; do
              --job.dump_folder="$OUT/mem2" >"$OUT/mem2.log" 2>&1; echo "[mem2] rc=$?"
           grep -v "^\[rank1\]" "$OUT/mem2.log" | grep -A12 "memory report" | head -14 ;;
     det) # 1 GPU and 2 GPUs side by side (GPU 0 | GPUs 1,2), deterministic kernels: the loss comparison.
-         (CUDA_VISIBLE_DEVICES=0 recipe r1 1 --training.steps=$STEPS --job.deterministic) &
-         (CUDA_VISIBLE_DEVICES=1,2 recipe r2 2 --training.steps=$STEPS --job.deterministic) &
+         (CUDA_VISIBLE_DEVICES=0 recipe det1 1 --training.steps=$STEPS --job.deterministic) &
+         (CUDA_VISIBLE_DEVICES=1,2 recipe det2 2 --training.steps=$STEPS --job.deterministic) &
          wait ;;
     det64) # as det, with fp64 gradient accumulation: gradients bit-identical on 1 and 2 GPUs
-         (CUDA_VISIBLE_DEVICES=0 recipe r1 1 --training.steps=$STEPS --job.deterministic --training.mixed_precision_reduce=float64) &
-         (CUDA_VISIBLE_DEVICES=1,2 recipe r2 2 --training.steps=$STEPS --job.deterministic --training.mixed_precision_reduce=float64) &
+         (CUDA_VISIBLE_DEVICES=0 recipe det64_1 1 --training.steps=$STEPS --job.deterministic --training.mixed_precision_reduce=float64) &
+         (CUDA_VISIBLE_DEVICES=1,2 recipe det64_2 2 --training.steps=$STEPS --job.deterministic --training.mixed_precision_reduce=float64) &
          wait ;;
     ckmem) # checkpoint save/resume (GPUs 0,1) next to the memory-profile run (GPUs 2,3)
          (CUDA_VISIBLE_DEVICES=2,3 STAGES=mem2 bash "$0" "$OUT" >"$OUT/mem2.out" 2>&1) &
@@ -82,9 +82,13 @@ for st in ${STAGES:-ckpt r2 r1 hf2}; do
 done
 
 args=()
-for n in r1 r2 r4 vp2 off2; do [ -f "$OUT/$n/summary.json" ] && args+=("$n=$OUT/$n/summary.json"); done
+# Side-by-side runs (det, det64) have their own names: a later r1/r2 stage must not replace them.
+for n in r1 r2 r4 vp2 off2 det1 det2 det64_1 det64_2; do [ -f "$OUT/$n/summary.json" ] && args+=("$n=$OUT/$n/summary.json"); done
 hargs=()
 for n in hf1 hf2 hf4; do [ -f "$OUT/$n.json" ] && hargs+=("$n=$OUT/$n.json"); done
 cmp=()
-[ -f "$OUT/r1/summary.json" ] && [ -f "$OUT/r2/summary.json" ] && cmp=(--compare r1 r2)
+for pair in "r1 r2" "det1 det2" "det64_1 det64_2"; do
+  set -- $pair
+  [ -f "$OUT/$1/summary.json" ] && [ -f "$OUT/$2/summary.json" ] && cmp+=(--compare "$1" "$2")
+done
 $PY benchmarks/report.py --recipe "${args[@]}" --hf "${hargs[@]}" "${cmp[@]}"

@@ -27,7 +27,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", nargs="*", default=[])
     ap.add_argument("--hf", nargs="*", default=[])
-    ap.add_argument("--compare", nargs=2, metavar=("A", "B"))
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), action="append", default=[],
+                    help="per-step loss difference of two recipe runs (repeatable)")
     args = ap.parse_args()
     print("| run | path | GPUs | card | load peak GiB/GPU | train peak GiB/GPU | host peak RSS GiB/rank | tokens/s/GPU |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -49,11 +50,11 @@ def main() -> None:
             print(f"| {name} | HF | missing ({e}) |")
             continue
         print(_row(name, recs[0]["world"], recs[0]["device"], recs, recs[0]["path"]))
-    if args.compare:
-        a, b = (losses.get(n) for n in args.compare)
+    for pair in args.compare:
+        a, b = (losses.get(n) for n in pair)
         if a and b:
             diffs = [abs(x - y) for x, y in zip(a, b)]
-            print(f"\nloss |{args.compare[0]} - {args.compare[1]}| over {len(diffs)} steps: "
+            print(f"\nloss |{pair[0]} - {pair[1]}| over {len(diffs)} steps: "
                   f"max {max(diffs):.2e}, mean {sum(diffs)/len(diffs):.2e}; "
                   f"first {a[0]:.4f}/{b[0]:.4f}, last {a[-1]:.4f}/{b[-1]:.4f}")
             print("per step:", " ".join(f"{d:.1e}" for d in diffs))
