@@ -414,7 +414,7 @@ def test_error_shape_mismatch_dense(broken_bf16):
 
 def test_error_packed_weight_wrong_dtype(broken_nf4):
     key = "model.layers.0.self_attn.k_proj.weight"
-    fname = _rewrite_shard(broken_nf4, key, torch.zeros(128, 256, dtype=torch.float32))
+    _rewrite_shard(broken_nf4, key, torch.zeros(128, 256, dtype=torch.float32))
     with pytest.raises(CheckpointError, match="U8") as e:
         _load(broken_nf4)
     msg = str(e.value)

@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from models.llama import LORA_TARGETS
 import torch
 
+from models.llama import LORA_TARGETS
 from models.shapes import LlamaShape
 from recipe.config import ConfigError, load_config
 from recipe.metrics import (
