@@ -182,6 +182,8 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         tmps = sorted(p.name for p in path.parent.glob(f"{path.name}.tmp-*")) if path.parent.is_dir() else []
         hint = f"; only incomplete temp dir(s) {tmps} exist (a save that did not finish)" if tmps else ""
+        done = [p.name for _, p in list_complete_checkpoints(path.parent)]
+        hint += f"; complete checkpoints there: {', '.join(done)}" if done else "; there is no complete checkpoint there"
         raise CheckpointLoadError(f"checkpoint {path} does not exist{hint}")
     if not path.is_dir():
         raise CheckpointLoadError(f"checkpoint {path} is not a directory")
@@ -198,8 +200,10 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
                 f"checkpoint {path} is partial: it has no {COMPLETE_FILE} marker, so its save did not "
                 "finish; resume from an earlier complete checkpoint"
             )
+        steps = [p.name for _, p in list_complete_checkpoints(path)]
+        hint = f"; it holds the checkpoints {', '.join(steps)}: give one of those step directories" if steps else ""
         raise CheckpointLoadError(
-            f"{path} is not a recipe checkpoint (no {META_FILE}, no {COMPLETE_FILE}, no DCP .metadata)"
+            f"{path} is not a recipe checkpoint (no {META_FILE}, no {COMPLETE_FILE}, no DCP .metadata){hint}"
         )
     try:
         meta = json.loads((path / META_FILE).read_text())
@@ -509,7 +513,8 @@ class Checkpointer:
             raise CheckpointLoadError(
                 f"checkpoint {path} was trained on a different base model: it was saved from "
                 f"{meta.get('base_checkpoint')}, this run uses {self.base_path}, and the fingerprints differ "
-                f"({'; '.join(why)})"
+                f"({'; '.join(why)}). Point model.checkpoint at the base it was trained on, or start a new "
+                "run in another job.dump_folder"
             )
         saved_lora = {k: meta.get("lora", {}).get(k) for k in ("rank", "alpha", "target_modules")}
         if saved_lora != lora_spec(self.cfg):
@@ -584,6 +589,17 @@ class Checkpointer:
         self._last_saved_step = step
         log(f"checkpoint: resumed from {path} (step {step}, saved on {meta.get('world_size')} rank(s)) "
             f"in {time.perf_counter() - t0:.2f}s", self.rank)
+        saved = (meta.get("config") or {})
+        now = _jsonable(config_to_dict(self.cfg))
+        moved = [f"training.steps {saved.get('training', {}).get('steps')} -> {self.cfg.training.steps}"] if (
+            saved.get("training", {}).get("steps") not in (None, self.cfg.training.steps)) else []
+        moved += [f"lr_scheduler.{k} {v} -> {now['lr_scheduler'][k]}"
+                  for k, v in (saved.get("lr_scheduler") or {}).items() if now["lr_scheduler"].get(k) != v]
+        if moved:
+            log(f"checkpoint: the lr schedule follows the config from step {step}: {', '.join(moved)}", self.rank)
+        if step >= self.cfg.training.steps:
+            log(f"checkpoint: {path.name} is at or past training.steps = {self.cfg.training.steps}: nothing "
+                "to train (raise training.steps to continue training)", self.rank)
         return step
 
     def _apply_config_hyperparameters(self) -> None:

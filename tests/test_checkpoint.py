@@ -444,7 +444,7 @@ def bad_root(story, root):
 @pytest.mark.parametrize(
     "extra, match",
     [
-        (["--checkpoint.load_step=3"], r"step-3 does not exist"),
+        (["--checkpoint.load_step=3"], r"step-3 does not exist; complete checkpoints there: step-6"),
         (["--checkpoint.load_step=5"], r"step-5 does not exist; only incomplete temp dir"),
         (["--checkpoint.load_step=7"], r"step-7 is partial: it has no COMPLETE marker"),
         (["--checkpoint.load_step=8"], r"step-8 is not a recipe checkpoint"),
@@ -479,18 +479,21 @@ def test_bad_checkpoint_stops_before_training(bad_root, root, extra, match):
     assert (bad_root / "config.toml").read_text().startswith("# the config of the run")  # not overwritten
 
 
-def test_resume_takes_optimizer_settings_from_the_config(story, root, base):
-    """A resumed run with another peak lr / weight decay / betas uses them (and says so); the
-    schedule position comes from the checkpoint."""
+def test_resume_takes_optimizer_settings_from_the_config(story, root, base, capsys):
+    """A resumed run with another peak lr / weight decay / betas / length uses them (and says so);
+    the schedule position comes from the checkpoint."""
     from recipe.optim import lr_lambda
     from recipe.train import Trainer
 
     shutil.copytree(root / "x2" / "checkpoint" / "step-3", root / "lr" / "checkpoint" / "step-3")
     t = Trainer(make_cfg(base, root / "lr", "--lora.dropout=0", "--optimizer.lr=0.1",
-                         "--optimizer.weight_decay=0.05", "--optimizer.beta2=0.9"))
+                         "--optimizer.weight_decay=0.05", "--optimizer.beta2=0.9", "--training.steps=8"))
+    out = capsys.readouterr().out
+    assert "optimizer settings from the config, not the checkpoint: " in out and "lr 0.002 -> 0.1" in out, out
+    assert "the lr schedule follows the config from step 3: training.steps 6 -> 8" in out, out
     try:
         assert t.step == 3
-        expect = [0.1 * lr_lambda(s, warmup=2, total=STEPS, decay="cosine", min_ratio=0.0) for s in (3, 4)]
+        expect = [0.1 * lr_lambda(s, warmup=2, total=8, decay="cosine", min_ratio=0.0) for s in (3, 4)]
         for g in t.optimizer.param_groups:
             assert g["lr"] == pytest.approx(expect[0], rel=1e-12) and g["weight_decay"] == 0.05
             assert tuple(g["betas"]) == (0.9, 0.9)
@@ -500,6 +503,17 @@ def test_resume_takes_optimizer_settings_from_the_config(story, root, base):
         assert all(st["step"].item() == 4 for st in t.optimizer.state.values())
     finally:
         finish(t)
+    shutil.copytree(root / "x2" / "checkpoint" / "step-3", root / "short" / "checkpoint" / "step-3")
+    t = Trainer(make_cfg(base, root / "short", "--lora.dropout=0", "--training.steps=2"))
+    finish(t)
+    assert "step-3 is at or past training.steps = 2: nothing to train" in capsys.readouterr().out
+
+
+def test_checkpoint_folder_instead_of_a_step_names_the_steps(bad_root):
+    from recipe.checkpoint import read_checkpoint_meta
+
+    with pytest.raises(CheckpointLoadError, match=r"holds the checkpoints step-6.*give one of those step directories"):
+        read_checkpoint_meta(bad_root / "checkpoint")
 
 
 def test_auto_resume_skips_partial_and_temp(bad_root, root):
