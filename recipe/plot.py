@@ -173,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", help="run directories (job.dump_folder of each run)")
     ap.add_argument("--out", required=True, help="folder for the PNGs")
     args = ap.parse_args(argv)
-    for path in plot_runs(args.runs, args.out):
+    try:
+        paths = plot_runs(args.runs, args.out)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(f"error: {e.code}", file=sys.stderr)  # bad input: exit 2, like the other tools
+        return 2
+    for path in paths:
         print(path)
     return 0
 

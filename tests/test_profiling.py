@@ -163,6 +163,13 @@ def test_plot_rejects_empty_run_dir(tmp_path):
         plot_runs([tmp_path], tmp_path / "out")
 
 
+def test_plot_cli_bad_input_exits_2(tmp_path, capsys):
+    from recipe.plot import main
+
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "png")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------- MFU
 
 
