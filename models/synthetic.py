@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 MARKER_FILE = "synthetic_checkpoint.json"
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_LINEARS = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -332,8 +333,14 @@ def _check_out_dir(out: pathlib.Path, overwrite: bool) -> None:
             f"(no {MARKER_FILE}); choose an empty or new directory"
         )
     if not overwrite:
+        try:
+            unfinished = json.loads((out / MARKER_FILE).read_text()).get("status") != "complete"
+        except (OSError, ValueError):
+            unfinished = True
+        what = "an unfinished synthetic checkpoint (a write that was interrupted)" if unfinished else "a synthetic checkpoint"
         raise FileExistsError(
-            f"{out} already holds a synthetic checkpoint; pass overwrite=True (CLI: --force) to replace it"
+            f"{out} already holds {what}; to replace it, pass --force (python -m models.synthetic) or "
+            "overwrite=True (write_synthetic_checkpoint)"
         )
     for p in out.iterdir():  # remove only files this module writes; anything else is left alone
         if p.is_file() and _is_own_file(p.name):
@@ -374,6 +381,17 @@ def write_synthetic_checkpoint(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    # Every argument is checked before the first file is written: bad input leaves no half folder.
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but no CUDA device is visible; use --device cpu")
+    if quant_type != "none":
+        if blocksize not in _BLOCKSIZES:
+            raise ValueError(f"invalid blocksize {blocksize}: bitsandbytes 4-bit takes one of {list(_BLOCKSIZES)}")
+        bad = sorted({k for k in (shp.hidden_size, shp.intermediate_size, shp.num_attention_heads * shp.head_dim)
+                      if k % blocksize})
+        if bad:
+            raise ValueError(f"blocksize {blocksize} does not divide the input width(s) {bad} of this shape's "
+                             "projections (blocks must not straddle rows); pick a smaller blocksize")
     out = pathlib.Path(out_dir)
     _check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)

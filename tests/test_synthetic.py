@@ -349,3 +349,26 @@ def test_shape_from_hf_config_errors():
     s = shape_from_hf_config(plain)
     assert s.rope_scaling is None and s.rope_theta == 10000.0
     assert isinstance(s, LlamaShape)
+
+
+def test_bad_arguments_write_nothing(tmp_path, capsys):
+    """Every argument is checked before the first file: nothing is left behind to be mistaken for a
+    checkpoint later."""
+    with pytest.raises(ValueError, match=r"invalid blocksize 100: bitsandbytes 4-bit takes one of \[32, 64"):
+        write_synthetic_checkpoint(tmp_path / "a", "debug", blocksize=100)
+    with pytest.raises(ValueError, match=r"blocksize 4096 does not divide the input width"):
+        write_synthetic_checkpoint(tmp_path / "b", "debug", blocksize=4096)
+    if not torch.cuda.is_available():
+        assert main(["--out", str(tmp_path / "c"), "--device", "cuda"]) == 2
+        assert "no CUDA device is visible" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_unfinished_write_is_named_as_such(tmp_path):
+    from models.synthetic import MARKER_FILE
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / MARKER_FILE).write_text('{"generator": "models.synthetic", "status": "writing"}')
+    with pytest.raises(FileExistsError, match=r"an unfinished synthetic checkpoint .* pass --force"):
+        write_synthetic_checkpoint(d, "debug", quant_type="none", tokenizer=False)
