@@ -69,9 +69,14 @@ class Sample:
 
 def read_records(path: str) -> list[dict]:
     """Read JSONL (one JSON object per line), a JSON list (``.json``) or Parquet (``.parquet``)."""
+    if path and os.path.isdir(path):
+        raise DataError(f"data.path {path!r} is a directory; give one .jsonl, .json or .parquet file")
     if not path or not os.path.isfile(path):
         raise DataError(f"data file not found: {path!r}")
     ext = os.path.splitext(path)[1].lower()
+    if ext in (".csv", ".tsv", ".arrow", ".gz", ".zip"):
+        raise DataError(f"{path}: {ext} files are not read; data.path takes JSONL (one JSON object per "
+                        "line), a JSON list (.json) or Parquet (.parquet)")
     if ext == ".parquet":
         try:
             import pyarrow.parquet as pq

@@ -485,3 +485,11 @@ def test_build_data_from_file(tok, tmp_path, capsys):
         build_data(_cfg(path=p), tok, vocab_size=100, seed=0)
     with pytest.raises(DataError, match="tokenizer"):
         build_data(_cfg(path=p), None, vocab_size=vocab, seed=0)
+
+
+def test_read_records_says_what_it_reads(tmp_path):
+    with pytest.raises(DataError, match="is a directory; give one .jsonl, .json or .parquet file"):
+        read_records(str(tmp_path))
+    (tmp_path / "d.csv").write_text("text\nhello\n")
+    with pytest.raises(DataError, match=r"\.csv files are not read; data.path takes JSONL"):
+        read_records(str(tmp_path / "d.csv"))
