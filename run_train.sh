@@ -35,6 +35,8 @@ rc=0
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
   -m recipe.train --job.config_file "$CONFIG_FILE" "$@" || rc=$?
 if [[ $rc -ne 0 && -s "$RECIPE_EXIT_STATUS_FILE" ]]; then
-  rc=$(head -c 8 "$RECIPE_EXIT_STATUS_FILE")
+  rc=$(head -n 1 "$RECIPE_EXIT_STATUS_FILE")
+  # Repeat the cause below torchrun's failure report, where it is seen.
+  echo "run_train.sh: stopped on bad input: $(tail -n +2 "$RECIPE_EXIT_STATUS_FILE")" >&2
 fi
 exit "$rc"

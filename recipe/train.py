@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         status = os.environ.get("RECIPE_EXIT_STATUS_FILE")  # set by run_train.sh (torchrun hides exit codes)
         if status:
             with open(status, "w") as f:
-                f.write("2")
+                f.write(f"2\n{type(e).__name__}: {e}\n")
         destroy()
         return 2
     try:
