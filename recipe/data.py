@@ -28,6 +28,12 @@ IGNORE_INDEX = -100
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
+def _say(msg: str) -> None:
+    """Data summaries: printed by the first rank only (every rank builds the same data)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, flush=True)
+
+
 class DataError(ValueError):
     """A problem with the data, the tokenizer or the data-related configuration."""
 
@@ -403,7 +409,7 @@ def pack_or_pad(samples: list[Sample], seq_len: int, packing: bool, pad_id: int)
         )
     empty_rows = int((per_row == 0).sum())
     if empty_rows:
-        print(f"[data] note: {empty_rows} of {lab.shape[0]} rows have no target tokens")
+        _say(f"[data] note: {empty_rows} of {lab.shape[0]} rows have no target tokens")
     return {"input_ids": input_ids, "labels": lab, "attention_mask": attn, "position_ids": position_ids}
 
 
@@ -583,7 +589,7 @@ def build_data(cfg_data: Any, tokenizer_or_none, vocab_size: int, seed: int) -> 
         if n < 1:
             raise DataError("synthetic data needs [data] num_synthetic_samples >= 1")
         data = synthetic_dataset(vocab_size, seq_len, n, seed)
-        print(f"[data] synthetic: {n} rows x {seq_len} tokens, vocab {vocab_size}")
+        _say(f"[data] synthetic: {n} rows x {seq_len} tokens, vocab {vocab_size}")
         return data
     if tokenizer_or_none is None:
         raise DataError(f"[data] path = {path!r} needs a tokenizer, but none was loaded")
@@ -611,7 +617,7 @@ def build_data(cfg_data: Any, tokenizer_or_none, vocab_size: int, seed: int) -> 
         pad_id = tok.eos_token_id if tok.eos_token_id is not None else 0
     data = pack_or_pad(samples, seq_len, bool(cfg_data.packing), int(pad_id))
     n_tok = sum(len(s.input_ids) for s in samples)
-    print(
+    _say(
         f"[data] {path}: {len(records)} records, {n_tok} tokens, {data['input_ids'].shape[0]} rows "
         f"x {seq_len} ({'packed' if cfg_data.packing else 'padded'}), "
         f"{count_targets(data['labels'])} target tokens"
