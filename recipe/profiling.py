@@ -61,6 +61,20 @@ def _max(a: float | None, b: float | None) -> float | None:
     return max(a, b)
 
 
+def _ranges(steps) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    out, run = [], []
+    for s in sorted(steps or []):
+        if run and s == run[-1] + 1:
+            run.append(s)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [s]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out) or "none"
+
 class MemoryReport:
     """Per-phase memory of one rank; ``enabled=False`` makes every method a no-op (no hooks)."""
 
@@ -201,7 +215,7 @@ def format_memory_table(report: dict) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     fmt = lambda row: "  ".join(x.rjust(w) for x, w in zip(row, widths))
     title = (f"memory report ({report['units']}; {report['device_name']}; gpu = CUDA allocated, gpu_rsv = "
-             f"reserved, host = process RSS; max over steps {report['steps_measured']})")
+             f"reserved, host = process RSS; max over steps {_ranges(report['steps_measured'])})")
     lines = [title, fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     lines.append("host RSS now / peak per rank: " + ", ".join(
         f"rank {r['rank']}: {r['host_rss_current']:.3f} / {r['host_rss_peak']:.3f}" for r in report["ranks"]))
