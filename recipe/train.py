@@ -172,6 +172,9 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.params, cfg.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+        if 0 < cfg.training.steps <= cfg.lr_scheduler.warmup_steps:
+            log(f"note: lr_scheduler.warmup_steps = {cfg.lr_scheduler.warmup_steps} >= training.steps = "
+                f"{cfg.training.steps}: the lr never reaches optimizer.lr", self.dist.rank)
         fp16 = cfg.training.mixed_precision_param == "float16"
         self.scaler = LossScaler(fp16, cfg.training.loss_scale_init, cfg.training.loss_scale_growth_interval)
         self.step = 0  # optimizer steps completed
