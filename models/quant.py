@@ -164,8 +164,10 @@ def _detach(w, *a, **k):
 
 
 def _to_copy(w, dtype=None, device=None, non_blocking=False, **kwargs):
-    # ``dtype`` changes only what the weight dequantizes to: packed codes are never cast.
-    move = lambda t: t.to(device=device, non_blocking=non_blocking) if device is not None else t
+    # ``dtype`` changes only what the weight dequantizes to: packed codes are never cast. A copy is a
+    # copy also when only the dtype changes (the training loop never takes this path; FSDP's CPU
+    # offload moves shards across devices, which copies anyway).
+    move = lambda t: t.to(device=device, non_blocking=non_blocking, copy=True) if device is not None else t.clone()
     return w._with(move(w.packed), move(w.absmax), move(w.code), dtype=dtype)
 
 

@@ -430,6 +430,17 @@ def test_gathered_weight_takes_code_book_to_the_data_device():
     assert full1.code.device == buf.device
 
 
+def test_weight4bit_to_dtype_is_a_copy_that_dequantizes_the_same():
+    """``.to(dtype)`` changes only the dequantization dtype and, like any ``_to_copy``, shares no storage."""
+    w = Weight4bit.empty(4, 128, quant_type="nf4", blocksize=64, dtype=torch.float32, device="cpu")
+    w.packed.copy_(torch.randint(0, 256, w.packed.shape, dtype=torch.uint8))
+    w.absmax.copy_(torch.rand(w.absmax.shape) + 0.5)
+    h = w.to(torch.bfloat16)
+    assert isinstance(h, Weight4bit) and h.dtype == torch.bfloat16 and h.packed.dtype == torch.uint8
+    assert torch.equal(h.dequantize(torch.float32), w.dequantize(torch.float32))
+    assert h.packed.data_ptr() != w.packed.data_ptr() and h.absmax.data_ptr() != w.absmax.data_ptr()
+
+
 def test_buffers_live_on_the_compute_device_when_shards_do_not(debug_nf4_ckpt):
     from parallel.materialize import materialize
 
