@@ -589,12 +589,10 @@ class Checkpointer:
         self._last_saved_step = step
         log(f"checkpoint: resumed from {path} (step {step}, saved on {meta.get('world_size')} rank(s)) "
             f"in {time.perf_counter() - t0:.2f}s", self.rank)
-        saved = (meta.get("config") or {})
-        now = _jsonable(config_to_dict(self.cfg))
-        moved = [f"training.steps {saved.get('training', {}).get('steps')} -> {self.cfg.training.steps}"] if (
-            saved.get("training", {}).get("steps") not in (None, self.cfg.training.steps)) else []
-        moved += [f"lr_scheduler.{k} {v} -> {now['lr_scheduler'][k]}"
-                  for k, v in (saved.get("lr_scheduler") or {}).items() if now["lr_scheduler"].get(k) != v]
+        saved, now = meta.get("config") or {}, _jsonable(config_to_dict(self.cfg))
+        keys = [("training", "steps")] + [("lr_scheduler", k) for k in now["lr_scheduler"]]
+        moved = [f"{sec}.{k} {saved[sec][k]} -> {now[sec][k]}" for sec, k in keys
+                 if k in saved.get(sec, {}) and saved[sec][k] != now[sec][k]]
         if moved:
             log(f"checkpoint: the lr schedule follows the config from step {step}: {', '.join(moved)}", self.rank)
         if step >= self.cfg.training.steps:
@@ -605,7 +603,7 @@ class Checkpointer:
     def _apply_config_hyperparameters(self) -> None:
         """The optimizer state holds the hyperparameters it was saved with; the run's config wins
         (a user who resumes with another lr or weight decay means it), and each change is logged."""
-        t, o = self.trainer, self.cfg.optimizer
+        t, sched, o = self.trainer, self.trainer.scheduler, self.cfg.optimizer
         want = {"betas": (float(o.beta1), float(o.beta2)), "eps": float(o.eps), "weight_decay": float(o.weight_decay)}
         changed = []
         for g in t.optimizer.param_groups:
@@ -615,15 +613,14 @@ class Checkpointer:
                     changed.append(f"{k} {g[k]} -> {v}")
                     g[k] = v
             g["initial_lr"] = float(o.lr)
-        old = list(t.scheduler.base_lrs)
-        t.scheduler.base_lrs = [float(o.lr)] * len(old)
-        if old != t.scheduler.base_lrs:
+        old = list(sched.base_lrs)
+        sched.base_lrs = [float(o.lr)] * len(old)
+        if old != sched.base_lrs:
             changed.append(f"lr {old[0]} -> {o.lr}")
         # The current lr from the (restored) step and the (config's) schedule and peak lr.
-        sched = t.scheduler
         for g, fn, base in zip(t.optimizer.param_groups, sched.lr_lambdas, sched.base_lrs):
             g["lr"] = base * fn(sched.last_epoch)
-        t.scheduler._last_lr = [g["lr"] for g in t.optimizer.param_groups]
+        sched._last_lr = [g["lr"] for g in t.optimizer.param_groups]  # what get_last_lr() reports
         if changed:
             log(f"checkpoint: optimizer settings from the config, not the checkpoint: {', '.join(dict.fromkeys(changed))}",
                 self.rank)

@@ -13,6 +13,7 @@ next document's BOS from the previous document's EOS.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -23,6 +24,8 @@ from typing import Any, Iterable
 
 import torch
 
+from recipe.metrics import log
+
 IGNORE_INDEX = -100
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -30,8 +33,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 def _say(msg: str) -> None:
     """Data summaries: printed by the first rank only (every rank builds the same data)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, flush=True)
+    log(msg, int(os.environ.get("RANK", "0")))
 
 
 class DataError(ValueError):
@@ -545,16 +547,14 @@ class GlobalBatchLoader:
     def seq_len(self) -> int:
         return int(self.data["input_ids"].shape[1])
 
-    @property
+    @functools.cached_property
     def data_sha1(self) -> str:
         """Fingerprint of the token rows and labels: resuming on other data (same row count, other
         content, masking or packing) would silently train on a different sequence of batches."""
-        if getattr(self, "_sha1", None) is None:
-            h = hashlib.sha1()
-            for key in ("input_ids", "labels"):
-                h.update(self.data[key].contiguous().numpy())  # buffer protocol: no copy
-            self._sha1 = h.hexdigest()
-        return self._sha1
+        h = hashlib.sha1()
+        for key in ("input_ids", "labels"):
+            h.update(self.data[key].contiguous().numpy())  # buffer protocol: no copy
+        return h.hexdigest()
 
     _STATE_KEYS = ("seed", "num_rows", "global_batch_size", "seq_len", "data_sha1")
 

@@ -63,17 +63,14 @@ def _max(a: float | None, b: float | None) -> float | None:
 
 def _ranges(steps) -> str:
     """[1, 2, 3, 7] -> '1-3, 7'."""
-    out, run = [], []
+    runs: list[list[int]] = []
     for s in sorted(steps or []):
-        if run and s == run[-1] + 1:
-            run.append(s)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [s]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ", ".join(out) or "none"
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "none"
+
 
 class MemoryReport:
     """Per-phase memory of one rank; ``enabled=False`` makes every method a no-op (no hooks)."""

@@ -159,10 +159,10 @@ class Trainer:
 
         t0 = time.perf_counter()
         self.model = build_model(cfg, self.reader, self.dist)
+        self.load_time_s = time.perf_counter() - t0
         # Dropout draws from the global generator: seed it per rank, or every rank would draw the
         # same masks for its different samples. (LoRA initialisation has its own seeded generator.)
         torch.manual_seed(cfg.job.seed + self.dist.rank)
-        self.load_time_s = time.perf_counter() - t0
         self.load_peak_gib = peak_memory_gib(self.device)
         self.profiler = Profiler(cfg, self.dist.rank, self.dist.world_size, self.device, self.dump)
         self.profiler.after_load()
@@ -303,7 +303,6 @@ class Trainer:
             self.__dict__.pop(name, None)
         gc.collect()
         destroy()
-
 
     def write_summary(self, losses: list[float], warmup_steps: int = 3) -> dict:
         """Per-rank memory and speed, gathered to rank 0 into <dump>/summary.json (benchmarks read it)."""
