@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from models.checkpoint import CheckpointError, CheckpointReader, quantize_rows
+from models.hf_reader import CheckpointError, CheckpointReader, quantize_rows
 from models.lora import lora_init_tensor
 from models.quant import Weight4bit
 

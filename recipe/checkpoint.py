@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from recipe.config import config_to_dict
-from recipe.metrics import log
+from recipe.logging import log
 
 __all__ = [
     "Checkpointer",

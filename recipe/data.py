@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import torch
 
-from recipe.metrics import log
+from recipe.logging import log
 
 IGNORE_INDEX = -100
 

@@ -77,13 +77,13 @@ from typing import Iterable
 import torch
 
 from models.llama import LORA_TARGETS
+from recipe.logging import log
 
 __all__ = [
     "MetricsLogger",
     "peak_memory_gib",
     "reset_peak_memory",
     "host_rss_gib",
-    "log",
     "PEAK_FLOPS",
     "peak_flops",
     "model_flops_per_token",
@@ -94,11 +94,6 @@ JSONL_KEYS = (
     "step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_global", "step_time_s",
     "tflops", "mfu", "peak_mem_gib", "host_rss_gib", "skipped", "loss_scale",
 )
-
-
-def log(msg: str, rank: int = 0) -> None:
-    if rank == 0:
-        print(msg, flush=True)
 
 
 # Peak GiB seen before the last reset by ``reset_peak_memory``, per CUDA device index: phase

@@ -45,7 +45,8 @@ from typing import Any
 
 import torch
 
-from recipe.metrics import host_rss_gib, log, reset_peak_memory
+from recipe.logging import log
+from recipe.metrics import host_rss_gib, reset_peak_memory
 
 __all__ = ["Profiler", "MemoryReport", "PHASES", "format_memory_table"]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import CheckpointReader
+from models.hf_reader import CheckpointReader
 from models.llama import LORA_TARGETS, LlamaForCausalLM, ModelArgs
 from parallel.distributed import DistInfo, LayoutError, all_reduce_sum, destroy, init_distributed
 from parallel.materialize import materialize
@@ -32,7 +32,8 @@ from parallel.parallelize import DTYPES, parallelize
 from recipe.checkpoint import Checkpointer
 from recipe.config import ConfigError, JobConfig, dump_toml, load_config
 from recipe.data import GlobalBatchLoader, build_data, count_targets, load_tokenizer
-from recipe.metrics import MetricsLogger, host_rss_gib, log, model_flops_per_token, peak_flops, peak_memory_gib
+from recipe.logging import log
+from recipe.metrics import MetricsLogger, host_rss_gib, model_flops_per_token, peak_flops, peak_memory_gib
 from recipe.optim import LossScaler, build_lr_scheduler, build_optimizer
 from recipe.profiling import Profiler
 
@@ -338,7 +339,7 @@ class Trainer:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input (config, checkpoint, data, layout): reported without a traceback."""
-    from models.checkpoint import CheckpointError
+    from models.hf_reader import CheckpointError
     from parallel.distributed import LayoutError
     from recipe.checkpoint import CheckpointLoadError
     from recipe.config import ConfigError

@@ -68,7 +68,7 @@ def debug_tied_nf4_ckpt(tmp_path_factory) -> Path:
 
 def build_recipe_model(ckpt, *, quant_type=None, dtype=torch.float32, lora_rank=0, lora_alpha=16.0, lora_seed=0, **kw):
     """The recipe model built on meta and materialized from ``ckpt`` on CPU (no process group)."""
-    from models.checkpoint import CheckpointReader
+    from models.hf_reader import CheckpointReader
     from models.llama import LlamaForCausalLM, ModelArgs
     from parallel.materialize import materialize
 

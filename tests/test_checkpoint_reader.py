@@ -1,4 +1,4 @@
-"""models/checkpoint.py (CheckpointReader) and parallel/materialize.py against oracles:
+"""models/hf_reader.py (CheckpointReader) and parallel/materialize.py against oracles:
 
 * HF ``from_pretrained`` + bitsandbytes' ``dequantize_4bit`` (bit-exact dequantized weights);
 * full reads vs row-range reads, and the union of every rank's shard (world sizes 2 and 3);
@@ -20,7 +20,7 @@ import bitsandbytes.functional as bnbF
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.checkpoint import CheckpointError, CheckpointReader, quantize_rows
+from models.hf_reader import CheckpointError, CheckpointReader, quantize_rows
 from models.llama import LlamaForCausalLM, ModelArgs
 from models.quant import Weight4bit
 from models.synthetic import QUANT_LINEARS

@@ -23,7 +23,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 from safetensors import safe_open
 
-from models.checkpoint import CheckpointReader
+from models.hf_reader import CheckpointReader
 from models.llama import LORA_TARGETS, LlamaForCausalLM, ModelArgs, llama3_inv_freq
 from models.lora import QLoRALinear, init_lora_, lora_init_tensor
 from models.quant import Weight4bit
