@@ -5,6 +5,7 @@ requested rows, so every rank reads only its shard. Layout of a pre-quantized pr
 (see shared/REFERENCE.md section 3):
 
   P.weight                              uint8 (N*K/2, 1)  packed codes, row-major over (N, K)
+                                        or (N*K/2/E, 1) of an E-byte float/int (bnb_4bit_quant_storage)
   P.weight.absmax                       uint8 (N*K/B,) with double quant, else float32
   P.weight.nested_absmax                float32 (ceil(N*K/B/256),)   double quant only
   P.weight.nested_quant_map             float32 (256,)               double quant only
@@ -14,6 +15,14 @@ requested rows, so every rank reads only its shard. Layout of a pre-quantized pr
 Double-quantized block scales are expanded to float32 here, row range by row range, with the same
 arithmetic bitsandbytes uses (code[q] * nested_absmax[group], then + offset, in fp32), so the
 result is bit-identical to ``dequantize_blockwise`` and rows can be cut anywhere.
+
+``bnb_4bit_quant_storage=bfloat16`` (what the peft/accelerate FSDP-QLoRA guides save) stores the same
+packed bytes typed as bf16: they are reinterpreted as uint8, never cast (a cast canonicalizes the NaN
+bit patterns that about 0.1% of byte pairs form, bitsandbytes #1945). The tensor's dtype in the
+safetensors header is what decides the reinterpretation: config.json's ``bnb_4bit_quant_storage`` and the
+quant_state JSON (whose ``dtype`` is the dequantized dtype, not the storage) are not needed for it. Where
+config.json names another storage than the file holds, the bytes are still read right here (transformers
+would convert the tensor to the configured dtype value by value, i.e. corrupt it).
 """
 
 from __future__ import annotations
@@ -28,14 +37,32 @@ from safetensors import safe_open
 
 from models.shapes import LlamaShape, shape_from_hf_config
 
-__all__ = ["CheckpointError", "CheckpointReader", "Rows4bit"]
+__all__ = ["CheckpointError", "CheckpointReader", "Rows4bit", "missing_directory_error"]
 
 _QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+# The dtypes transformers' BitsAndBytesConfig accepts for bnb_4bit_quant_storage: safetensors name ->
+# (element size, the name config.json gives it).
+_STORAGE = {
+    "U8": (1, "uint8"),
+    "I8": (1, "int8"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "F32": (4, "float32"),
+    "F64": (8, "float64"),
+}
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read; the message names the file and key."""
+
+
+def missing_directory_error(path: Path) -> CheckpointError:
+    """The error for a checkpoint path that is no directory (shared with models/hub.py)."""
+    return CheckpointError(
+        f"checkpoint directory {path} does not exist; set [model] checkpoint to a HF "
+        "checkpoint directory, or [model] synthetic_shape to write a synthetic one there"
+    )
 
 
 @dataclass
@@ -51,10 +78,7 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise CheckpointError(
-                f"checkpoint directory {self.path} does not exist; set [model] checkpoint to a HF "
-                "checkpoint directory, or [model] synthetic_shape to write a synthetic one there"
-            )
+            raise missing_directory_error(self.path)
         cfg_file = self.path / "config.json"
         if not cfg_file.is_file():
             raise CheckpointError(f"{cfg_file} is missing: a HF checkpoint directory holds config.json")
@@ -88,15 +112,11 @@ class CheckpointReader:
         else:
             single = self.path / "model.safetensors"
             if not single.is_file():
-                raise CheckpointError(
-                    f"no model.safetensors.index.json or model.safetensors in {self.path}"
-                )
+                raise CheckpointError(f"no model.safetensors.index.json or model.safetensors in {self.path}")
             weight_map = {k: single.name for k in self._open(single.name).keys()}
         for fname in sorted(set(weight_map.values())):
             if not (self.path / fname).is_file():
-                raise CheckpointError(
-                    f"{self.path / fname} is listed in model.safetensors.index.json but missing"
-                )
+                raise CheckpointError(f"{self.path / fname} is listed in model.safetensors.index.json but missing")
         return weight_map
 
     def _open(self, fname: str):
@@ -134,7 +154,9 @@ class CheckpointReader:
                 f"cannot read {key!r} from {self.path / fname} (truncated or corrupt file?): {e}"
             ) from e
         if start is not None and end is not None and t.shape[0] != end - start:
-            raise CheckpointError(f"{self.path / fname}: {key!r} has fewer rows than requested ({t.shape[0]} < {end - start})")
+            raise CheckpointError(
+                f"{self.path / fname}: {key!r} has fewer rows than requested ({t.shape[0]} < {end - start})"
+            )
         return t
 
     # -- typed readers -----------------------------------------------------------------------------
@@ -161,23 +183,36 @@ class CheckpointReader:
 
     def dense_rows(self, key: str, expect_shape: tuple[int, ...], start: int, end: int, dtype) -> torch.Tensor:
         shape, sdtype = self.info(key)
-        if sdtype not in _FLOAT_DTYPES:
-            missing = [f"{key}.{s}" for s in ("absmax", "quant_map") if not self.has(f"{key}.{s}")]
-            hint = ""
-            if sdtype == "U8" and not missing:
-                hint = "; it is a packed 4-bit weight: build the model with quant_type nf4/fp4"
-            elif sdtype == "U8" and (self.prequantized or len(missing) < 2):
-                hint = f"; it looks like a packed 4-bit weight, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
-            raise CheckpointError(
-                f"{self.path / self.weight_map[key]}: {key!r} is {sdtype} {tuple(shape)}, "
-                f"not a floating-point tensor{hint}"
-            )
+        missing = [f"{key}.{s}" for s in ("absmax", "quant_map") if not self.has(f"{key}.{s}")]
+        # Block scales beside it make a tensor packed 4-bit codes whatever its dtype: with
+        # bnb_4bit_quant_storage=bfloat16 the codes are a BF16 (N*K/4, 1) tensor, which must not be
+        # reported as a dense weight of the wrong shape.
+        packed_like = len(missing) < 2 or (self.prequantized and self._packed_shape_ok(shape, sdtype, expect_shape))
+        if sdtype not in _FLOAT_DTYPES or packed_like:
+            storage = "" if sdtype == "U8" else f" (bnb_4bit_quant_storage {_STORAGE.get(sdtype, ('', sdtype))[1]})"
+            verb = "is" if len(missing) == 1 else "are"
+            looks = f"it looks like a packed 4-bit weight{storage}, but {' and '.join(missing)} {verb} missing"
+            if packed_like and not missing:
+                what = f"a packed 4-bit weight{storage}, not a dense one: build the model with quant_type nf4/fp4"
+            elif packed_like:
+                what = f"not a dense weight: {looks}"
+            else:
+                what = "not a floating-point tensor" + (f"; {looks}" if sdtype == "U8" and self.prequantized else "")
+            raise CheckpointError(f"{self.path / self.weight_map[key]}: {key!r} is {sdtype} {tuple(shape)}, {what}")
         if tuple(shape) != tuple(expect_shape):
             raise CheckpointError(
                 f"{self.path}: {key!r} has shape {tuple(shape)} but the model built from config.json "
                 f"expects {tuple(expect_shape)}"
             )
         return self.read(key, start, end).to(dtype)
+
+    @staticmethod
+    def _packed_shape_ok(shape, sdtype: str, dense_shape) -> bool:
+        """Whether a (M, 1) tensor of ``sdtype`` holds the packed codes of a 4-bit (N, K) weight."""
+        e = _STORAGE.get(sdtype, (None,))[0]
+        if e is None or len(dense_shape) != 2 or len(shape) != 2 or shape[1] != 1:
+            return False
+        return shape[0] * e * 2 == dense_shape[0] * dense_shape[1]
 
     def rows_4bit(self, prefix: str, n_rows: int, k: int, start: int, end: int) -> Rows4bit:
         """Packed codes and fp32 block scales of rows [start, end) of a pre-quantized weight."""
@@ -190,14 +225,7 @@ class CheckpointReader:
             )
         if k % bs:
             raise CheckpointError(f"{prefix}: in_features {k} is not a multiple of blocksize {bs}")
-        pshape, pdtype = self.info(f"{prefix}.weight")
-        if pdtype != "U8" or pshape[0] * (pshape[1] if len(pshape) > 1 else 1) != n_rows * k // 2:
-            raise CheckpointError(
-                f"{self.path}: {prefix}.weight is {pdtype} {pshape}; a packed 4-bit weight of "
-                f"{(n_rows, k)} is U8 ({n_rows * k // 2}, 1)"
-            )
-        half = k // 2
-        packed = self.read(f"{prefix}.weight", start * half, end * half).reshape(end - start, half)
+        packed = self._packed_rows(prefix, n_rows, k, start, end)
         bpr = k // bs  # blocks per row
         b0, b1 = start * bpr, end * bpr
         _, adtype = self.info(f"{prefix}.weight.absmax")
@@ -234,6 +262,40 @@ class CheckpointReader:
             quant_type=meta["quant_type"],
             blocksize=bs,
         )
+
+    def _packed_rows(self, prefix: str, n_rows: int, k: int, start: int, end: int) -> torch.Tensor:
+        """uint8 (end - start, K/2): the packed codes of rows [start, end), from any storage dtype."""
+        key = f"{prefix}.weight"
+        pshape, pdtype = self.info(key)
+        e, storage = _STORAGE.get(pdtype, (None, None))
+        half = k // 2  # bytes per row
+        layout = f"a packed 4-bit weight of {(n_rows, k)} is U8 ({n_rows * half}, 1)"
+        if e is not None and e > 1:
+            layout += f", or {pdtype} ({n_rows * half / e:g}, 1) with bnb_4bit_quant_storage {storage}"
+        elif e is None:
+            names = "/".join(name for _, name in _STORAGE.values())
+            layout += f", or (N*K/2/E, 1) of an E-byte bnb_4bit_quant_storage dtype ({names})"
+        if e is None or len(pshape) not in (1, 2) or (len(pshape) == 2 and pshape[1] != 1):
+            raise CheckpointError(f"{self.path}: {key} is {pdtype} {pshape}; {layout}")
+        if pshape[0] * e != n_rows * half:
+            cast = ""
+            if e > 1 and pshape[0] == n_rows * half:
+                # One element per byte: the uint8 codes were converted to floats value by value
+                # (e.g. a model.to(dtype) before saving), not stored as bytes; they cannot be recovered.
+                cast = (
+                    f"; it holds one {pdtype} per packed byte: the uint8 codes were cast to {pdtype} "
+                    "(values, not bytes) before saving, which this reader cannot undo"
+                )
+            raise CheckpointError(f"{self.path}: {key} is {pdtype} {pshape}; {layout}{cast}")
+        if half % e:
+            raise CheckpointError(
+                f"{self.path}: {key} is stored as {pdtype} ({e} bytes per element), but a row of {k} codes is "
+                f"{half} bytes, not a whole number of elements: its rows cannot be read separately"
+            )
+        per_row = half // e
+        t = self.read(key, start * per_row, end * per_row)
+        # Reinterpret, never cast: converting float storage would canonicalize NaN bit patterns.
+        return t.contiguous().view(torch.uint8).reshape(end - start, half)
 
     def quant_scheme(self, quantize_dense_as: str = "none") -> tuple[str, int] | None:
         """(quant_type, blocksize) of the pre-quantized projections. A dense checkpoint gives None,

@@ -12,8 +12,6 @@ Shape of the module tree, chosen for the parallel code that wraps it:
       norm           RMSNorm
       rotary_emb     RotaryEmbedding (a non-persistent buffer; recomputed after materialization)
     lm_head          nn.Linear (frozen, or the embedding matrix when tied)
-A pipeline stage can drop ``embed_tokens`` / ``norm`` / ``lm_head`` by setting them to None; the
-forward skips missing pieces.
 
 ``forward`` follows HF's calling convention so that HF ``Trainer`` can drive it: ``input_ids``,
 ``attention_mask``, ``labels`` (aligned with input_ids; the model shifts them), ``position_ids``;
@@ -53,8 +51,6 @@ class ModelArgs:
     quant_blocksize: int = 64
     # Dtype the frozen weights are stored/dequantized in (the compute dtype).
     dtype: torch.dtype = torch.bfloat16
-    # 4-bit rows are padded to a multiple of this (the data-parallel world size), see models/quant.py.
-    row_multiple: int = 1
     # Tokens per cross-entropy chunk (0: about 64 Mi logits per chunk, ~0.25 GiB in fp32): the
     # full-vocabulary logits of a whole batch (2 x 2048 x 128256 fp32 = 2 GiB for Llama 3) never exist.
     loss_chunk_tokens: int = 0
@@ -202,7 +198,6 @@ def _make_linear(args: ModelArgs, name: str, in_features: int, out_features: int
             blocksize=args.quant_blocksize,
             dtype=args.dtype,
             device=torch.get_default_device(),
-            row_multiple=args.row_multiple,
         )
     rank = args.lora_rank if name in args.lora_targets else 0
     return QLoRALinear(
@@ -223,8 +218,6 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None and self.embed_tokens is None:
-            raise ValueError("this model part has no embedding table: pass inputs_embeds (hidden states)")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = h.shape[:2]
         documents = None
@@ -238,7 +231,7 @@ class LlamaModel(nn.Module):
         mask = _attention_mask(attention_mask, documents, t, h.device)
         for layer in self.layers:
             h = layer(h, cos, sin, mask)
-        return self.norm(h) if self.norm is not None else h
+        return self.norm(h)
 
 
 def _attention_mask(attention_mask, documents, t, device):
@@ -282,8 +275,6 @@ class LlamaForCausalLM(nn.Module):
         **kwargs,
     ) -> CausalLMOutput:
         h = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
-        if self.lm_head is None:  # a pipeline stage before the last
-            return CausalLMOutput(logits=h)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h).float())
         chunk = self.args.loss_chunk_tokens or max(256, 2**26 // self.args.shape.vocab_size)

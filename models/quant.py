@@ -13,9 +13,9 @@ Layout (one row of the original (N, K) weight per row of each inner tensor):
                                   that rows can be split anywhere (nested groups span rows)
   code    float32 (16,)           the nf4/fp4 code book, replicated
 
-R >= N: the row count is padded up to a multiple of the data-parallel world size with zero rows so
-that FSDP always shards evenly (its uneven-shard path needs inner tensors of the outer shape, which a
-packed layout cannot have). ``dequantize`` drops the padding rows.
+R >= N: the parallel code may pad the row count with zero rows so that FSDP always shards evenly
+(``parallel.sharding.pad_4bit_rows``; its uneven-shard path needs inner tensors of the outer shape,
+which a packed layout cannot have). ``dequantize`` drops the padding rows.
 """
 
 from __future__ import annotations
@@ -32,11 +32,7 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 
 aten = torch.ops.aten
 
-__all__ = ["Weight4bit", "linear_4bit", "padded_rows"]
-
-
-def padded_rows(n_rows: int, multiple: int) -> int:
-    return -(-n_rows // multiple) * multiple
+__all__ = ["Weight4bit", "linear_4bit"]
 
 
 class Weight4bit(torch.Tensor):
@@ -74,8 +70,9 @@ class Weight4bit(torch.Tensor):
         )
 
     @classmethod
-    def empty(cls, n_rows, in_features, *, quant_type, blocksize, dtype, device, row_multiple=1):
-        rows = padded_rows(n_rows, row_multiple)
+    def empty(cls, n_rows, in_features, *, quant_type, blocksize, dtype, device, rows=None):
+        """Uninitialised; ``rows`` >= ``n_rows`` adds zero padding rows (see the module docstring)."""
+        rows = n_rows if rows is None else rows
         if in_features % blocksize:
             raise ValueError(
                 f"in_features={in_features} is not a multiple of the 4-bit blocksize {blocksize}: "

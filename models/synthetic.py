@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -77,6 +78,29 @@ _OWN_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
+
+
+class _NoKernelsPackageWarning(logging.Filter):
+    """Drops bitsandbytes' import-time warning that the optional ``kernels`` package is not installed.
+
+    On AVX512-BF16 CPUs bitsandbytes 0.50 tries ``from kernels import get_kernel`` for a CPU gemm that
+    writing a checkpoint never uses, and logs a warning when the package is absent: noise after every
+    successful write. Only that cause is dropped: a ``kernels`` package that is installed but fails
+    to load still warns.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Failed to load CPU gemm_4bit_forward") and "No module named 'kernels'" in msg)
+
+
+def _quiet_missing_kernels_warning() -> None:
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the logger bitsandbytes creates at import
+    if not any(type(f).__name__ == _NoKernelsPackageWarning.__name__ for f in logger.filters):
+        logger.addFilter(_NoKernelsPackageWarning())
+
+
+_quiet_missing_kernels_warning()
 
 
 def _is_own_file(name: str) -> bool:

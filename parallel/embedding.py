@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.materialize import shard_rows
+from parallel.sharding import shard_rows
 
 __all__ = ["VocabShardedEmbedding"]
 

@@ -1,10 +1,10 @@
 """Turn a model built on the meta device (and possibly already sharded by FSDP2) into real tensors.
 
 Each parameter becomes exactly this rank's rows, read straight from the checkpoint files into the
-shard: no rank ever holds the full state dict. Rows per rank follow FSDP2's ``torch.chunk`` rule
-(rank r owns rows [r*c, (r+1)*c) with c = ceil(rows / world)), which is what FSDP expects to find
-in ``DTensor._local_tensor``. 4-bit weights are padded to a multiple of the world size on the meta
-model already (see models/quant.py), so their chunks are always even.
+shard: no rank ever holds the full state dict. Rows per rank are ``parallel.sharding.shard_rows``
+(FSDP2's ``torch.chunk`` rule), which is what FSDP expects to find in ``DTensor._local_tensor``.
+4-bit weights were padded to a multiple of the shard degree by ``parallelize`` already, so their
+chunks are always even.
 
 Frozen dense weights (embeddings, norms, lm_head) are cast to the model's compute dtype; LoRA
 parameters are fp32 master weights initialised from (seed, name), identical on any world size.
@@ -19,14 +19,9 @@ from torch.distributed.tensor import DTensor, Shard
 from models.hf_reader import CheckpointError, CheckpointReader, quantize_rows
 from models.lora import lora_init_tensor
 from models.quant import Weight4bit
+from parallel.sharding import shard_rows
 
 __all__ = ["materialize", "shard_rows"]
-
-
-def shard_rows(n_rows: int, rank: int, world: int) -> tuple[int, int]:
-    chunk = -(-n_rows // world)
-    start = min(rank * chunk, n_rows)
-    return start, min(start + chunk, n_rows)
 
 
 def _rank_world(param: torch.Tensor) -> tuple[int, int]:
@@ -100,13 +95,13 @@ def _load_local(name, local_meta, global_shape, rank, world, reader, device, lor
 
 def _load_4bit(name, local_meta: Weight4bit, global_shape, rank, world, reader, device, quant_device):
     prefix = name.removesuffix(".weight")
-    padded_rows, k = global_shape
+    padded, k = global_shape
     n_rows = local_meta.n_rows
-    if padded_rows % world:
-        raise AssertionError(f"{name}: 4-bit rows {padded_rows} not padded to a multiple of {world}")
-    chunk = padded_rows // world
-    start = rank * chunk
-    real_end = min(start + chunk, n_rows)
+    if padded % world:
+        raise AssertionError(f"{name}: 4-bit rows {padded} not padded to a multiple of {world}")
+    start, end = shard_rows(padded, rank, world)
+    chunk = end - start
+    real_end = min(end, n_rows)
     local = Weight4bit(
         torch.zeros(chunk, k // 2, dtype=torch.uint8, device=device),
         torch.zeros(chunk, k // local_meta.blocksize, dtype=torch.float32, device=device),

@@ -2,7 +2,8 @@
 
 The order is torchtitan's and it matters:
   0. optionally, the frozen embedding table becomes a vocabulary-sharded lookup (parallel/embedding.py)
-     that FSDP does not manage;
+     that FSDP does not manage; 4-bit weights get zero rows up to a multiple of the shard degree
+     (parallel/sharding.py), so that their packed shards are even;
   1. activation checkpointing wraps each block's forward, so FSDP's hooks (added later, around the
      module call) stay outside the recomputed region and re-gather the block before its recompute;
   2. torch.compile compiles each block in place (names unchanged, so checkpoint keys still match);
@@ -23,11 +24,11 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from models.dtypes import DTYPES
 from parallel.embedding import VocabShardedEmbedding
+from parallel.sharding import pad_4bit_rows
 
-__all__ = ["parallelize", "apply_activation_checkpointing", "DTYPES"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+__all__ = ["parallelize", "apply_activation_checkpointing"]
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> int:
@@ -54,34 +55,32 @@ def _checkpointed_forward(inner, *args, **kwargs):
     return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
 
-def parallelize(
-    model: nn.Module,
-    mesh,
-    *,
-    param_dtype: torch.dtype,
-    reduce_dtype: torch.dtype,
-    reshard_after_forward: bool = True,
-    cpu_offload: bool = False,
-    pin_memory: bool = False,
-    ac_mode: str = "none",
-    ac_every: int = 1,
-    compile: bool = False,
-    vocab_parallel_embedding: bool = False,
-) -> nn.Module:
+def parallelize(model: nn.Module, mesh, parallelism, activation_checkpoint, training, *, pin_memory: bool) -> nn.Module:
+    """Apply the recipe's parallelism to the meta ``model`` in place, and return it.
+
+    ``parallelism``, ``activation_checkpoint`` and ``training`` are those config sections (any objects
+    with their fields: ``reshard_after_forward``, ``cpu_offload``, ``vocab_parallel_embedding``;
+    ``mode``, ``selective_every``; ``mixed_precision_param``, ``mixed_precision_reduce``, ``compile``).
+    ``pin_memory``: pin offloaded shards (only where CUDA exists).
+    """
+    param_dtype = DTYPES[training.mixed_precision_param]
+    reduce_dtype = DTYPES[training.mixed_precision_reduce]
+    reshard_after_forward = parallelism.reshard_after_forward
     tied = model.args.shape.tie_word_embeddings
-    sharded_embedding = vocab_parallel_embedding and mesh.size() > 1 and not tied
+    sharded_embedding = parallelism.vocab_parallel_embedding and mesh.size() > 1 and not tied
     if sharded_embedding:
         emb = model.model.embed_tokens
         model.model.embed_tokens = VocabShardedEmbedding(
             emb.num_embeddings, emb.embedding_dim, dtype=emb.weight.dtype, rank=mesh.get_local_rank(),
             world=mesh.size(), group=mesh.get_group(), key="model.embed_tokens.weight",
         )
-    apply_activation_checkpointing(model, ac_mode, ac_every)
-    if compile:
+    pad_4bit_rows(model, mesh.size())
+    apply_activation_checkpointing(model, activation_checkpoint.mode, activation_checkpoint.selective_every)
+    if training.compile:
         for block in model.model.layers:
             block.compile(fullgraph=False)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    offload = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=pin_memory) if parallelism.cpu_offload else OffloadPolicy()
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
     for block in model.model.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)

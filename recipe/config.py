@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.dtypes import COMPUTE_DTYPES, DTYPES
+from models.llama import LORA_TARGETS
 from models.shapes import SHAPES
 
 try:  # Python 3.11+
@@ -40,9 +42,6 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata=meta)
 
 
-_DTYPES = ("bfloat16", "float16", "float32")
-
-
 @dataclass
 class Job:
     config_file: str = _f("", "Path of the TOML file that was loaded (set by the loader).")
@@ -56,8 +55,10 @@ class Job:
 class Model:
     checkpoint: str = _f(
         "",
-        "Directory of a HF Llama 3.x checkpoint: pre-quantized bitsandbytes 4-bit (nf4/fp4) "
-        "or plain bf16/fp16 safetensors.",
+        "Directory of a HF Llama 3.x checkpoint: pre-quantized bitsandbytes 4-bit (nf4/fp4, any "
+        "bnb_4bit_quant_storage) or plain bf16/fp16 safetensors; or a hub repo id owner/name[@revision] "
+        "(e.g. unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit), downloaded once into the hub cache and used "
+        "offline from there.",
     )
     synthetic_shape: str = _f(
         "",
@@ -78,8 +79,8 @@ class Lora:
     alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = _f(0.0, "Dropout on the LoRA input path, in [0, 1).")
     target_modules: list[str] = _f(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "Linear module names (last path component) that receive LoRA adapters.",
+        list(LORA_TARGETS),
+        f"Linear module names (last path component) that receive LoRA adapters; any of {', '.join(LORA_TARGETS)}.",
     )
 
 
@@ -112,18 +113,24 @@ class Training:
         "(no gradient accumulation). Must be a multiple of micro_batch_size * dp ranks.",
     )
     max_norm: float = _f(1.0, "Gradient clipping max norm (<= 0 disables).")
-    mixed_precision_param: str = _f("bfloat16", "Compute dtype for parameters.", _DTYPES)
+    mixed_precision_param: str = _f("bfloat16", "Compute dtype for parameters.", COMPUTE_DTYPES)
     mixed_precision_reduce: str = _f(
         "float32",
         "Dtype of gradient reduction. 'float64': micro-batch gradients are accumulated unsharded in fp64 "
         "and reduced once per step; the sum is exact, so every world size and accumulation split gives "
         "bit-identical gradients (costs 8 bytes per LoRA parameter while accumulating).",
-        _DTYPES + ("float64",),
+        tuple(DTYPES),
     )
     device: str = _f("auto", "Device type; 'auto' picks cuda when available.", ("auto", "cpu", "cuda"))
     compile: bool = _f(False, "torch.compile each transformer block.")
     loss_scale_init: float = _f(65536.0, "Initial loss scale (float16 only).")
     loss_scale_growth_interval: int = _f(2000, "Steps without overflow before the loss scale grows (float16 only).")
+    max_nonfinite_steps: int = _f(
+        3,
+        "bfloat16/float32: an optimizer step whose loss or gradient norm is NaN/inf is skipped (logged with the "
+        "step and the ranks that saw it); this many in a row stop the run. 0 turns the check off (it reads one "
+        "flag on the host per step). float16 steps are guarded by the loss scaler instead.",
+    )
 
 
 @dataclass
@@ -359,9 +366,9 @@ _RANGES: list[tuple[str, str, typing.Callable[[Any], bool], str]] = [
     ("lora", "rank", lambda v: v > 0, "> 0"),
     ("lora", "alpha", lambda v: v > 0, "> 0"),
     ("lora", "dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    # Without any target there is nothing to train; unknown names are rejected at setup time.
+    # Without any target there is nothing to train.
     ("lora", "target_modules", lambda v: len(v) > 0,
-     "non-empty: at least one of the seven projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"),
+     f"non-empty: at least one of the seven projections ({', '.join(LORA_TARGETS)})"),
     ("data", "seq_len", lambda v: v > 0, "> 0"),
     ("training", "steps", lambda v: v >= 0, ">= 0"),
     ("training", "micro_batch_size", lambda v: v > 0, "> 0"),
@@ -369,6 +376,7 @@ _RANGES: list[tuple[str, str, typing.Callable[[Any], bool], str]] = [
     ("training", "loss_scale_init", lambda v: 0 < v < math.inf, "> 0 and finite"),
     # 0 would divide by zero in LossScaler.update.
     ("training", "loss_scale_growth_interval", lambda v: v >= 1, ">= 1"),
+    ("training", "max_nonfinite_steps", lambda v: v >= 0, ">= 0"),
     # Case-insensitive like recipe.optim.build_optimizer, so it is not a choices field.
     ("optimizer", "name", lambda v: v.lower() == "adamw", "'AdamW' (the only supported optimizer)"),
     ("optimizer", "lr", lambda v: 0 < v < math.inf, "> 0 and finite"),
@@ -410,6 +418,9 @@ def validate(cfg: JobConfig) -> None:
             if isinstance(default, list):  # in the comma-separated form the CLI takes
                 default = ",".join(str(x) for x in default)
             raise ConfigError(f"{sec}.{key} must be {req}, got {val!r}. Set e.g. --{sec}.{key}={default}.")
+    unknown = sorted(set(cfg.lora.target_modules) - set(LORA_TARGETS))
+    if unknown:
+        raise ConfigError(f"lora.target_modules: unknown module(s) {unknown}; valid: {list(LORA_TARGETS)}")
 
 
 # ---------------------------------------------------------------------------

@@ -23,13 +23,17 @@ import os
 import shutil
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
 
+from models.dtypes import DTYPES
+from recipe.checkpoint.layout import CheckpointLoadError, read_checkpoint_meta
+
 __all__ = ["adapter_config", "peft_key", "write_adapter", "export_model_adapter", "export_checkpoint", "main"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_EXPORT_DTYPES = ("bfloat16", "float32")
 
 
 def peft_key(fqn: str) -> str:
@@ -147,19 +151,14 @@ def read_checkpoint_lora(ckpt_dir) -> tuple[dict, dict[str, torch.Tensor]]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    from recipe.checkpoint import read_checkpoint_meta
 
     meta = read_checkpoint_meta(ckpt_dir)
     reader = FileSystemReader(str(ckpt_dir))
     md = reader.read_metadata().state_dict_metadata
     keys = [k for k in md if k.startswith("model.") and (".lora_A." in k or ".lora_B." in k)]
     if not keys:
-        from recipe.checkpoint import CheckpointLoadError
-
         raise CheckpointLoadError(f"checkpoint {ckpt_dir} holds no LoRA tensors")
     sd = {k: torch.empty(tuple(md[k].size), dtype=md[k].properties.dtype) for k in keys}
-    import warnings
-
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(sd, storage_reader=reader, no_dist=True)
@@ -178,13 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m recipe.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="a complete checkpoint directory (.../step-N)")
     ap.add_argument("--out", required=True, help="output directory of the PEFT adapter")
-    ap.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the saved tensors")
+    ap.add_argument("--dtype", choices=_EXPORT_DTYPES, default="float32", help="dtype of the saved tensors")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     args = ap.parse_args(argv)
-    from recipe.checkpoint import CheckpointLoadError
-
     try:
-        out = export_checkpoint(args.checkpoint, args.out, _DTYPES[args.dtype], overwrite=args.overwrite)
+        out = export_checkpoint(args.checkpoint, args.out, DTYPES[args.dtype], overwrite=args.overwrite)
     except (CheckpointLoadError, FileExistsError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -81,6 +81,7 @@ from recipe.logging import log
 
 __all__ = [
     "MetricsLogger",
+    "StepClock",
     "peak_memory_gib",
     "reset_peak_memory",
     "host_rss_gib",
@@ -224,6 +225,40 @@ def model_flops_per_token(
 
 
 # ---------------------------------------------------------------------------
+# Step timing
+
+
+class StepClock:
+    """Wall time of each step without a host-device synchronisation per step.
+
+    On CUDA every step is bracketed by two events on the current stream; ``seconds`` synchronises
+    once (on the newest event) and reads all the pending intervals. A step's interval starts when
+    the device reaches its first kernel (or at once, if the device was idle waiting for the host),
+    so it is the step's real wall time, host stalls included. On CPU the work is synchronous and
+    ``time.perf_counter`` is exact.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds(self, intervals: list[tuple]) -> list[float]:
+        """[(start mark, end mark), ...] -> seconds per interval (one synchronisation in all)."""
+        if not intervals:
+            return []
+        if self.cuda:
+            intervals[-1][1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in intervals]
+        return [b - a for a, b in intervals]
+
+
+# ---------------------------------------------------------------------------
 # Logger
 
 def _open_tensorboard(folder: Path):
@@ -279,8 +314,13 @@ class MetricsLogger:
     def begin(self, start_step: int) -> None:
         """Called once the run knows where it starts. A run from step 0 into a folder that holds an
         earlier run's metrics moves that file aside (kept, renamed) instead of appending to it, so a
-        plot never stitches two runs together; a resumed run appends (re-done steps: last one wins)."""
-        if self.file is None or start_step != 0 or self.file.tell() == 0:
+        plot never stitches two runs together. A run resumed after step N keeps the rows of steps
+        <= N (one per step) and drops the rows the interrupted run logged after its last checkpoint,
+        which this run logs again, plus a torn last line: every reader sees each step once."""
+        if self.file is None or self.file.tell() == 0:
+            return
+        if start_step > 0:
+            self._drop_after(start_step)
             return
         path = Path(self.file.name)
         self.file.close()
@@ -289,6 +329,59 @@ class MetricsLogger:
             n += 1  # never replace an earlier one
         path.rename(aside)
         log(f"metrics: {path} held an earlier run's steps; moved to {aside.name}", self.rank)
+        self.file = open(path, "a")
+
+    def _drop_after(self, start_step: int) -> None:
+        path = Path(self.file.name)
+        self.file.close()
+        data = path.read_bytes()
+        rows: dict[int, bytes] = {}  # step -> its last row: a step re-done by an earlier resume
+        later: list[int] = []
+        bad = dups = 0
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                step = row["step"]
+                if not isinstance(step, int):
+                    raise TypeError(step)
+            except (ValueError, TypeError, KeyError):  # a torn line (killed mid-write) or junk
+                bad += 1
+                continue
+            if step > start_step:
+                later.append(step)
+            else:
+                dups += step in rows
+                rows[step] = line
+        if later or bad or dups or not data.endswith(b"\n"):
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            try:
+                # A new file swapped in whole: a kill during the rewrite leaves the old one intact.
+                with open(tmp, "wb") as fh:
+                    fh.write(b"".join(rows[k] + b"\n" for k in sorted(rows)))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except OSError as e:  # the metrics must not stop the run
+                tmp.unlink(missing_ok=True)
+                log(f"metrics: could not rewrite {path} ({e}); appending to it as it is", self.rank)
+            else:
+                what = []
+                if later:
+                    what.append(
+                        f"{len(later)} row(s) of steps {min(later)}-{max(later)} that the interrupted "
+                        "run logged after its last checkpoint"
+                    )
+                if dups:
+                    what.append(f"{dups} repeated row(s)")
+                if bad:
+                    what.append(f"{bad} malformed or partial line(s)")
+                if what:
+                    log(
+                        f"metrics: resuming after step {start_step}: dropped {' and '.join(what)} from {path.name}",
+                        self.rank,
+                    )
         self.file = open(path, "a")
 
     def _derived(self, record: dict) -> dict:

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from parallel.distributed import all_reduce_sum
 from recipe.config import ConfigError
 
-__all__ = ["build_optimizer", "build_lr_scheduler", "LossScaler", "lr_lambda"]
+__all__ = ["build_optimizer", "build_lr_scheduler", "apply_hyperparameters", "LossScaler", "lr_lambda"]
 
 
 def build_optimizer(params, cfg_opt) -> torch.optim.Optimizer:
@@ -58,6 +58,35 @@ def build_lr_scheduler(optimizer, cfg_sched, total_steps: int):
         min_ratio=cfg_sched.min_lr_ratio,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg_opt) -> list[str]:
+    """Set the ``[optimizer]`` section's lr, betas, eps and weight decay on a restored optimizer and
+    schedule; returns what changed ("lr 0.002 -> 0.1", ...).
+
+    A checkpoint's optimizer state carries the hyperparameters it was saved with; a user who resumes
+    with another lr or weight decay means the config's. The current lr is recomputed from the
+    restored step and the config's peak lr through the schedule's own lambdas.
+    """
+    want = {"betas": (float(cfg_opt.beta1), float(cfg_opt.beta2)), "eps": float(cfg_opt.eps),
+            "weight_decay": float(cfg_opt.weight_decay)}
+    changed = []
+    for g in optimizer.param_groups:
+        for k, v in want.items():
+            cur = tuple(g[k]) if k == "betas" else g[k]
+            if cur != v:
+                changed.append(f"{k} {g[k]} -> {v}")
+                g[k] = v
+        g["initial_lr"] = float(cfg_opt.lr)
+    old = list(scheduler.base_lrs)
+    scheduler.base_lrs = [float(cfg_opt.lr)] * len(old)
+    if old != scheduler.base_lrs:
+        changed.append(f"lr {old[0]} -> {cfg_opt.lr}")
+    for g, fn, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        g["lr"] = base * fn(scheduler.last_epoch)
+    # LambdaLR has no public setter for what get_last_lr() reports.
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return list(dict.fromkeys(changed))
 
 
 class LossScaler:

@@ -221,7 +221,7 @@ def format_memory_table(report: dict) -> str:
 
 
 class Profiler:
-    """Memory snapshots + torch profiler + memory report, steered by ``cfg.profiling``.
+    """Memory snapshots + torch profiler + memory report, steered by the ``[profiling]`` section.
 
     Trainer calls, in order: ``after_load()`` once the model is loaded, ``start(model, optimizer)``
     before the first step, then per step ``step_start(n)`` / ``with oom_guard(n): train_step()`` /
@@ -229,10 +229,12 @@ class Profiler:
     ``close()`` at exit (also after an error).
     """
 
-    def __init__(self, cfg, rank: int, world_size: int, device: torch.device, dump: Path):
-        p = cfg.profiling
+    def __init__(self, p, total_steps: int, rank: int, world_size: int, device: torch.device, folder: Path,
+                 report_path: Path | None):
+        """``p``: the ``[profiling]`` section; ``folder``: where snapshots and traces go;
+        ``report_path``: where the memory report's JSON goes."""
         self.rank, self.device = rank, torch.device(device)
-        self.folder = Path(dump) / p.save_folder
+        self.folder = Path(folder)
         cuda = self.device.type == "cuda"
         self.snapshot = p.enable_memory_snapshot and cuda
         if p.enable_memory_snapshot and not cuda:
@@ -242,21 +244,18 @@ class Profiler:
         self.max_entries = p.memory_snapshot_max_entries
         self.profile_steps = set(p.profile_steps) if p.enable_profiling else set()
         for name, steps in (("memory_snapshot_steps", self.snapshot_steps), ("profile_steps", self.profile_steps)):
-            late = sorted(s for s in steps if not 1 <= s <= cfg.training.steps)
+            late = sorted(s for s in steps if not 1 <= s <= total_steps)
             if late:
-                log(f"profiling.{name}: step(s) {late} outside 1..{cfg.training.steps} (training.steps) never run", rank)
+                log(f"profiling.{name}: step(s) {late} outside 1..{total_steps} (training.steps) never run", rank)
         # The snapshot window runs from its first to its last step and is dumped at the end: a last
         # step that never runs must not take the whole window with it, so the window ends with the run.
-        inside = [s for s in self.snapshot_steps if s <= cfg.training.steps]
+        inside = [s for s in self.snapshot_steps if s <= total_steps]
         if inside and inside[-1] < self.snapshot_steps[-1]:
             log(f"profiling.memory_snapshot_steps: the snapshot of steps {inside[0]}-{self.snapshot_steps[-1]} "
-                f"is dumped at step {cfg.training.steps}, the last one", rank)
-            inside.append(cfg.training.steps)
+                f"is dumped at step {total_steps}, the last one", rank)
+            inside.append(total_steps)
         self.snapshot_steps = inside
-        self.memory = MemoryReport(
-            p.memory_report, self.device, rank, world_size,
-            Path(dump) / cfg.metrics.save_folder / "memory_report.json",
-        )
+        self.memory = MemoryReport(p.memory_report, self.device, rank, world_size, report_path)
         self.recording = False
         self._prof = None
         self.written: list[Path] = []

@@ -1,8 +1,12 @@
 """QLoRA training entry point: ``python -m recipe.train --job.config_file FILE [--section.key=value ...]``.
 
 Reads top to bottom in the order data flows:
-  config -> process group -> checkpoint reader -> model on meta -> parallelize (AC, compile, FSDP2)
-  -> materialize this rank's shards -> data -> optimizer -> [resume] -> train loop -> save / export.
+  config -> process group -> base checkpoint -> data -> model on meta -> parallelize (AC, compile,
+  FSDP2) -> materialize this rank's shards (``recipe.builder``) -> optimizer -> [resume] -> train loop
+  -> save / export.
+
+Every component is built here from its own config section and the runtime objects it needs; none
+of them sees the Trainer.
 
 Loss normalisation: every optimizer step divides the summed token losses of all micro-batches on
 all ranks by the global number of target tokens (all-reduced before the first micro-batch), so an
@@ -10,12 +14,17 @@ N-rank run with accumulation computes exactly the loss and gradients of a 1-rank
 global batch. FSDP sums (not averages) gradients over ranks (parallel/parallelize.py sets its divide
 factor to 1), so the backward loss is the same ``loss_sum / n_global`` on any world size: with a
 bf16 backward, a factor of the world size there would change the rounding of every gradient.
+
+Host-device synchronisation: a step leaves its loss, token count and gradient norm on the device;
+they are read (with the step times, ``recipe.metrics.StepClock``) once per ``metrics.log_freq``
+steps. Only an fp16 step reads its overflow flag at once: skipping the optimizer step needs it.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import re
 import sys
 import time
 import warnings
@@ -25,83 +34,20 @@ from pathlib import Path
 import torch
 
 from models.hf_reader import CheckpointReader
-from models.llama import LORA_TARGETS, LlamaForCausalLM, ModelArgs
-from parallel.distributed import DistInfo, LayoutError, all_reduce_sum, destroy, init_distributed
-from parallel.materialize import materialize
-from parallel.parallelize import DTYPES, parallelize
-from recipe.checkpoint import Checkpointer
-from recipe.config import ConfigError, JobConfig, dump_toml, load_config
-from recipe.data import GlobalBatchLoader, build_data, count_targets, load_tokenizer
+from parallel.distributed import all_reduce_sum, destroy, init_distributed
+from recipe.builder import base_quant_name, build_model, ensure_checkpoint
+from recipe.checkpoint import Checkpointer, RunIdentity
+from recipe.config import JobConfig, config_to_dict, dump_toml, load_config
+from recipe.data import GlobalBatchLoader, build_data, count_targets, load_tokenizer, resolve_global_batch_size
+from recipe.export import export_model_adapter
 from recipe.logging import log
-from recipe.metrics import MetricsLogger, host_rss_gib, model_flops_per_token, peak_flops, peak_memory_gib
-from recipe.optim import LossScaler, build_lr_scheduler, build_optimizer
+from recipe.metrics import MetricsLogger, StepClock, host_rss_gib, model_flops_per_token, peak_flops, peak_memory_gib
+from recipe.optim import LossScaler, apply_hyperparameters, build_lr_scheduler, build_optimizer
+from recipe.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from recipe.profiling import Profiler
+from recipe.seeding import rank_seed
 
 __all__ = ["Trainer", "main", "build_model"]
-
-
-def ensure_checkpoint(cfg: JobConfig, dist_info: DistInfo) -> Path:
-    """The base checkpoint directory; writes a synthetic one first when the config asks for it."""
-    path = Path(cfg.model.checkpoint)
-    if not cfg.model.checkpoint:
-        raise ConfigError("[model] checkpoint is empty: set it to a HF checkpoint directory")
-    if cfg.model.synthetic_shape:
-        # Rank 0 decides and writes; every rank takes the barrier, whatever it sees on disk (a rank
-        # that starts late could otherwise find the files, skip the barrier and desynchronise).
-        if dist_info.is_main and not (path / "config.json").exists():
-            from models.synthetic import MARKER_FILE, write_synthetic_checkpoint
-
-            # config.json is written last: a marker without it is an interrupted synthetic write,
-            # which may be redone (only the writer's own files are replaced).
-            redo = (path / MARKER_FILE).is_file()
-            log(f"writing a synthetic '{cfg.model.synthetic_shape}' checkpoint to {path}"
-                + (" (redoing an interrupted write)" if redo else ""))
-            try:
-                write_synthetic_checkpoint(path, shape=cfg.model.synthetic_shape, seed=cfg.job.seed, overwrite=redo)
-            except FileExistsError as e:
-                raise ConfigError(
-                    f"model.checkpoint = {str(path)!r} has no config.json, so a synthetic checkpoint would be "
-                    f"written there, but: {e}. Point model.checkpoint at a real checkpoint or a new directory"
-                ) from e
-        torch.distributed.barrier()
-    return path
-
-
-def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -> LlamaForCausalLM:
-    """Meta model -> parallelize -> this rank's shards. No rank ever holds the full weights."""
-    scheme = reader.quant_scheme(quantize_dense_as=cfg.model.quant_type)
-    param_dtype = DTYPES[cfg.training.mixed_precision_param]
-    args = ModelArgs(
-        shape=reader.shape,
-        lora_rank=cfg.lora.rank,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        lora_targets=tuple(cfg.lora.target_modules),
-        quant_type=scheme[0] if scheme else None,
-        quant_blocksize=scheme[1] if scheme else 64,
-        dtype=param_dtype,
-        row_multiple=dist_info.world_size,
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(args)
-    offload = cfg.parallelism.cpu_offload
-    parallelize(
-        model,
-        dist_info.mesh,
-        param_dtype=param_dtype,
-        reduce_dtype=DTYPES[cfg.training.mixed_precision_reduce],
-        reshard_after_forward=cfg.parallelism.reshard_after_forward,
-        cpu_offload=offload,
-        pin_memory=offload and dist_info.device.type == "cuda",
-        ac_mode=cfg.activation_checkpoint.mode,
-        ac_every=cfg.activation_checkpoint.selective_every,
-        compile=cfg.training.compile,
-        vocab_parallel_embedding=cfg.parallelism.vocab_parallel_embedding,
-    )
-    shard_device = torch.device("cpu") if offload else dist_info.device
-    materialize(model, reader, device=shard_device, lora_seed=cfg.job.seed, quant_device=dist_info.device,
-                buffer_device=dist_info.device)
-    return model
 
 
 def _drop_trivial_masks(mb: dict) -> dict:
@@ -118,34 +64,59 @@ def _drop_trivial_masks(mb: dict) -> dict:
     return mb
 
 
+class Preempted(Exception):
+    """A signal stopped the run after a saved step (``Trainer._stop_preempted``)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted after step {step}")
+        self.step = step
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+DIVERGED_EXIT_CODE = 3
+
+
 @dataclass
 class StepResult:
-    loss: float
-    grad_norm: float
-    tokens: int
-    skipped: bool
+    """One optimizer step. The device values are read on the host only when asked for."""
+
+    loss_sum: torch.Tensor  # summed token losses of the global batch (all ranks), on the device
+    n_global: torch.Tensor  # target tokens of the global batch (>= 1), on the device
+    grad_norm_t: torch.Tensor  # LoRA gradient norm before clipping, on the device
+    tokens: int  # tokens this rank processed (padding included)
+    skipped: bool  # the optimizer step was skipped (fp16 overflow, or a non-finite loss / gradient norm)
+    nonfinite_ranks: tuple[int, ...] = ()  # bf16/fp32: ranks whose loss was NaN/inf (skip reason)
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_sum) / float(self.n_global)
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_t)
 
 
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
-        unknown = set(cfg.lora.target_modules) - set(LORA_TARGETS)
-        if unknown:
-            raise ConfigError(f"lora.target_modules: unknown module(s) {sorted(unknown)}; valid: {list(LORA_TARGETS)}")
         torch.manual_seed(cfg.job.seed)
         if cfg.job.deterministic:
             # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA starts.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        p = cfg.parallelism
-        self.dist = init_distributed(cfg.training.device, p.backend, p.data_parallel_shard_degree, p.cpu_offload)
+        p, t = cfg.parallelism, cfg.training
+        self.dist = init_distributed(t.device, p.backend, p.data_parallel_shard_degree, p.cpu_offload)
         self.device = self.dist.device
-        log(f"{self.dist.world_size} rank(s), backend {torch.distributed.get_backend()}, device {self.device.type}",
-            self.dist.rank)
+        rank, world = self.dist.rank, self.dist.world_size
+        log(f"{world} rank(s), backend {torch.distributed.get_backend()}, device {self.device.type}", rank)
         self.dump = Path(cfg.job.dump_folder)
-        self._check_batch_layout()
+        # Before anything is loaded: a wrong layout should not cost a model load.
+        self.global_batch = resolve_global_batch_size(t.global_batch_size, t.micro_batch_size, world)
 
-        ckpt_dir = ensure_checkpoint(cfg, self.dist)
+        ckpt_dir = ensure_checkpoint(cfg.model, cfg.job.seed, self.dist)
         self.reader = CheckpointReader(ckpt_dir)
         # Data before weights: a wrong data path, format or tokenizer fails in seconds, not after
         # the model has been loaded.
@@ -154,62 +125,73 @@ class Trainer:
         if cfg.data.path and cfg.data.format != "synthetic":
             tokenizer = load_tokenizer(cfg.model.tokenizer or str(ckpt_dir))
         self.data = build_data(cfg.data, tokenizer, shape.vocab_size, cfg.job.seed)
-        self.loader = GlobalBatchLoader(
-            self.data, self.global_batch, cfg.training.micro_batch_size, self.dist.rank, self.dist.world_size, cfg.job.seed
-        )
+        self.loader = GlobalBatchLoader(self.data, self.global_batch, t.micro_batch_size, rank, world, cfg.job.seed)
 
         t0 = time.perf_counter()
         self.model = build_model(cfg, self.reader, self.dist)
         self.load_time_s = time.perf_counter() - t0
-        # Dropout draws from the global generator: seed it per rank, or every rank would draw the
-        # same masks for its different samples. (LoRA initialisation has its own seeded generator.)
-        torch.manual_seed(cfg.job.seed + self.dist.rank)
+        # Dropout draws from the global generator (LoRA initialisation has its own seeded generator).
+        torch.manual_seed(rank_seed(cfg.job.seed, rank))
         self.load_peak_gib = peak_memory_gib(self.device)
-        self.profiler = Profiler(cfg, self.dist.rank, self.dist.world_size, self.device, self.dump)
+        self.profiler = Profiler(
+            cfg.profiling, t.steps, rank, world, self.device, self.dump / cfg.profiling.save_folder,
+            self.dump / cfg.metrics.save_folder / "memory_report.json",
+        )
         self.profiler.after_load()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         log(f"model ready in {self.load_time_s:.1f}s; load peak {self.load_peak_gib:.2f} GiB/rank; "
-            f"{self.num_trainable():,} trainable parameters", self.dist.rank)
+            f"{self.num_trainable():,} trainable parameters", rank)
 
         self.optimizer = build_optimizer(self.params, cfg.optimizer)
-        self.scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
-        if 0 < cfg.training.steps <= cfg.lr_scheduler.warmup_steps:
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
+        if 0 < t.steps <= cfg.lr_scheduler.warmup_steps:
             log(f"note: lr_scheduler.warmup_steps = {cfg.lr_scheduler.warmup_steps} >= training.steps = "
-                f"{cfg.training.steps}: the lr never reaches optimizer.lr", self.dist.rank)
-        fp16 = cfg.training.mixed_precision_param == "float16"
-        self.scaler = LossScaler(fp16, cfg.training.loss_scale_init, cfg.training.loss_scale_growth_interval)
+                f"{t.steps}: the lr never reaches optimizer.lr", rank)
+        self.scaler = LossScaler(t.mixed_precision_param == "float16", t.loss_scale_init, t.loss_scale_growth_interval)
         self.step = 0  # optimizer steps completed
         self.metrics = MetricsLogger(
-            self.dump / cfg.metrics.save_folder, cfg.training.steps, self.dist.rank,
-            cfg.metrics.log_freq, cfg.metrics.enable_jsonl,
+            self.dump / cfg.metrics.save_folder, t.steps, rank, cfg.metrics.log_freq, cfg.metrics.enable_jsonl,
             flops_per_token=model_flops_per_token(
                 shape, cfg.data.seq_len, cfg.lora.rank, cfg.lora.target_modules,
                 cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every,
             ),
             peak_flops=peak_flops(self.device, cfg.metrics.peak_tflops),
-            world_size=self.dist.world_size, enable_tensorboard=cfg.metrics.enable_tensorboard,
+            world_size=world, enable_tensorboard=cfg.metrics.enable_tensorboard,
         )
         if self.dist.is_main:
             self.dump.mkdir(parents=True, exist_ok=True)
-        self.checkpointer = Checkpointer(cfg, self)
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint, self.dump / cfg.checkpoint.folder,
+            model=self.model, optimizer=self.optimizer,
+            stateful={"scheduler": self.scheduler, "scaler": self.scaler, "loader": self.loader},
+            identity=self._identity(), total_steps=t.steps, rank=rank, world=world, device=self.device,
+        )
         self.step = self.checkpointer.maybe_resume()  # raises CheckpointLoadError before any training
+        if self.checkpointer.resumed_from is not None:
+            changed = apply_hyperparameters(self.optimizer, self.scheduler, cfg.optimizer)
+            if changed:
+                log(f"checkpoint: optimizer settings from the config, not the checkpoint: {', '.join(changed)}", rank)
         self.metrics.begin(self.step)
+        self.nonfinite_in_a_row = 0
+        self.preemption = PreemptionWatcher(rank, world)
         if self.dist.is_main:
             # After the resume checks: a rejected resume must leave the run's files as they were.
             tmp = self.dump / f".config.toml.tmp-{os.getpid()}"
             tmp.write_text(dump_toml(cfg))
             tmp.replace(self.dump / "config.toml")
 
-    def _check_batch_layout(self) -> None:
-        """Checked before anything is loaded: a wrong layout should not cost a model load."""
-        t, world = self.cfg.training, self.dist.world_size
-        gbs = t.global_batch_size if t.global_batch_size != -1 else t.micro_batch_size * world
-        self.global_batch = gbs
-        if gbs <= 0 or gbs % (t.micro_batch_size * world):
-            raise LayoutError(
-                f"training.global_batch_size = {gbs} is not a multiple of micro_batch_size "
-                f"({t.micro_batch_size}) x ranks ({world}); use e.g. {t.micro_batch_size * world * max(1, gbs // (t.micro_batch_size * world))}"
-            )
+    def _identity(self) -> RunIdentity:
+        cfg = self.cfg
+        return RunIdentity(
+            base_path=Path(os.path.abspath(self.reader.path)),
+            lora={"rank": int(cfg.lora.rank), "alpha": float(cfg.lora.alpha),
+                  "target_modules": sorted(cfg.lora.target_modules), "dropout": float(cfg.lora.dropout)},
+            model_shape=RunIdentity.shape_dict(self.reader.shape),
+            base_quant=base_quant_name(self.model.args),
+            quant_type=cfg.model.quant_type,
+            seed=cfg.job.seed,
+            config=config_to_dict(cfg),
+        )
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -217,8 +199,11 @@ class Trainer:
     def train_step(self) -> StepResult:
         micro = self.loader.micro_batches(self.step)
         n_local = sum(count_targets(mb["labels"]) for mb in micro)
-        n_global = all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64, device=self.device)).item()
-        n_global = max(n_global, 1.0)
+        n_global = all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64, device=self.device))
+        n_global = n_global.clamp(min=1.0)
+        # fp32 like the loss sums (exact: token counts stay below 2**24); a device tensor, so that the
+        # host never waits for the all-reduce.
+        n32 = n_global.float()
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         # Exact mode: gradients of all micro-batches are summed locally in fp64 (exact for bf16/fp32
         # addends) and reduced once, so the result does not depend on how the batch was split.
@@ -229,69 +214,151 @@ class Trainer:
             mb = _drop_trivial_masks(mb)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             out = self.model(**batch)
-            self.scaler.scale_loss(out.loss_sum / n_global).backward()
+            self.scaler.scale_loss(out.loss_sum / n32).backward()
             loss_sum += out.loss_sum.detach().float()
         found_inf = self.scaler.unscale_(self.params)
         grad_norm = self._clip()
-        if not found_inf:
+        bad_ranks = self._nonfinite_ranks(loss_sum, grad_norm) if not self.scaler.enabled else ()
+        if not found_inf and not bad_ranks:
             self.optimizer.step()
         self.scaler.update(found_inf)
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # A skipped fp16 step still advances the schedule (lr stays a function of the step
             # number); torch warns about a scheduler step without an optimizer step.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         self.step += 1
-        loss = all_reduce_sum(loss_sum).item() / n_global
         tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
-        return StepResult(loss=loss, grad_norm=grad_norm, tokens=tokens, skipped=found_inf)
+        return StepResult(all_reduce_sum(loss_sum), n_global, grad_norm, tokens, found_inf or bool(bad_ranks),
+                          bad_ranks)
 
-    def _clip(self) -> float:
+    def _nonfinite_ranks(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[int, ...]:
+        """Ranks whose summed loss is NaN/inf (-1 stands for "the gradient norm" when no loss is),
+        read on the host in one go; () when the step is fine or the check is off."""
+        if self.cfg.training.max_nonfinite_steps <= 0:
+            return ()
+        world = self.dist.world_size
+        # One slot per rank, summed: every rank learns which ranks saw a non-finite loss.
+        flags = torch.zeros(world, dtype=torch.float32, device=loss_sum.device)
+        flags[self.dist.rank] = (~torch.isfinite(loss_sum)).float()
+        all_reduce_sum(flags)
+        norm_bad = (~torch.isfinite(grad_norm)).float().reshape(1).to(flags.device)
+        read = torch.cat([flags, norm_bad]).tolist()
+        ranks = tuple(r for r in range(world) if read[r])
+        return ranks or ((-1,) if read[-1] else ())
+
+    def _clip(self) -> torch.Tensor:
         max_norm = self.cfg.training.max_norm
         norm = torch.nn.utils.clip_grad_norm_(
             self.params, max_norm if max_norm > 0 else float("inf"), foreach=True
         )
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        return float(norm)
+        return norm
 
     def train(self) -> list[float]:
         cfg = self.cfg
-        losses = []
+        losses: list[float] = []
         self.step_times: list[float] = []
+        pending: list[tuple] = []  # steps whose device values are not read yet
+        clock = StepClock(self.device)
+        log_freq = cfg.metrics.log_freq
         self.model.train()
         self.profiler.start(self.model, self.optimizer)
         while self.step < cfg.training.steps:
-            lr = self.scheduler.get_last_lr()[0]
+            lr = self.optimizer.param_groups[0]["lr"]
             self.profiler.step_start(self.step + 1)
-            t0 = time.perf_counter()
+            start = clock.mark()
             with self.profiler.oom_guard(self.step + 1):
                 r = self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            dt = time.perf_counter() - t0
+            end = clock.mark()
             self.profiler.step_end(self.step)
-            losses.append(r.loss)
-            self.step_times.append(dt)
-            if r.skipped:
+            if r.nonfinite_ranks:
+                self._on_nonfinite(r, pending, clock)
+            elif r.skipped:
                 log(f"step {self.step}: fp16 overflow, optimizer step skipped, loss scale -> {self.scaler.scale:g}",
                     self.dist.rank)
-            self.metrics.step(self.step, {
-                "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
-                "tokens_per_s": r.tokens / dt, "step_time_s": dt,
-                "peak_mem_gib": peak_memory_gib(self.device), "host_rss_gib": host_rss_gib(),
-                "skipped": r.skipped, "loss_scale": self.scaler.scale,
-            })
+            else:
+                self.nonfinite_in_a_row = 0
+            # Host-side numbers are taken now, the device ones when the rows are flushed.
+            host = {"lr": lr, "peak_mem_gib": peak_memory_gib(self.device), "host_rss_gib": host_rss_gib(),
+                    "skipped": r.skipped, "loss_scale": self.scaler.scale}
+            pending.append((self.step, r, host, (start, end)))
+            # Also before a save: the metrics of every step a checkpoint holds are on disk with it.
+            if self.step % log_freq == 0 or self.step == cfg.training.steps or self.checkpointer.due(self.step):
+                losses += self._flush(pending, clock)
             self.checkpointer.maybe_save(self.step)
+            if self.preemption.should_stop():
+                losses += self._flush(pending, clock)
+                self._stop_preempted()
+        losses += self._flush(pending, clock)
         self.profiler.finish()  # collective: the per-rank memory report, gathered to rank 0
         self.checkpointer.maybe_save(self.step, force=True)
         self.checkpointer.wait()
         if cfg.checkpoint.export_adapter:
-            self.checkpointer.export_adapter(self.dump / "adapter")
+            self.export_adapter(self.dump / "adapter")
         return losses
 
+    def _on_nonfinite(self, r: StepResult, pending: list[tuple], clock: StepClock) -> None:
+        self.nonfinite_in_a_row += 1
+        where = "the gradient norm" if r.nonfinite_ranks == (-1,) else f"the loss on rank(s) {list(r.nonfinite_ranks)}"
+        limit = self.cfg.training.max_nonfinite_steps
+        log(f"step {self.step}: {where} is NaN/inf: optimizer step skipped "
+            f"({self.nonfinite_in_a_row} in a row, the run stops at {limit})", self.dist.rank)
+        if self.nonfinite_in_a_row >= limit:
+            self._flush(pending, clock)
+            last = self.checkpointer.last_complete_step()
+            raise TrainingDivergedError(
+                f"{limit} optimizer steps in a row (up to step {self.step}) had a NaN/inf loss or gradient norm; "
+                "the run stops without saving. "
+                + (f"The last checkpoint, step {last}, is untouched. " if last is not None else "")
+                + "Lower optimizer.lr, check the data at these steps, or use bfloat16/float32 compute"
+            )
+
+    def _stop_preempted(self) -> None:
+        """After a signal: save the state of the step just finished, then leave with PREEMPTED_EXIT_CODE."""
+        self.checkpointer.maybe_save(self.step, force=True)
+        self.checkpointer.wait()
+        saved = self.checkpointer.enabled
+        log(f"stopped at step {self.step} on {self.preemption.describe()}: "
+            + ("checkpoint saved; rerun the same command to resume" if saved
+               else "checkpoint.enable is false, so nothing was saved"), self.dist.rank)
+        raise Preempted(self.step)
+
+    def _flush(self, pending: list[tuple], clock: StepClock) -> list[float]:
+        """Read the pending steps' device values (one synchronisation) and write their metrics rows."""
+        if not pending:
+            return []
+        seconds = clock.seconds([p[3] for p in pending])
+        values = torch.stack([torch.stack([r.loss_sum.double(), r.n_global.double(), r.grad_norm_t.double()])
+                              for _, r, _, _ in pending]).tolist()
+        losses = []
+        for (step, r, host, _), dt, (loss_sum, n_global, norm) in zip(pending, seconds, values):
+            loss = loss_sum / n_global
+            losses.append(loss)
+            self.step_times.append(dt)
+            self.metrics.step(step, {
+                "loss": loss, "lr": host["lr"], "grad_norm": norm,
+                "tokens_per_s": r.tokens / dt, "step_time_s": dt,
+                "peak_mem_gib": host["peak_mem_gib"], "host_rss_gib": host["host_rss_gib"],
+                "skipped": host["skipped"], "loss_scale": host["loss_scale"],
+            })
+        pending.clear()
+        return losses
+
+    def export_adapter(self, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path | None:
+        """Gather the LoRA weights (collective: every rank calls it) and write a PEFT adapter on rank 0."""
+        lora = self.cfg.lora
+        return export_model_adapter(
+            self.model, out_dir, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+            target_modules=list(lora.target_modules), base_model=str(self.checkpointer.base_path),
+            dtype=dtype, is_main=self.dist.is_main,
+        )
+
     def close(self) -> None:
+        if hasattr(self, "preemption"):
+            self.preemption.close()
         if hasattr(self, "profiler"):
             self.profiler.close()
         if hasattr(self, "checkpointer"):
@@ -300,7 +367,7 @@ class Trainer:
         # Drop what holds the process group (sharded parameters, optimizer state, their meshes) and
         # collect it now, so the gloo backend is destroyed here, with the interpreter alive, and not by
         # a garbage collection during interpreter shutdown.
-        for name in ("optimizer", "scheduler", "model", "params", "loader", "scaler"):
+        for name in ("optimizer", "scheduler", "model", "params", "loader", "scaler", "checkpointer"):
             self.__dict__.pop(name, None)
         gc.collect()
         destroy()
@@ -353,15 +420,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         trainer = Trainer(cfg)
     except _user_errors() as e:
-        print(f"error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
-        status = os.environ.get("RECIPE_EXIT_STATUS_FILE")  # set by run_train.sh (torchrun hides exit codes)
-        if status:
-            with open(status, "w") as f:
-                f.write(f"2\n{type(e).__name__}: {e}\n")
+        from recipe.exit_status import report_bad_input
+
+        # No Trainer holds a rank here: report_bad_input takes the process group's, else torchrun's.
+        code = report_bad_input(e, rank=None)
         destroy()
-        return 2
+        return code
     try:
-        losses = trainer.train()
+        try:
+            losses = trainer.train()
+        except Preempted:
+            torch.distributed.barrier()
+            return PREEMPTED_EXIT_CODE
+        except TrainingDivergedError as e:
+            print(f"error (TrainingDivergedError): {e}", file=sys.stderr, flush=True)
+            return DIVERGED_EXIT_CODE
         trainer.write_summary(losses)
         # Tear down together: a rank that destroys its gloo group while a peer is still in its last
         # collective makes the peer's transport threads abort ("terminate called without an active

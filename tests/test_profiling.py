@@ -387,7 +387,8 @@ def test_disabled_profiler_costs_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", boom)
     monkeypatch.setattr(torch.profiler, "profile", boom)
     cfg = load_config(["--profiling.memory_report=false", "--training.steps=3"])
-    prof = Profiler(cfg, 0, 1, torch.device("cpu"), tmp_path)
+    prof = Profiler(cfg.profiling, cfg.training.steps, 0, 1, torch.device("cpu"), tmp_path / cfg.profiling.save_folder,
+                    tmp_path / cfg.metrics.save_folder / "memory_report.json")
     model, opt = _tiny_model()
     prof.after_load()
     prof.start(model, opt)
@@ -427,7 +428,8 @@ def test_cuda_snapshots_oom_and_phases(tmp_path):
         "--profiling.enable_profiling", "--profiling.profile_steps=3", "--training.steps=4",
     ])
     dev = torch.device("cuda", torch.cuda.current_device())
-    prof = Profiler(cfg, 0, 1, dev, tmp_path)
+    prof = Profiler(cfg.profiling, cfg.training.steps, 0, 1, dev, tmp_path / cfg.profiling.save_folder,
+                    tmp_path / cfg.metrics.save_folder / "memory_report.json")
     model, opt = _tiny_model(dev)
     prof.after_load()
     prof.start(model, opt)
@@ -473,7 +475,8 @@ def test_snapshot_window_past_the_last_step_is_still_dumped(tmp_path, monkeypatc
     monkeypatch.setattr(profiling, "reset_peak_memory", lambda *a, **k: None)
     cfg = load_config(["--profiling.memory_report=false", "--training.steps=4", "--profiling.enable_memory_snapshot",
                        "--profiling.memory_snapshot_steps=2,50", "--profiling.memory_snapshot_on_oom=false"])
-    prof = Profiler(cfg, 0, 1, torch.device("cuda"), tmp_path)
+    prof = Profiler(cfg.profiling, cfg.training.steps, 0, 1, torch.device("cuda"), tmp_path / cfg.profiling.save_folder,
+                    tmp_path / cfg.metrics.save_folder / "memory_report.json")
     prof.start(torch.nn.Linear(2, 2))
     for step in range(1, 5):
         prof.step_start(step)

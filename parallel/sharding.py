@@ -1,0 +1,49 @@
+"""Row sharding: which rows of a tensor a rank owns, and the padding that makes 4-bit rows shard evenly.
+
+One home for the arithmetic that FSDP2's ``torch.chunk`` rule implies: rank r of w owns rows
+[r*c, (r+1)*c) with c = ceil(rows / w) (``shard_rows``). The materializer reads exactly those rows
+from the checkpoint, the vocabulary-sharded embedding keeps them, and the tests check against them.
+
+4-bit weights are packed: a ``Weight4bit`` shard must hold whole rows of its inner tensors, and
+FSDP's uneven-shard path would need inner tensors of the outer shape. So before ``fully_shard``
+every 4-bit weight of the meta model is given zero rows up to a multiple of the shard degree
+(``pad_4bit_rows``); ``Weight4bit.dequantize`` drops them again. The model itself never knows the
+world size.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from models.quant import Weight4bit
+
+__all__ = ["shard_rows", "padded_rows", "pad_4bit_rows"]
+
+
+def shard_rows(n_rows: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of the rows rank ``rank`` of ``world`` owns (FSDP2's chunking; may be empty)."""
+    chunk = -(-n_rows // world)
+    start = min(rank * chunk, n_rows)
+    return start, min(start + chunk, n_rows)
+
+
+def padded_rows(n_rows: int, multiple: int) -> int:
+    return -(-n_rows // multiple) * multiple
+
+
+def pad_4bit_rows(model: nn.Module, multiple: int) -> None:
+    """Give every (meta) 4-bit weight a row count that is a multiple of ``multiple``."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not isinstance(param, Weight4bit):
+                continue
+            rows = padded_rows(param.n_rows, multiple)
+            if rows == param.shape[0]:
+                continue
+            if param.device.type != "meta":
+                raise RuntimeError(f"{name}: 4-bit rows can only be padded on the meta model, before loading")
+            w = Weight4bit.empty(
+                param.n_rows, param.shape[1], quant_type=param.quant_type, blocksize=param.blocksize,
+                dtype=param.dtype, device=param.device, rows=rows,
+            )
+            setattr(module, name, nn.Parameter(w, requires_grad=False))

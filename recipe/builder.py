@@ -1,0 +1,91 @@
+"""From a config to a sharded QLoRA model: base checkpoint -> model on meta -> parallelize -> this rank's shards.
+
+The one builder every caller uses (the training entry point, and any other driver of the same
+model): no rank ever holds the full weights. ``build_model`` reads the ``[model]``, ``[lora]``,
+``[training]``, ``[parallelism]`` and ``[activation_checkpoint]`` sections and ``job.seed``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.dtypes import DTYPES
+from models.hf_reader import CheckpointReader
+from models.hub import parse_repo_spec, resolve_checkpoint
+from models.llama import LlamaForCausalLM, ModelArgs
+from parallel.distributed import DistInfo
+from parallel.materialize import materialize
+from parallel.parallelize import parallelize
+from recipe.config import ConfigError, JobConfig
+from recipe.logging import log
+
+__all__ = ["ensure_checkpoint", "build_model", "base_quant_name"]
+
+
+def ensure_checkpoint(model_cfg, seed: int, dist_info: DistInfo) -> Path:
+    """The base checkpoint directory of the ``[model]`` section (collective: every rank calls it).
+
+    Writes a synthetic one first when ``synthetic_shape`` asks for it; a hub repo id
+    (``owner/name[@revision]``) is downloaded once into the hub cache (``models.hub``).
+    """
+    path = Path(model_cfg.checkpoint)
+    if not model_cfg.checkpoint:
+        raise ConfigError("[model] checkpoint is empty: set it to a HF checkpoint directory or a hub repo id")
+    if not model_cfg.synthetic_shape and not path.exists() and parse_repo_spec(model_cfg.checkpoint):
+        # One download per machine: local rank 0 (ranks of one machine share its hub cache).
+        return resolve_checkpoint(model_cfg.checkpoint, is_main=dist_info.local_rank == 0,
+                                  barrier=torch.distributed.barrier)
+    if model_cfg.synthetic_shape:
+        # Rank 0 decides and writes; every rank takes the barrier, whatever it sees on disk (a rank
+        # that starts late could otherwise find the files, skip the barrier and desynchronise).
+        if dist_info.is_main and not (path / "config.json").exists():
+            from models.synthetic import MARKER_FILE, write_synthetic_checkpoint
+
+            # config.json is written last: a marker without it is an interrupted synthetic write,
+            # which may be redone (only the writer's own files are replaced).
+            redo = (path / MARKER_FILE).is_file()
+            log(f"writing a synthetic '{model_cfg.synthetic_shape}' checkpoint to {path}"
+                + (" (redoing an interrupted write)" if redo else ""), dist_info.rank)
+            try:
+                write_synthetic_checkpoint(path, shape=model_cfg.synthetic_shape, seed=seed, overwrite=redo)
+            except FileExistsError as e:
+                raise ConfigError(
+                    f"model.checkpoint = {str(path)!r} has no config.json, so a synthetic checkpoint would be "
+                    f"written there, but: {e}. Point model.checkpoint at a real checkpoint or a new directory"
+                ) from e
+        torch.distributed.barrier()
+    return path
+
+
+def base_quant_name(args: ModelArgs) -> str:
+    """How the frozen base is stored: 'nf4/64', 'fp4/64', ... or 'none' (what a resume must match)."""
+    return f"{args.quant_type}/{args.quant_blocksize}" if args.quant_type else "none"
+
+
+def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -> LlamaForCausalLM:
+    """Meta model -> parallelize -> this rank's shards."""
+    # A pre-quantized checkpoint's own scheme wins over model.quant_type (which quantizes dense ones).
+    scheme = reader.quant_scheme(quantize_dense_as=cfg.model.quant_type)
+    args = ModelArgs(
+        shape=reader.shape,
+        lora_rank=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        lora_targets=tuple(cfg.lora.target_modules),
+        quant_type=scheme[0] if scheme else None,
+        quant_blocksize=scheme[1] if scheme else 64,
+        dtype=DTYPES[cfg.training.mixed_precision_param],
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args)
+    offload = cfg.parallelism.cpu_offload
+    parallelize(
+        model, dist_info.mesh, cfg.parallelism, cfg.activation_checkpoint, cfg.training,
+        pin_memory=offload and dist_info.device.type == "cuda",
+    )
+    shard_device = torch.device("cpu") if offload else dist_info.device
+    materialize(model, reader, device=shard_device, lora_seed=cfg.job.seed, quant_device=dist_info.device,
+                buffer_device=dist_info.device)
+    return model
