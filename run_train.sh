@@ -22,21 +22,46 @@ if ! [[ "$NGPU" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 if [[ ! -f "$CONFIG_FILE" ]]; then
-  echo "run_train.sh: CONFIG_FILE '$CONFIG_FILE' does not exist (configs: $(ls "$REPO"/train_configs/*.toml | tr '\n' ' '))" >&2
+  configs=$(ls "$REPO"/train_configs/*.toml | tr '\n' ' ')
+  echo "run_train.sh: CONFIG_FILE '$CONFIG_FILE' does not exist (configs: $configs)" >&2
   exit 2
 fi
 
 # torchrun reports any failed rank as exit 1; a rank stopped by bad input (config, checkpoint, data,
-# layout) writes its exit code 2 here, so this script can return it.
-RECIPE_EXIT_STATUS_FILE="$(mktemp)"
-export RECIPE_EXIT_STATUS_FILE
-trap 'rm -f "$RECIPE_EXIT_STATUS_FILE"' EXIT
+# layout) records its exit code 2 here, so this script can return it. One record per rank, each
+# written by rename (recipe/exit_status.py): torchrun's SIGTERM to the other ranks, once one exits,
+# can leave a record missing but never empty or another rank's overwritten.
+RECIPE_EXIT_STATUS_DIR="$(mktemp -d)"
+export RECIPE_EXIT_STATUS_DIR
+trap 'rm -rf "$RECIPE_EXIT_STATUS_DIR"' EXIT
 rc=0
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
-  -m recipe.train --job.config_file "$CONFIG_FILE" "$@" || rc=$?
-if [[ $rc -ne 0 && -s "$RECIPE_EXIT_STATUS_FILE" ]]; then
-  rc=$(head -n 1 "$RECIPE_EXIT_STATUS_FILE")
-  # Repeat the cause below torchrun's failure report, where it is seen.
-  echo "run_train.sh: stopped on bad input: $(tail -n +2 "$RECIPE_EXIT_STATUS_FILE")" >&2
+  -m recipe.train --job.config_file "$CONFIG_FILE" "$@" &
+child=$!
+# SIGTERM / SIGINT to this script (Kaggle, Slurm, Ctrl-C) go on to torchrun, which passes them to every
+# rank: the ranks finish the step, save a checkpoint and exit 75. Wait again after a trapped signal.
+trap 'kill -s TERM "$child" 2>/dev/null' TERM INT
+while true; do
+  wait "$child" && rc=0 || rc=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+trap - TERM INT
+if [[ $rc -ne 0 ]]; then
+  # Rank 0's record first: the message it printed above. Any other complete one says the same code:
+  # 2 bad input, 3 diverged (NaN/inf steps in a row), 75 preempted (a checkpoint was saved).
+  for record in "$RECIPE_EXIT_STATUS_DIR/rank0" "$RECIPE_EXIT_STATUS_DIR"/rank*; do
+    [[ -f "$record" ]] || continue
+    code=$(head -n 1 "$record")
+    case $code in
+      2) what="stopped on bad input" ;;
+      3) what="stopped: training diverged" ;;
+      75) what="preempted" ;;
+      *) continue ;;
+    esac
+    rc=$code
+    # Repeat the cause below torchrun's failure report, where it is seen.
+    echo "run_train.sh: $what: $(tail -n +2 "$record")" >&2
+    break
+  done
 fi
 exit "$rc"

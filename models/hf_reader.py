@@ -316,7 +316,9 @@ def quantize_rows(dense: torch.Tensor, quant_type: str, blocksize: int) -> Rows4
     Blocks never straddle rows (K % blocksize == 0), so quantizing a row range gives exactly the
     bytes that quantizing the whole matrix would give for those rows.
     """
-    import bitsandbytes.functional as bnbF
+    from models.quant import bnb_functional
+
+    bnbF = bnb_functional()
 
     rows, k = dense.shape
     q, state = bnbF.quantize_4bit(

@@ -20,17 +20,25 @@ which a packed layout cannot have). ``dequantize`` drops the padding rows.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 
-# On AVX512-BF16 CPUs bitsandbytes warns at import that an optional CPU gemm kernel package is
-# missing. The recipe never uses bitsandbytes' CPU gemm (it dequantizes, then calls torch), so
-# the warning is noise on every start.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-import bitsandbytes.functional as bnbF  # noqa: E402
-
 aten = torch.ops.aten
+
+
+@functools.cache
+def bnb_functional():
+    """bitsandbytes.functional, imported on first use: it takes over a second to import (it loads
+    torch's compiler stack), which every start paid, also a run that stops on a config error."""
+    # On AVX512-BF16 CPUs bitsandbytes warns at import that an optional CPU gemm kernel package is
+    # missing. The recipe never uses bitsandbytes' CPU gemm (it dequantizes, then calls torch), so
+    # the warning is noise on every start.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes.functional as bnbF
+
+    return bnbF
 
 __all__ = ["Weight4bit", "linear_4bit"]
 
@@ -88,7 +96,7 @@ class Weight4bit(torch.Tensor):
         """The (n_rows, K) weight in ``dtype`` through bitsandbytes' own kernel."""
         rows = min(self.n_rows, self.packed.shape[0])
         packed = self.packed[:rows]
-        state = bnbF.QuantState(
+        state = bnb_functional().QuantState(
             absmax=self.absmax[:rows].reshape(-1),
             shape=torch.Size((rows, self.shape[1])),
             code=self.code,
@@ -96,7 +104,7 @@ class Weight4bit(torch.Tensor):
             quant_type=self.quant_type,
             dtype=dtype or self.dtype,
         )
-        return bnbF.dequantize_4bit(packed.reshape(-1, 1), state)
+        return bnb_functional().dequantize_4bit(packed.reshape(-1, 1), state)
 
     def __repr__(self):
         return (

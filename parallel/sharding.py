@@ -13,11 +13,16 @@ world size.
 
 from __future__ import annotations
 
+import warnings
+
+import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from models.quant import Weight4bit
 
-__all__ = ["shard_rows", "padded_rows", "pad_4bit_rows"]
+__all__ = ["shard_rows", "padded_rows", "pad_4bit_rows", "gather_rows"]
 
 
 def shard_rows(n_rows: int, rank: int, world: int) -> tuple[int, int]:
@@ -47,3 +52,27 @@ def pad_4bit_rows(model: nn.Module, multiple: int) -> None:
                 dtype=param.dtype, device=param.device, rows=rows,
             )
             setattr(module, name, nn.Parameter(w, requires_grad=False))
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a row-sharded (Shard(0), 1-D mesh) DTensor; other tensors as they are.
+
+    Collective. One ``all_gather_into_tensor`` of equal, zero-padded chunks, the collective FSDP2
+    itself uses: gloo's list all-gather (what ``DTensor.full_tensor`` runs) crashes on CUDA tensors,
+    which is what several ranks sharing one GPU through gloo hold.
+    """
+    if not isinstance(t, DTensor):
+        return t
+    mesh = t.device_mesh
+    if mesh.ndim != 1 or len(t.placements) != 1 or not t.placements[0].is_shard(0):
+        return t.full_tensor()
+    world, rows = mesh.size(), t.shape[0]
+    local = t.to_local()
+    chunk = -(-rows // world)
+    buf = local.new_zeros((chunk, *local.shape[1:]))
+    buf[: local.shape[0]].copy_(local)
+    out = local.new_empty((world * chunk, *local.shape[1:]))
+    with warnings.catch_warnings():  # torch 2.13 renames it (all_gather_single); 2.11 has only this name
+        warnings.simplefilter("ignore", FutureWarning)
+        dist.all_gather_into_tensor(out, buf, group=mesh.get_group())
+    return out[:rows]

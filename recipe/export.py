@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from models.dtypes import DTYPES
+from parallel.sharding import gather_rows
 from recipe.checkpoint.layout import CheckpointLoadError, read_checkpoint_meta
 
 __all__ = ["adapter_config", "peft_key", "write_adapter", "export_model_adapter", "export_checkpoint", "main"]
@@ -126,7 +127,7 @@ def write_adapter(out_dir, tensors: dict[str, torch.Tensor], config: dict, dtype
 
 def export_model_adapter(model, out_dir, *, rank, alpha, dropout, target_modules, base_model,
                          dtype=torch.float32, is_main=True) -> Path | None:
-    """Gather every trainable (LoRA) parameter with ``full_tensor()`` (a collective: call it on every
+    """Gather every trainable (LoRA) parameter with ``gather_rows`` (a collective: call it on every
     rank) and write the adapter on the main rank. Returns the directory on the main rank."""
     tensors = {}
     for name, p in model.named_parameters():
@@ -134,7 +135,7 @@ def export_model_adapter(model, out_dir, *, rank, alpha, dropout, target_modules
             continue
         if ".lora_A." not in name and ".lora_B." not in name:
             raise ValueError(f"trainable parameter {name} is not a LoRA weight; cannot export it as an adapter")
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        full = gather_rows(p.detach())
         if is_main:
             tensors[name] = full.detach().cpu()
     out = None

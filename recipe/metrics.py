@@ -16,7 +16,8 @@ Files (rank 0 only), under ``<job.dump_folder>/<metrics.save_folder>/``:
   ``mfu``              model FLOPs utilisation in [0, 1] (formula below); ``null`` on CPU or an unknown GPU
   ``peak_mem_gib``     CUDA: peak allocated GiB since training started; CPU: peak host RSS GiB
   ``host_rss_gib``     current host resident set size of rank 0, GiB
-  ``skipped``          fp16 overflow: the optimizer step was skipped
+  ``skipped``          the optimizer step was skipped (fp16 overflow, or ``nonfinite``)
+  ``nonfinite``        bf16/fp32: the loss or gradient norm was NaN/inf, so the step was skipped
   ``loss_scale``       current fp16 loss scale (1 when not fp16)
   ==================== ===============================================================================
 
@@ -93,7 +94,7 @@ __all__ = [
 
 JSONL_KEYS = (
     "step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_global", "step_time_s",
-    "tflops", "mfu", "peak_mem_gib", "host_rss_gib", "skipped", "loss_scale",
+    "tflops", "mfu", "peak_mem_gib", "host_rss_gib", "skipped", "nonfinite", "loss_scale",
 )
 
 
@@ -426,7 +427,10 @@ class MetricsLogger:
             parts.append(f"mfu {100 * record['mfu']:.1f}%")
         parts += [f"mem {record['peak_mem_gib']:.2f}GiB", f"eta {eta:,.0f}s"]
         if record.get("skipped"):
-            parts.append(f"SKIPPED (fp16 overflow, loss scale now {record['loss_scale']:g})")
+            if record.get("nonfinite"):
+                parts.append("SKIPPED (NaN/inf loss or gradient norm)")
+            else:
+                parts.append(f"SKIPPED (fp16 overflow, loss scale now {record['loss_scale']:g})")
         print(" | ".join(parts), file=sys.stdout, flush=True)
 
     def close(self) -> None:

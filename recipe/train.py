@@ -22,6 +22,7 @@ steps. Only an fp16 step reads its overflow flag at once: skipping the optimizer
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -35,10 +36,12 @@ import torch
 
 from models.hf_reader import CheckpointReader
 from parallel.distributed import all_reduce_sum, destroy, init_distributed
+from parallel.grad_norm import clip_grad_norm_
 from recipe.builder import base_quant_name, build_model, ensure_checkpoint
 from recipe.checkpoint import Checkpointer, RunIdentity
 from recipe.config import JobConfig, config_to_dict, dump_toml, load_config
 from recipe.data import GlobalBatchLoader, build_data, count_targets, load_tokenizer, resolve_global_batch_size
+from recipe.exit_status import record_exit, report_bad_input
 from recipe.export import export_model_adapter
 from recipe.logging import log
 from recipe.metrics import MetricsLogger, StepClock, host_rss_gib, model_flops_per_token, peak_flops, peak_memory_gib
@@ -83,7 +86,7 @@ DIVERGED_EXIT_CODE = 3
 class StepResult:
     """One optimizer step. The device values are read on the host only when asked for."""
 
-    loss_sum: torch.Tensor  # summed token losses of the global batch (all ranks), on the device
+    loss_sum: torch.Tensor  # summed token losses of the global batch (all ranks), on the device (fp32; fp64 exact)
     n_global: torch.Tensor  # target tokens of the global batch (>= 1), on the device
     grad_norm_t: torch.Tensor  # LoRA gradient norm before clipping, on the device
     tokens: int  # tokens this rank processed (padding included)
@@ -106,7 +109,8 @@ class Trainer:
         if cfg.job.deterministic:
             # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA starts.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         p, t = cfg.parallelism, cfg.training
         self.dist = init_distributed(t.device, p.backend, p.data_parallel_shard_degree, p.cpu_offload)
         self.device = self.dist.device
@@ -204,18 +208,13 @@ class Trainer:
         # fp32 like the loss sums (exact: token counts stay below 2**24); a device tensor, so that the
         # host never waits for the all-reduce.
         n32 = n_global.float()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         # Exact mode: gradients of all micro-batches are summed locally in fp64 (exact for bf16/fp32
-        # addends) and reduced once, so the result does not depend on how the batch was split.
+        # addends) and reduced once, so the result does not depend on how the batch was split; the
+        # reported loss is summed in fp64 too, for the same reason.
         exact = self.cfg.training.mixed_precision_reduce == "float64"
-        for i, mb in enumerate(micro):
-            if exact:
-                self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            mb = _drop_trivial_masks(mb)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
-            out = self.model(**batch)
-            self.scaler.scale_loss(out.loss_sum / n32).backward()
-            loss_sum += out.loss_sum.detach().float()
+        loss_sum = torch.zeros((), dtype=torch.float64 if exact else torch.float32, device=self.device)
+        with self._attention_backend():
+            loss_sum = self._forward_backward(micro, n32, loss_sum, exact)
         found_inf = self.scaler.unscale_(self.params)
         grad_norm = self._clip()
         bad_ranks = self._nonfinite_ranks(loss_sum, grad_norm) if not self.scaler.enabled else ()
@@ -233,6 +232,26 @@ class Trainer:
         return StepResult(all_reduce_sum(loss_sum), n_global, grad_norm, tokens, found_inf or bool(bad_ranks),
                           bad_ranks)
 
+    def _forward_backward(self, micro, n32, loss_sum, exact: bool) -> torch.Tensor:
+        for i, mb in enumerate(micro):
+            if exact:
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            mb = _drop_trivial_masks(mb)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            out = self.model(**batch)
+            self.scaler.scale_loss(out.loss_sum / n32).backward()
+            loss_sum += out.loss_sum.detach().to(loss_sum.dtype)
+        return loss_sum
+
+    def _attention_backend(self):
+        """SDPA's math kernels in deterministic mode (forward, recompute and backward alike): the fused
+        kernels' backward passes accumulate with atomics."""
+        if not (self.cfg.job.deterministic and self.device.type == "cuda"):
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+
     def _nonfinite_ranks(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[int, ...]:
         """Ranks whose summed loss is NaN/inf (-1 stands for "the gradient norm" when no loss is),
         read on the host in one go; () when the step is fine or the check is off."""
@@ -249,13 +268,9 @@ class Trainer:
         return ranks or ((-1,) if read[-1] else ())
 
     def _clip(self) -> torch.Tensor:
-        max_norm = self.cfg.training.max_norm
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.params, max_norm if max_norm > 0 else float("inf"), foreach=True
-        )
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return norm
+        # Deterministic mode: a norm that does not depend on how the rows are split over ranks, so the
+        # clip coefficient (and every update after it) is the same on any world size.
+        return clip_grad_norm_(self.params, self.cfg.training.max_norm, exact=self.cfg.job.deterministic)
 
     def train(self) -> list[float]:
         cfg = self.cfg
@@ -274,6 +289,11 @@ class Trainer:
                 r = self.train_step()
             end = clock.mark()
             self.profiler.step_end(self.step)
+            # Host-side numbers are taken now, the device ones when the rows are flushed. Queued before the
+            # skip handling: the flush before a TrainingDivergedError must write this step's row too.
+            host = {"lr": lr, "peak_mem_gib": peak_memory_gib(self.device), "host_rss_gib": host_rss_gib(),
+                    "skipped": r.skipped, "nonfinite": bool(r.nonfinite_ranks), "loss_scale": self.scaler.scale}
+            pending.append((self.step, r, host, (start, end)))
             if r.nonfinite_ranks:
                 self._on_nonfinite(r, pending, clock)
             elif r.skipped:
@@ -281,10 +301,6 @@ class Trainer:
                     self.dist.rank)
             else:
                 self.nonfinite_in_a_row = 0
-            # Host-side numbers are taken now, the device ones when the rows are flushed.
-            host = {"lr": lr, "peak_mem_gib": peak_memory_gib(self.device), "host_rss_gib": host_rss_gib(),
-                    "skipped": r.skipped, "loss_scale": self.scaler.scale}
-            pending.append((self.step, r, host, (start, end)))
             # Also before a save: the metrics of every step a checkpoint holds are on disk with it.
             if self.step % log_freq == 0 or self.step == cfg.training.steps or self.checkpointer.due(self.step):
                 losses += self._flush(pending, clock)
@@ -342,7 +358,7 @@ class Trainer:
                 "loss": loss, "lr": host["lr"], "grad_norm": norm,
                 "tokens_per_s": r.tokens / dt, "step_time_s": dt,
                 "peak_mem_gib": host["peak_mem_gib"], "host_rss_gib": host["host_rss_gib"],
-                "skipped": host["skipped"], "loss_scale": host["loss_scale"],
+                "skipped": host["skipped"], "nonfinite": host["nonfinite"], "loss_scale": host["loss_scale"],
             })
         pending.clear()
         return losses
@@ -408,11 +424,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input (config, checkpoint, data, layout): reported without a traceback."""
     from models.hf_reader import CheckpointError
     from parallel.distributed import LayoutError
-    from recipe.checkpoint import CheckpointLoadError
+    from recipe.checkpoint import CheckpointLoadError, CheckpointSaveError
     from recipe.config import ConfigError
     from recipe.data import DataError
 
-    return (ConfigError, CheckpointError, DataError, LayoutError, CheckpointLoadError)
+    return (ConfigError, CheckpointError, DataError, LayoutError, CheckpointLoadError, CheckpointSaveError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,21 +436,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         trainer = Trainer(cfg)
     except _user_errors() as e:
-        from recipe.exit_status import report_bad_input
-
         # No Trainer holds a rank here: report_bad_input takes the process group's, else torchrun's.
         code = report_bad_input(e, rank=None)
         destroy()
         return code
+    rank = trainer.dist.rank
     try:
         try:
             losses = trainer.train()
-        except Preempted:
+        except Preempted as e:
             torch.distributed.barrier()
-            return PREEMPTED_EXIT_CODE
+            return record_exit(PREEMPTED_EXIT_CODE, f"Preempted: {e}; rerun the same command to resume", rank)
         except TrainingDivergedError as e:
-            print(f"error (TrainingDivergedError): {e}", file=sys.stderr, flush=True)
-            return DIVERGED_EXIT_CODE
+            if rank == 0:
+                print(f"error (TrainingDivergedError): {e}", file=sys.stderr, flush=True)
+            return record_exit(DIVERGED_EXIT_CODE, f"TrainingDivergedError: {e}", rank)
+        except _user_errors() as e:  # a checkpoint save that failed (full disk, unwritable folder)
+            return report_bad_input(e, rank)
         trainer.write_summary(losses)
         # Tear down together: a rank that destroys its gloo group while a peer is still in its last
         # collective makes the peer's transport threads abort ("terminate called without an active

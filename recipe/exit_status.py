@@ -1,0 +1,115 @@
+"""Exit codes that survive torchrun: 2 for bad input (config, checkpoint, data, layout), exact under any
+number of ranks; also a preempted run's 75 and a diverged run's 3 (``record_exit``).
+
+torchrun reports any failed rank as exit 1, so ``run_train.sh`` learns the real code from status
+records: it creates an empty directory with ``mktemp -d`` and exports it as ``RECIPE_EXIT_STATUS_DIR``.
+A rank stopped by bad input writes ``<dir>/rank<R>``::
+
+    2
+    Type: message
+
+and ``run_train.sh`` exits with 2 and repeats the message when any complete record exists (rank 0's
+when there is one).
+
+Why one file per rank, written by rename: once the first rank exits, torchrun sends SIGTERM to the
+others, which may be anywhere -- still importing torch, or halfway through their own write. With one
+shared file opened for writing, such a rank truncated the record a peer had already completed and died
+before refilling it (exit 1, no message). Here each rank writes a temp file in the same directory and
+``os.replace``-s it onto its own name: a kill at any moment leaves that rank's record complete or
+absent, never another rank's touched. The first rank to exit has recorded before it returned, so some
+record always exists; a rank killed before main() ran (still importing) simply has none.
+
+Printing: the one-line ``error (Type): message`` goes to stderr from rank 0 only (every rank hits the
+same config error; N copies said nothing more). The rank is the caller's, else the process group's,
+else torchrun's ``RANK`` (a config that fails to parse has no process group yet), else 0. So that
+rank 0 is not killed before it prints -- a peer that fails first would otherwise make torchrun stop
+it -- the other ranks, after recording, wait for rank 0's record (rank 0 prints before recording) for
+at most ``RANK0_WAIT_S``. That bound only costs time when the bad input is seen by some ranks and not
+by rank 0; it is a file poll, not a barrier, because the error may come before any process group.
+Without ``RECIPE_EXIT_STATUS_DIR`` (a bare ``torchrun``), nothing is recorded and no rank waits:
+rank 0 still prints, and may be cut short by a peer that fails first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["ENV", "RANK0_WAIT_S", "BAD_INPUT", "report_bad_input", "record_exit", "write_record"]
+
+ENV = "RECIPE_EXIT_STATUS_DIR"
+BAD_INPUT = 2
+# Generous against a slow rank 0 (N ranks importing torch at once on a few busy cores).
+RANK0_WAIT_S = 30.0
+_POLL_S = 0.05
+
+
+def _resolve_rank(rank: int | None) -> int:
+    if rank is not None:
+        return rank
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def write_record(directory: str | os.PathLike, rank: int, code: int, text: str) -> Path:
+    """Atomically (re)place ``<directory>/rank<rank>`` with ``code`` and ``text``: complete or absent."""
+    directory = Path(directory)
+    final = directory / f"rank{rank}"
+    # A hidden, per-process temp name: readers look only at rank<N>, and two writers never share one.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".rank{rank}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{code}\n{text}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return final
+
+
+def record_exit(code: int, text: str, rank: int | None = None) -> int:
+    """Record a non-zero exit ``code`` other than bad input (a preempted or diverged run) for
+    ``run_train.sh``, when it runs us; returns ``code``. Every rank of such a stop records the same."""
+    directory = os.environ.get(ENV)
+    if directory:
+        try:
+            write_record(directory, _resolve_rank(rank), code, text)
+        except OSError as e:
+            print(f"warning: could not record exit status in {directory}: {e}", file=sys.stderr, flush=True)
+    return code
+
+
+def report_bad_input(exc: BaseException, rank: int | None = None) -> int:
+    """Report ``exc`` (bad input) once and record exit code 2 for ``run_train.sh``; returns 2."""
+    rank = _resolve_rank(rank)
+    text = f"{type(exc).__name__}: {exc}"
+    if rank == 0:
+        # Before the record: a peer waiting on rank 0's record may exit (and get rank 0 killed) once it exists.
+        print(f"error ({type(exc).__name__}): {exc}", file=sys.stderr, flush=True)
+    directory = os.environ.get(ENV)
+    if not directory:
+        return BAD_INPUT
+    try:
+        write_record(directory, rank, BAD_INPUT, text)
+    except OSError as e:  # the directory vanished (launcher gone): the exit code still says 2
+        print(f"warning: could not record exit status in {directory}: {e}", file=sys.stderr, flush=True)
+        return BAD_INPUT
+    if rank != 0:
+        deadline = time.monotonic() + RANK0_WAIT_S
+        rank0 = Path(directory) / "rank0"
+        while not rank0.exists() and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+    return BAD_INPUT
