@@ -37,12 +37,18 @@ def main(out: Path) -> dict:
             print(f"{r.name:<12} (no summary)")
             continue
         rk = s["ranks"][0]
-        table[r.name] = {"device": s["device"], "tokens_per_s_per_gpu": rk["tokens_per_s_per_gpu"],
-                         "train_peak_gib": rk["train_peak_gib"], "load_peak_gib": rk["load_peak_gib"],
-                         "losses": s["losses"]}
+        table[r.name] = {
+            "device": s["device"],
+            "tokens_per_s_per_gpu": rk["tokens_per_s_per_gpu"],
+            "train_peak_gib": rk["train_peak_gib"],
+            "load_peak_gib": rk["load_peak_gib"],
+            "losses": s["losses"],
+        }
         tps = rk["tokens_per_s_per_gpu"] or 0.0
-        print(f"{r.name:<12} {tps:>10,.0f} {rk['train_peak_gib'] or 0:>15.2f} {rk['load_peak_gib'] or 0:>14.2f} "
-              f"{s['losses'][-1] if s['losses'] else float('nan'):>10.6f}  ({s['device']}, {s['world']} rank(s))")
+        print(
+            f"{r.name:<12} {tps:>10,.0f} {rk['train_peak_gib'] or 0:>15.2f} {rk['load_peak_gib'] or 0:>14.2f} "
+            f"{s['losses'][-1] if s['losses'] else float('nan'):>10.6f}  ({s['device']}, {s['world']} rank(s))"
+        )
     ref = out / "det1"
     if _summary(ref) is not None:
         base_losses, base_ad = _summary(ref)["losses"], _adapter(ref)
@@ -57,10 +63,15 @@ def main(out: Path) -> dict:
             if ad is not None and base_ad is not None:
                 same_ad = ad.keys() == base_ad.keys() and all(bool((ad[k] == base_ad[k]).all()) for k in ad)
             same = s["losses"] == base_losses
-            table[f"{name}_vs_det1"] = {"losses_identical": same, "max_abs_diff": max(diffs, default=None),
-                                        "adapter_identical": same_ad}
-            print(f"  {name}: losses identical {same} (max |diff| {max(diffs, default=0):.3g} over {len(diffs)} "
-                  f"steps), adapter identical {same_ad}")
+            table[f"{name}_vs_det1"] = {
+                "losses_identical": same,
+                "max_abs_diff": max(diffs, default=None),
+                "adapter_identical": same_ad,
+            }
+            print(
+                f"  {name}: losses identical {same} (max |diff| {max(diffs, default=0):.3g} over {len(diffs)} "
+                f"steps), adapter identical {same_ad}"
+            )
         print("  det1 losses:", [f"{x:.9f}" for x in base_losses])
     (out / "compare.json").write_text(json.dumps(table, indent=1))
     return table

@@ -48,8 +48,10 @@ def main() -> None:
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
-                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"),
+    )
     load_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
     vocab = model.config.vocab_size
@@ -112,7 +114,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    timed = step_times[args.warmup:] or step_times
+    timed = step_times[args.warmup :] or step_times
     tok_per_gpu = args.global_batch * args.seq_len / statistics.median(timed) / world
     record = {
         "path": "hf_trainer_fsdp2" if fsdp_kwargs else "hf_trainer",

@@ -38,11 +38,18 @@ def main() -> None:
         ka = prof.key_averages()
         # Kernels only: a CPU op's device time is its kernels' time again, and GPU user annotations
         # (FSDP's ranges) span kernels too, so summing every event counted kernels twice or more.
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not e.is_user_annotation]
+        kernels = [
+            e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+        ]
         dev = sum(e.device_time_total for e in kernels) / 1e6
         print(f"profiled step: wall {wall:.3f}s, summed GPU kernel time {dev:.3f}s ({dev / wall:.0%} of wall)")
-        print(ka.table(sort_by="self_device_time_total" if len(acts) > 1 else "self_cpu_time_total", row_limit=22, max_name_column_width=60))
+        print(
+            ka.table(
+                sort_by="self_device_time_total" if len(acts) > 1 else "self_cpu_time_total",
+                row_limit=22,
+                max_name_column_width=60,
+            )
+        )
     tr.close()
 
 

@@ -40,6 +40,7 @@ def bnb_functional():
 
     return bnbF
 
+
 __all__ = ["Weight4bit", "linear_4bit"]
 
 
@@ -53,9 +54,7 @@ class Weight4bit(torch.Tensor):
     @staticmethod
     def __new__(cls, packed, absmax, code, n_rows: int, quant_type: str, blocksize: int, dtype):
         shape = (packed.shape[0], packed.shape[1] * 2)
-        return torch.Tensor._make_wrapper_subclass(
-            cls, shape, dtype=dtype, device=packed.device, requires_grad=False
-        )
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=packed.device, requires_grad=False)
 
     def __init__(self, packed, absmax, code, n_rows: int, quant_type: str, blocksize: int, dtype):
         self.packed = packed
@@ -66,7 +65,7 @@ class Weight4bit(torch.Tensor):
         self.blocksize = blocksize
 
     # -- construction helpers ------------------------------------------------------------------
-    def _with(self, packed, absmax, code=None, dtype=None) -> "Weight4bit":
+    def _with(self, packed, absmax, code=None, dtype=None) -> Weight4bit:
         return Weight4bit(
             packed,
             absmax,
@@ -178,10 +177,9 @@ def _to_copy(w, dtype=None, device=None, non_blocking=False, **kwargs):
 
 def _split(w, split_size, dim=0):
     _rows_only(dim, "split")
-    return [
-        w._with(p, a)
-        for p, a in zip(torch.split(w.packed, split_size, 0), torch.split(w.absmax, split_size, 0))
-    ]
+    # packed and absmax have the same rows (module docstring), so they split into the same number of chunks.
+    parts = zip(torch.split(w.packed, split_size, 0), torch.split(w.absmax, split_size, 0), strict=True)
+    return [w._with(p, a) for p, a in parts]
 
 
 def _split_with_sizes(w, sizes, dim=0):

@@ -75,7 +75,7 @@ class LlamaShape:
         emb = self.vocab_size * h
         return self.num_hidden_layers * layer + emb * (1 if self.tie_word_embeddings else 2) + h
 
-    def replace(self, **changes: Any) -> "LlamaShape":
+    def replace(self, **changes: Any) -> LlamaShape:
         return dataclasses.replace(self, **changes)
 
 
@@ -158,7 +158,9 @@ def shape_from_hf_config(cfg: dict[str, Any]) -> LlamaShape:
         raise TypeError(f"expected a config dict, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type is not None and model_type != "llama":
-        raise ValueError(f"unsupported model_type {model_type!r}: only Llama checkpoints (model_type 'llama') are supported")
+        raise ValueError(
+            f"unsupported model_type {model_type!r}: only Llama checkpoints (model_type 'llama') are supported"
+        )
     for key in _REQUIRED:
         if key not in cfg or cfg[key] is None:
             raise ValueError(f"HF config is missing required key {key!r}")
@@ -173,7 +175,9 @@ def shape_from_hf_config(cfg: dict[str, Any]) -> LlamaShape:
     hidden = int(cfg["hidden_size"])
     head_dim = cfg.get("head_dim")
     if head_dim is not None and int(head_dim) * heads != hidden:
-        raise ValueError(f"unsupported config: head_dim {head_dim} * num_attention_heads {heads} != hidden_size {hidden}")
+        raise ValueError(
+            f"unsupported config: head_dim {head_dim} * num_attention_heads {heads} != hidden_size {hidden}"
+        )
     kv = cfg.get("num_key_value_heads")
 
     # RoPE: transformers 5 writes "rope_parameters" (with rope_theta inside); 4.x writes rope_theta + rope_scaling.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -31,7 +32,8 @@ import pathlib
 import sys
 import time
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -157,7 +159,8 @@ punctuation, like commas, periods; colons: and (parentheses) are part of the tex
 _CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + (message['content'] | trim) + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
+    "+ (message['content'] | trim) + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
@@ -195,7 +198,7 @@ def _train_merges(n_new_tokens: int) -> list[tuple[str, str]]:
         pairs: Counter = Counter()
         for w, c in counts.items():
             s = seqs[w]
-            for a, b in zip(s, s[1:]):
+            for a, b in itertools.pairwise(s):
                 pairs[(a, b)] += c
         if not pairs:
             break
@@ -272,8 +275,13 @@ def write_tokenizer(out_dir: str | os.PathLike, vocab_size: int | None = None) -
     (out / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": bos, "eos_token": eos, "pad_token": pad}, indent=2) + "\n"
     )
-    return {"bos_token_id": ids[bos], "eos_token_id": ids[eos], "pad_token_id": ids[pad],
-            "end_of_text_id": ids["<|end_of_text|>"], "vocab_size": n}
+    return {
+        "bos_token_id": ids[bos],
+        "eos_token_id": ids[eos],
+        "pad_token_id": ids[pad],
+        "end_of_text_id": ids["<|end_of_text|>"],
+        "vocab_size": n,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -319,8 +327,16 @@ def _param_plan(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...], str]]
 
 
 def _make_group(
-    name: str, pshape: tuple[int, ...], kind: str, *, seed: int, device: torch.device, dtype: torch.dtype,
-    quant_type: str, double_quant: bool, blocksize: int,
+    name: str,
+    pshape: tuple[int, ...],
+    kind: str,
+    *,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant_type: str,
+    double_quant: bool,
+    blocksize: int,
 ) -> dict[str, torch.Tensor]:
     """The tensors (on CPU) stored for one parameter: the weight, plus its quant state when quantized."""
     w = _randn(pshape, seed, name, device)
@@ -361,7 +377,11 @@ def _check_out_dir(out: pathlib.Path, overwrite: bool) -> None:
             unfinished = json.loads((out / MARKER_FILE).read_text()).get("status") != "complete"
         except (OSError, ValueError):
             unfinished = True
-        what = "an unfinished synthetic checkpoint (a write that was interrupted)" if unfinished else "a synthetic checkpoint"
+        what = (
+            "an unfinished synthetic checkpoint (a write that was interrupted)"
+            if unfinished
+            else "a synthetic checkpoint"
+        )
         raise FileExistsError(
             f"{out} already holds {what}; to replace it, pass --force (python -m models.synthetic) or "
             "overwrite=True (write_synthetic_checkpoint)"
@@ -411,11 +431,18 @@ def write_synthetic_checkpoint(
     if quant_type != "none":
         if blocksize not in _BLOCKSIZES:
             raise ValueError(f"invalid blocksize {blocksize}: bitsandbytes 4-bit takes one of {list(_BLOCKSIZES)}")
-        bad = sorted({k for k in (shp.hidden_size, shp.intermediate_size, shp.num_attention_heads * shp.head_dim)
-                      if k % blocksize})
+        bad = sorted(
+            {
+                k
+                for k in (shp.hidden_size, shp.intermediate_size, shp.num_attention_heads * shp.head_dim)
+                if k % blocksize
+            }
+        )
         if bad:
-            raise ValueError(f"blocksize {blocksize} does not divide the input width(s) {bad} of this shape's "
-                             "projections (blocks must not straddle rows); pick a smaller blocksize")
+            raise ValueError(
+                f"blocksize {blocksize} does not divide the input width(s) {bad} of this shape's "
+                "projections (blocks must not straddle rows); pick a smaller blocksize"
+            )
     out = pathlib.Path(out_dir)
     _check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -460,8 +487,15 @@ def write_synthetic_checkpoint(
     with torch.no_grad():
         for name, pshape, kind in _param_plan(shp):
             group = _make_group(
-                name, pshape, kind, seed=seed, device=device, dtype=dtype,
-                quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
+                name,
+                pshape,
+                kind,
+                seed=seed,
+                device=device,
+                dtype=dtype,
+                quant_type=quant_type,
+                double_quant=double_quant,
+                blocksize=blocksize,
             )
             size = sum(_nbytes(t) for t in group.values())
             if current and current_bytes + size > max_shard_bytes:
@@ -513,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m models.synthetic", description="Write a random-weight (4-bit) Llama checkpoint in HF format."
     )
     ap.add_argument("--shape", default="debug", help="model shape name (see models/shapes.py SHAPES)")
-    ap.add_argument("--out", required=True, help="output directory (new, empty, or a previous synthetic one with --force)")
+    ap.add_argument(
+        "--out", required=True, help="output directory (new, empty, or a previous synthetic one with --force)"
+    )
     ap.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
     ap.add_argument("--no-double-quant", action="store_true", help="do not quantize the absmax statistics")
     ap.add_argument("--blocksize", type=int, default=64)
@@ -543,8 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     print(f"wrote {out}")
-    print(f"tensors: {len(index['weight_map'])}  shards: {len(set(index['weight_map'].values()))}  "
-          f"total bytes: {index['metadata']['total_size']}  elapsed: {elapsed:.1f} s")
+    print(
+        f"tensors: {len(index['weight_map'])}  shards: {len(set(index['weight_map'].values()))}  "
+        f"total bytes: {index['metadata']['total_size']}  elapsed: {elapsed:.1f} s"
+    )
     return 0
 
 

@@ -57,7 +57,9 @@ def resolve_device(kind: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_kind: str = "auto", backend: str = "auto", dp_shard: int = -1, cpu_offload: bool = False) -> DistInfo:
+def init_distributed(
+    device_kind: str = "auto", backend: str = "auto", dp_shard: int = -1, cpu_offload: bool = False
+) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

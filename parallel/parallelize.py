@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
@@ -71,8 +70,13 @@ def parallelize(model: nn.Module, mesh, parallelism, activation_checkpoint, trai
     if sharded_embedding:
         emb = model.model.embed_tokens
         model.model.embed_tokens = VocabShardedEmbedding(
-            emb.num_embeddings, emb.embedding_dim, dtype=emb.weight.dtype, rank=mesh.get_local_rank(),
-            world=mesh.size(), group=mesh.get_group(), key="model.embed_tokens.weight",
+            emb.num_embeddings,
+            emb.embedding_dim,
+            dtype=emb.weight.dtype,
+            rank=mesh.get_local_rank(),
+            world=mesh.size(),
+            group=mesh.get_group(),
+            key="model.embed_tokens.weight",
         )
     pad_4bit_rows(model, mesh.size())
     apply_activation_checkpointing(model, activation_checkpoint.mode, activation_checkpoint.selective_every)

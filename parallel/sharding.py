@@ -48,8 +48,13 @@ def pad_4bit_rows(model: nn.Module, multiple: int) -> None:
             if param.device.type != "meta":
                 raise RuntimeError(f"{name}: 4-bit rows can only be padded on the meta model, before loading")
             w = Weight4bit.empty(
-                param.n_rows, param.shape[1], quant_type=param.quant_type, blocksize=param.blocksize,
-                dtype=param.dtype, device=param.device, rows=rows,
+                param.n_rows,
+                param.shape[1],
+                quant_type=param.quant_type,
+                blocksize=param.blocksize,
+                dtype=param.dtype,
+                device=param.device,
+                rows=rows,
             )
             setattr(module, name, nn.Parameter(w, requires_grad=False))
 

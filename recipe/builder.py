@@ -35,8 +35,9 @@ def ensure_checkpoint(model_cfg, seed: int, dist_info: DistInfo) -> Path:
         raise ConfigError("[model] checkpoint is empty: set it to a HF checkpoint directory or a hub repo id")
     if not model_cfg.synthetic_shape and not path.exists() and parse_repo_spec(model_cfg.checkpoint):
         # One download per machine: local rank 0 (ranks of one machine share its hub cache).
-        return resolve_checkpoint(model_cfg.checkpoint, is_main=dist_info.local_rank == 0,
-                                  barrier=torch.distributed.barrier)
+        return resolve_checkpoint(
+            model_cfg.checkpoint, is_main=dist_info.local_rank == 0, barrier=torch.distributed.barrier
+        )
     if model_cfg.synthetic_shape:
         # Rank 0 decides and writes; every rank takes the barrier, whatever it sees on disk (a rank
         # that starts late could otherwise find the files, skip the barrier and desynchronise).
@@ -46,8 +47,11 @@ def ensure_checkpoint(model_cfg, seed: int, dist_info: DistInfo) -> Path:
             # config.json is written last: a marker without it is an interrupted synthetic write,
             # which may be redone (only the writer's own files are replaced).
             redo = (path / MARKER_FILE).is_file()
-            log(f"writing a synthetic '{model_cfg.synthetic_shape}' checkpoint to {path}"
-                + (" (redoing an interrupted write)" if redo else ""), dist_info.rank)
+            log(
+                f"writing a synthetic '{model_cfg.synthetic_shape}' checkpoint to {path}"
+                + (" (redoing an interrupted write)" if redo else ""),
+                dist_info.rank,
+            )
             try:
                 write_synthetic_checkpoint(path, shape=model_cfg.synthetic_shape, seed=seed, overwrite=redo)
             except FileExistsError as e:
@@ -82,10 +86,20 @@ def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -
         model = LlamaForCausalLM(args)
     offload = cfg.parallelism.cpu_offload
     parallelize(
-        model, dist_info.mesh, cfg.parallelism, cfg.activation_checkpoint, cfg.training,
+        model,
+        dist_info.mesh,
+        cfg.parallelism,
+        cfg.activation_checkpoint,
+        cfg.training,
         pin_memory=offload and dist_info.device.type == "cuda",
     )
     shard_device = torch.device("cpu") if offload else dist_info.device
-    materialize(model, reader, device=shard_device, lora_seed=cfg.job.seed, quant_device=dist_info.device,
-                buffer_device=dist_info.device)
+    materialize(
+        model,
+        reader,
+        device=shard_device,
+        lora_seed=cfg.job.seed,
+        quant_device=dist_info.device,
+        buffer_device=dist_info.device,
+    )
     return model

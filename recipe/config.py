@@ -228,7 +228,9 @@ class Metrics:
     log_freq: int = _f(1, "Log metrics every this many steps.")
     enable_jsonl: bool = _f(True, "Write metrics as JSON lines.")
     enable_tensorboard: bool = _f(
-        False, "Write TensorBoard event files to <dump_folder>/<save_folder>/tensorboard (optional package: pip install tensorboard)."
+        False,
+        "Write TensorBoard event files to <dump_folder>/<save_folder>/tensorboard "
+        "(optional package: pip install tensorboard).",
     )
     save_folder: str = _f("metrics", "Metrics output folder, relative to job.dump_folder.")
     peak_tflops: float = _f(
@@ -256,6 +258,7 @@ class JobConfig:
 
 # ---------------------------------------------------------------------------
 # Schema introspection
+
 
 def _sections() -> dict[str, type]:
     return {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}  # type: ignore[misc]
@@ -294,14 +297,14 @@ def _check_key(section: str, key: str, where: str) -> tuple[dataclasses.Field, A
         sug = _suggest(key, list(fields))
         sug = sug.replace("'", f"'{section}.", 1) if sug else ""
         raise ConfigError(
-            f"unknown config key '{section}.{key}' ({where}).{sug} "
-            f"Valid keys in [{section}]: {', '.join(fields)}."
+            f"unknown config key '{section}.{key}' ({where}).{sug} Valid keys in [{section}]: {', '.join(fields)}."
         )
     return fields[key]
 
 
 # ---------------------------------------------------------------------------
 # Value conversion
+
 
 def _type_error(name: str, tp: Any, value: Any, where: str) -> ConfigError:
     return ConfigError(
@@ -373,8 +376,12 @@ _RANGES: list[tuple[str, str, typing.Callable[[Any], bool], str]] = [
     ("lora", "alpha", lambda v: v > 0, "> 0"),
     ("lora", "dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     # Without any target there is nothing to train.
-    ("lora", "target_modules", lambda v: len(v) > 0,
-     f"non-empty: at least one of the seven projections ({', '.join(LORA_TARGETS)})"),
+    (
+        "lora",
+        "target_modules",
+        lambda v: len(v) > 0,
+        f"non-empty: at least one of the seven projections ({', '.join(LORA_TARGETS)})",
+    ),
     ("data", "seq_len", lambda v: v > 0, "> 0"),
     ("training", "steps", lambda v: v >= 0, ">= 0"),
     ("training", "micro_batch_size", lambda v: v > 0, "> 0"),
@@ -432,12 +439,14 @@ def validate(cfg: JobConfig) -> None:
 # ---------------------------------------------------------------------------
 # Loading
 
+
 def _apply_toml(cfg: JobConfig, data: dict[str, Any], where: str) -> None:
     for section, table in data.items():
         _check_section(section, where)
         if not isinstance(table, dict):
             raise ConfigError(
-                f"'{section}' must be a table ({where}); write it as a [{section}] header followed by key = value lines."
+                f"'{section}' must be a table ({where}); "
+                f"write it as a [{section}] header followed by key = value lines."
             )
         obj = getattr(cfg, section)
         for key, value in table.items():
@@ -489,9 +498,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
         _, tp = _check_key(section, key, "on the command line")
         if raw is None:
             if tp is not bool:
-                raise ConfigError(
-                    f"--{section}.{key} needs a value: use --{section}.{key}=VALUE ({_type_name(tp)})."
-                )
+                raise ConfigError(f"--{section}.{key} needs a value: use --{section}.{key}=VALUE ({_type_name(tp)}).")
             raw = "true"
         overrides.append((section, key, _from_cli(f"{section}.{key}", tp, raw, where)))
 
@@ -517,6 +524,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
 
 # ---------------------------------------------------------------------------
 # Help and serialization
+
 
 def format_help() -> str:
     lines = [

@@ -62,9 +62,19 @@ def adapter_config(rank: int, alpha: float, dropout: float, target_modules, base
 
         cfg = LoraConfig(**kwargs).to_dict()
     except ImportError:  # the same core fields without peft
-        cfg = dict(kwargs, peft_type="LORA", init_lora_weights=True, use_rslora=False, use_dora=False,
-                   modules_to_save=None, layers_to_transform=None, layers_pattern=None, rank_pattern={},
-                   alpha_pattern={}, revision=None)
+        cfg = dict(
+            kwargs,
+            peft_type="LORA",
+            init_lora_weights=True,
+            use_rslora=False,
+            use_dora=False,
+            modules_to_save=None,
+            layers_to_transform=None,
+            layers_pattern=None,
+            rank_pattern={},
+            alpha_pattern={},
+            revision=None,
+        )
     # JSON has no sets/enums: write them as PEFT's save_pretrained does.
     out = {}
     for k, v in cfg.items():
@@ -93,8 +103,9 @@ def _check_out_dir(out: Path) -> None:
             )
 
 
-def write_adapter(out_dir, tensors: dict[str, torch.Tensor], config: dict, dtype: torch.dtype = torch.float32,
-                  overwrite: bool = True) -> Path:
+def write_adapter(
+    out_dir, tensors: dict[str, torch.Tensor], config: dict, dtype: torch.dtype = torch.float32, overwrite: bool = True
+) -> Path:
     """Write ``tensors`` (recipe FQNs -> full tensors) and ``config`` as a PEFT adapter directory.
 
     Written to a temp dir first, then moved into place, so ``out_dir`` is never half written.
@@ -125,8 +136,9 @@ def write_adapter(out_dir, tensors: dict[str, torch.Tensor], config: dict, dtype
     return out
 
 
-def export_model_adapter(model, out_dir, *, rank, alpha, dropout, target_modules, base_model,
-                         dtype=torch.float32, is_main=True) -> Path | None:
+def export_model_adapter(
+    model, out_dir, *, rank, alpha, dropout, target_modules, base_model, dtype=torch.float32, is_main=True
+) -> Path | None:
     """Gather every trainable (LoRA) parameter with ``gather_rows`` (a collective: call it on every
     rank) and write the adapter on the main rank. Returns the directory on the main rank."""
     tensors = {}
@@ -152,7 +164,6 @@ def read_checkpoint_lora(ckpt_dir) -> tuple[dict, dict[str, torch.Tensor]]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-
     meta = read_checkpoint_meta(ckpt_dir)
     reader = FileSystemReader(str(ckpt_dir))
     md = reader.read_metadata().state_dict_metadata
@@ -169,8 +180,9 @@ def read_checkpoint_lora(ckpt_dir) -> tuple[dict, dict[str, torch.Tensor]]:
 def export_checkpoint(ckpt_dir, out_dir, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
     meta, tensors = read_checkpoint_lora(ckpt_dir)
     lora = meta["lora"]
-    cfg = adapter_config(lora["rank"], lora["alpha"], lora.get("dropout", 0.0), lora["target_modules"],
-                         meta["base_checkpoint"])
+    cfg = adapter_config(
+        lora["rank"], lora["alpha"], lora.get("dropout", 0.0), lora["target_modules"], meta["base_checkpoint"]
+    )
     return write_adapter(out_dir, tensors, cfg, dtype, overwrite=overwrite)
 
 

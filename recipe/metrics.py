@@ -72,8 +72,8 @@ import re
 import resource
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -93,8 +93,20 @@ __all__ = [
 ]
 
 JSONL_KEYS = (
-    "step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_global", "step_time_s",
-    "tflops", "mfu", "peak_mem_gib", "host_rss_gib", "skipped", "nonfinite", "loss_scale",
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "tokens_per_s_global",
+    "step_time_s",
+    "tflops",
+    "mfu",
+    "peak_mem_gib",
+    "host_rss_gib",
+    "skipped",
+    "nonfinite",
+    "loss_scale",
 )
 
 
@@ -181,8 +193,13 @@ def _proj_dims(shape) -> dict[str, tuple[int, int]]:
     q = shape.num_attention_heads * shape.head_dim
     kv = shape.num_key_value_heads * shape.head_dim
     return {
-        "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
     }  # (in, out)
 
 
@@ -261,6 +278,7 @@ class StepClock:
 
 # ---------------------------------------------------------------------------
 # Logger
+
 
 def _open_tensorboard(folder: Path):
     try:

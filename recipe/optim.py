@@ -68,8 +68,11 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg_opt) 
     with another lr or weight decay means the config's. The current lr is recomputed from the
     restored step and the config's peak lr through the schedule's own lambdas.
     """
-    want = {"betas": (float(cfg_opt.beta1), float(cfg_opt.beta2)), "eps": float(cfg_opt.eps),
-            "weight_decay": float(cfg_opt.weight_decay)}
+    want = {
+        "betas": (float(cfg_opt.beta1), float(cfg_opt.beta2)),
+        "eps": float(cfg_opt.eps),
+        "weight_decay": float(cfg_opt.weight_decay),
+    }
     changed = []
     for g in optimizer.param_groups:
         for k, v in want.items():
@@ -82,7 +85,7 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg_opt) 
     scheduler.base_lrs = [float(cfg_opt.lr)] * len(old)
     if old != scheduler.base_lrs:
         changed.append(f"lr {old[0]} -> {cfg_opt.lr}")
-    for g, fn, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+    for g, fn, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True):
         g["lr"] = base * fn(scheduler.last_epoch)
     # LambdaLR has no public setter for what get_last_lr() reports.
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
@@ -92,8 +95,14 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg_opt) 
 class LossScaler:
     """Dynamic loss scaling for fp16 over FSDP-sharded gradients (a no-op when disabled)."""
 
-    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000,
-                 growth_factor: float = 2.0, backoff_factor: float = 0.5):
+    def __init__(
+        self,
+        enabled: bool,
+        init_scale: float = 2.0**16,
+        growth_interval: int = 2000,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+    ):
         self.enabled = enabled
         self.scale = float(init_scale) if enabled else 1.0
         self.growth_interval = growth_interval

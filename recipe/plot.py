@@ -32,9 +32,7 @@ def _import_pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit(
-            "recipe.plot needs matplotlib, an optional dependency: pip install matplotlib"
-        ) from None
+        raise SystemExit("recipe.plot needs matplotlib, an optional dependency: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -90,14 +88,14 @@ def _labels(runs: list[Path]) -> list[str]:
 def _line_plot(plt, runs, labels, key, ylabel, title, path, fallback=None, scale=1.0):
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
-    for run, label in zip(runs, labels):
+    for run, label in zip(runs, labels, strict=True):
         pts = []
         for r in run["steps"]:
             v = r.get(key, r.get(fallback) if fallback else None)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 pts.append((r["step"], v * scale))
         if pts:
-            xs, ys = zip(*pts)
+            xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
             drawn = True
     if not drawn:
@@ -119,7 +117,7 @@ def _line_plot(plt, runs, labels, key, ylabel, title, path, fallback=None, scale
 
 def _memory_plot(plt, runs, labels, path):
     panels = []  # (label, report, key, what)
-    for run, label in zip(runs, labels):
+    for run, label in zip(runs, labels, strict=True):
         rep = run["memory"]
         if rep is None:
             continue
@@ -129,7 +127,7 @@ def _memory_plot(plt, runs, labels, path):
     if not panels:
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.6 * len(panels)), squeeze=False)
-    for ax, (label, rep, key, what) in zip(axes[:, 0], panels):
+    for ax, (label, rep, key, what) in zip(axes[:, 0], panels, strict=True):
         phases = rep["phases"]
         ranks = rep["ranks"]
         width = 0.8 / max(len(ranks), 1)
@@ -160,8 +158,16 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [
         _line_plot(plt, runs, labels, "loss", "loss", "training loss", out / "loss.png"),
-        _line_plot(plt, runs, labels, "tokens_per_s_global", "tokens / s (all ranks)", "throughput",
-                   out / "tokens_per_s.png", fallback="tokens_per_s"),
+        _line_plot(
+            plt,
+            runs,
+            labels,
+            "tokens_per_s_global",
+            "tokens / s (all ranks)",
+            "throughput",
+            out / "tokens_per_s.png",
+            fallback="tokens_per_s",
+        ),
         _line_plot(plt, runs, labels, "mfu", "MFU (%)", "model FLOPs utilisation", out / "mfu.png", scale=100.0),
         _memory_plot(plt, runs, labels, out / "memory.png"),
     ]

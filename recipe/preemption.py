@@ -69,8 +69,10 @@ class PreemptionWatcher:
             return
         self.signal, self._first_at = signum, time.monotonic()
         # Not log(): every rank that gets the signal says so.
-        _say(f"rank {self.rank}: got {signal.Signals(signum).name}: finishing this step, then saving a "
-             "checkpoint and stopping (send it again to stop at once)\n")
+        _say(
+            f"rank {self.rank}: got {signal.Signals(signum).name}: finishing this step, then saving a "
+            "checkpoint and stopping (send it again to stop at once)\n"
+        )
 
     def should_stop(self) -> bool:
         """Collective: True on every rank once any rank got a signal."""

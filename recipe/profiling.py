@@ -76,8 +76,9 @@ def _ranges(steps) -> str:
 class MemoryReport:
     """Per-phase memory of one rank; ``enabled=False`` makes every method a no-op (no hooks)."""
 
-    def __init__(self, enabled: bool, device: torch.device, rank: int = 0, world_size: int = 1,
-                 path: Path | None = None):
+    def __init__(
+        self, enabled: bool, device: torch.device, rank: int = 0, world_size: int = 1, path: Path | None = None
+    ):
         self.enabled = enabled
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -122,9 +123,7 @@ class MemoryReport:
         name = f"{self._phase}_peak"
         if self.cuda:
             self.gpu[name] = _max(self.gpu[name], torch.cuda.max_memory_allocated(self.device) / _GIB)
-            self.gpu_reserved[name] = _max(
-                self.gpu_reserved[name], torch.cuda.max_memory_reserved(self.device) / _GIB
-            )
+            self.gpu_reserved[name] = _max(self.gpu_reserved[name], torch.cuda.max_memory_reserved(self.device) / _GIB)
         self.host[name] = _max(self.host[name], host_rss_gib())
         self._phase = None
 
@@ -210,13 +209,19 @@ def format_memory_table(report: dict) -> str:
         rows.append([str(r["rank"]), "gpu"] + [cell(r["gpu"].get(p)) for p in report["phases"]])
         rows.append([str(r["rank"]), "gpu_rsv"] + [cell(r["gpu_reserved"].get(p)) for p in report["phases"]])
         rows.append([str(r["rank"]), "host"] + [cell(r["host_rss"].get(p)) for p in report["phases"]])
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    fmt = lambda row: "  ".join(x.rjust(w) for x, w in zip(row, widths))
-    title = (f"memory report ({report['units']}; {report['device_name']}; gpu = CUDA allocated, gpu_rsv = "
-             f"reserved, host = process RSS; max over steps {_ranges(report['steps_measured'])})")
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    fmt = lambda row: "  ".join(x.rjust(w) for x, w in zip(row, widths, strict=True))
+    title = (
+        f"memory report ({report['units']}; {report['device_name']}; gpu = CUDA allocated, gpu_rsv = "
+        f"reserved, host = process RSS; max over steps {_ranges(report['steps_measured'])})"
+    )
     lines = [title, fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
-    lines.append("host RSS now / peak per rank: " + ", ".join(
-        f"rank {r['rank']}: {r['host_rss_current']:.3f} / {r['host_rss_peak']:.3f}" for r in report["ranks"]))
+    lines.append(
+        "host RSS now / peak per rank: "
+        + ", ".join(
+            f"rank {r['rank']}: {r['host_rss_current']:.3f} / {r['host_rss_peak']:.3f}" for r in report["ranks"]
+        )
+    )
     return "\n".join(lines)
 
 
@@ -229,8 +234,16 @@ class Profiler:
     ``close()`` at exit (also after an error).
     """
 
-    def __init__(self, p, total_steps: int, rank: int, world_size: int, device: torch.device, folder: Path,
-                 report_path: Path | None):
+    def __init__(
+        self,
+        p,
+        total_steps: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        folder: Path,
+        report_path: Path | None,
+    ):
         """``p``: the ``[profiling]`` section; ``folder``: where snapshots and traces go;
         ``report_path``: where the memory report's JSON goes."""
         self.rank, self.device = rank, torch.device(device)
@@ -251,8 +264,11 @@ class Profiler:
         # step that never runs must not take the whole window with it, so the window ends with the run.
         inside = [s for s in self.snapshot_steps if s <= total_steps]
         if inside and inside[-1] < self.snapshot_steps[-1]:
-            log(f"profiling.memory_snapshot_steps: the snapshot of steps {inside[0]}-{self.snapshot_steps[-1]} "
-                f"is dumped at step {total_steps}, the last one", rank)
+            log(
+                f"profiling.memory_snapshot_steps: the snapshot of steps {inside[0]}-{self.snapshot_steps[-1]} "
+                f"is dumped at step {total_steps}, the last one",
+                rank,
+            )
             inside.append(total_steps)
         self.snapshot_steps = inside
         self.memory = MemoryReport(p.memory_report, self.device, rank, world_size, report_path)
@@ -272,9 +288,7 @@ class Profiler:
             # frees too (context="all", the default) torch 2.11 training steps died in backward with
             # "SystemError: run_backward returned NULL without setting an exception"; C++ frames also
             # make the dump slow to symbolize.
-            torch.cuda.memory._record_memory_history(
-                context="alloc", stacks="python", max_entries=self.max_entries
-            )
+            torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=self.max_entries)
             self.recording = True
 
     def _stop_recording(self) -> None:
@@ -301,8 +315,11 @@ class Profiler:
         except torch.OutOfMemoryError:
             if self.recording:
                 path = self.dump_snapshot("oom")
-                print(f"[rank {self.rank}] CUDA out of memory in step {step}: memory snapshot -> {path} "
-                      "(open it at https://pytorch.org/memory_viz)", flush=True)
+                print(
+                    f"[rank {self.rank}] CUDA out of memory in step {step}: memory snapshot -> {path} "
+                    "(open it at https://pytorch.org/memory_viz)",
+                    flush=True,
+                )
             raise
 
     # -- training hooks ----------------------------------------------------
@@ -324,7 +341,10 @@ class Profiler:
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._prof = torch.profiler.profile(
-                activities=activities, record_shapes=True, profile_memory=True, with_stack=False,
+                activities=activities,
+                record_shapes=True,
+                profile_memory=True,
+                with_stack=False,
                 acc_events=True,  # one cycle anyway; avoids torch's 'clears events' warning
             )
             self._prof.__enter__()
@@ -349,8 +369,11 @@ class Profiler:
             log(f"profiler trace of step {step} -> {path}", self.rank)
         if self.snapshot_steps and step == self.snapshot_steps[-1]:
             path = self.dump_snapshot(f"step{step}")
-            log(f"memory snapshot of steps {self.snapshot_steps[0]}-{step} -> {path} "
-                "(open it at https://pytorch.org/memory_viz)", self.rank)
+            log(
+                f"memory snapshot of steps {self.snapshot_steps[0]}-{step} -> {path} "
+                "(open it at https://pytorch.org/memory_viz)",
+                self.rank,
+            )
             if not self.snapshot_on_oom:
                 self._stop_recording()
 

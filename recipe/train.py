@@ -138,37 +138,63 @@ class Trainer:
         torch.manual_seed(rank_seed(cfg.job.seed, rank))
         self.load_peak_gib = peak_memory_gib(self.device)
         self.profiler = Profiler(
-            cfg.profiling, t.steps, rank, world, self.device, self.dump / cfg.profiling.save_folder,
+            cfg.profiling,
+            t.steps,
+            rank,
+            world,
+            self.device,
+            self.dump / cfg.profiling.save_folder,
             self.dump / cfg.metrics.save_folder / "memory_report.json",
         )
         self.profiler.after_load()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        log(f"model ready in {self.load_time_s:.1f}s; load peak {self.load_peak_gib:.2f} GiB/rank; "
-            f"{self.num_trainable():,} trainable parameters", rank)
+        log(
+            f"model ready in {self.load_time_s:.1f}s; load peak {self.load_peak_gib:.2f} GiB/rank; "
+            f"{self.num_trainable():,} trainable parameters",
+            rank,
+        )
 
         self.optimizer = build_optimizer(self.params, cfg.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
         if 0 < t.steps <= cfg.lr_scheduler.warmup_steps:
-            log(f"note: lr_scheduler.warmup_steps = {cfg.lr_scheduler.warmup_steps} >= training.steps = "
-                f"{t.steps}: the lr never reaches optimizer.lr", rank)
+            log(
+                f"note: lr_scheduler.warmup_steps = {cfg.lr_scheduler.warmup_steps} >= training.steps = "
+                f"{t.steps}: the lr never reaches optimizer.lr",
+                rank,
+            )
         self.scaler = LossScaler(t.mixed_precision_param == "float16", t.loss_scale_init, t.loss_scale_growth_interval)
         self.step = 0  # optimizer steps completed
         self.metrics = MetricsLogger(
-            self.dump / cfg.metrics.save_folder, t.steps, rank, cfg.metrics.log_freq, cfg.metrics.enable_jsonl,
+            self.dump / cfg.metrics.save_folder,
+            t.steps,
+            rank,
+            cfg.metrics.log_freq,
+            cfg.metrics.enable_jsonl,
             flops_per_token=model_flops_per_token(
-                shape, cfg.data.seq_len, cfg.lora.rank, cfg.lora.target_modules,
-                cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every,
+                shape,
+                cfg.data.seq_len,
+                cfg.lora.rank,
+                cfg.lora.target_modules,
+                cfg.activation_checkpoint.mode,
+                cfg.activation_checkpoint.selective_every,
             ),
             peak_flops=peak_flops(self.device, cfg.metrics.peak_tflops),
-            world_size=world, enable_tensorboard=cfg.metrics.enable_tensorboard,
+            world_size=world,
+            enable_tensorboard=cfg.metrics.enable_tensorboard,
         )
         if self.dist.is_main:
             self.dump.mkdir(parents=True, exist_ok=True)
         self.checkpointer = Checkpointer(
-            cfg.checkpoint, self.dump / cfg.checkpoint.folder,
-            model=self.model, optimizer=self.optimizer,
+            cfg.checkpoint,
+            self.dump / cfg.checkpoint.folder,
+            model=self.model,
+            optimizer=self.optimizer,
             stateful={"scheduler": self.scheduler, "scaler": self.scaler, "loader": self.loader},
-            identity=self._identity(), total_steps=t.steps, rank=rank, world=world, device=self.device,
+            identity=self._identity(),
+            total_steps=t.steps,
+            rank=rank,
+            world=world,
+            device=self.device,
         )
         self.step = self.checkpointer.maybe_resume()  # raises CheckpointLoadError before any training
         if self.checkpointer.resumed_from is not None:
@@ -188,8 +214,12 @@ class Trainer:
         cfg = self.cfg
         return RunIdentity(
             base_path=Path(os.path.abspath(self.reader.path)),
-            lora={"rank": int(cfg.lora.rank), "alpha": float(cfg.lora.alpha),
-                  "target_modules": sorted(cfg.lora.target_modules), "dropout": float(cfg.lora.dropout)},
+            lora={
+                "rank": int(cfg.lora.rank),
+                "alpha": float(cfg.lora.alpha),
+                "target_modules": sorted(cfg.lora.target_modules),
+                "dropout": float(cfg.lora.dropout),
+            },
             model_shape=RunIdentity.shape_dict(self.reader.shape),
             base_quant=base_quant_name(self.model.args),
             quant_type=cfg.model.quant_type,
@@ -229,8 +259,9 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
-        return StepResult(all_reduce_sum(loss_sum), n_global, grad_norm, tokens, found_inf or bool(bad_ranks),
-                          bad_ranks)
+        return StepResult(
+            all_reduce_sum(loss_sum), n_global, grad_norm, tokens, found_inf or bool(bad_ranks), bad_ranks
+        )
 
     def _forward_backward(self, micro, n32, loss_sum, exact: bool) -> torch.Tensor:
         for i, mb in enumerate(micro):
@@ -291,14 +322,22 @@ class Trainer:
             self.profiler.step_end(self.step)
             # Host-side numbers are taken now, the device ones when the rows are flushed. Queued before the
             # skip handling: the flush before a TrainingDivergedError must write this step's row too.
-            host = {"lr": lr, "peak_mem_gib": peak_memory_gib(self.device), "host_rss_gib": host_rss_gib(),
-                    "skipped": r.skipped, "nonfinite": bool(r.nonfinite_ranks), "loss_scale": self.scaler.scale}
+            host = {
+                "lr": lr,
+                "peak_mem_gib": peak_memory_gib(self.device),
+                "host_rss_gib": host_rss_gib(),
+                "skipped": r.skipped,
+                "nonfinite": bool(r.nonfinite_ranks),
+                "loss_scale": self.scaler.scale,
+            }
             pending.append((self.step, r, host, (start, end)))
             if r.nonfinite_ranks:
                 self._on_nonfinite(r, pending, clock)
             elif r.skipped:
-                log(f"step {self.step}: fp16 overflow, optimizer step skipped, loss scale -> {self.scaler.scale:g}",
-                    self.dist.rank)
+                log(
+                    f"step {self.step}: fp16 overflow, optimizer step skipped, loss scale -> {self.scaler.scale:g}",
+                    self.dist.rank,
+                )
             else:
                 self.nonfinite_in_a_row = 0
             # Also before a save: the metrics of every step a checkpoint holds are on disk with it.
@@ -320,8 +359,11 @@ class Trainer:
         self.nonfinite_in_a_row += 1
         where = "the gradient norm" if r.nonfinite_ranks == (-1,) else f"the loss on rank(s) {list(r.nonfinite_ranks)}"
         limit = self.cfg.training.max_nonfinite_steps
-        log(f"step {self.step}: {where} is NaN/inf: optimizer step skipped "
-            f"({self.nonfinite_in_a_row} in a row, the run stops at {limit})", self.dist.rank)
+        log(
+            f"step {self.step}: {where} is NaN/inf: optimizer step skipped "
+            f"({self.nonfinite_in_a_row} in a row, the run stops at {limit})",
+            self.dist.rank,
+        )
         if self.nonfinite_in_a_row >= limit:
             self._flush(pending, clock)
             last = self.checkpointer.last_complete_step()
@@ -337,9 +379,15 @@ class Trainer:
         self.checkpointer.maybe_save(self.step, force=True)
         self.checkpointer.wait()
         saved = self.checkpointer.enabled
-        log(f"stopped at step {self.step} on {self.preemption.describe()}: "
-            + ("checkpoint saved; rerun the same command to resume" if saved
-               else "checkpoint.enable is false, so nothing was saved"), self.dist.rank)
+        log(
+            f"stopped at step {self.step} on {self.preemption.describe()}: "
+            + (
+                "checkpoint saved; rerun the same command to resume"
+                if saved
+                else "checkpoint.enable is false, so nothing was saved"
+            ),
+            self.dist.rank,
+        )
         raise Preempted(self.step)
 
     def _flush(self, pending: list[tuple], clock: StepClock) -> list[float]:
@@ -347,19 +395,29 @@ class Trainer:
         if not pending:
             return []
         seconds = clock.seconds([p[3] for p in pending])
-        values = torch.stack([torch.stack([r.loss_sum.double(), r.n_global.double(), r.grad_norm_t.double()])
-                              for _, r, _, _ in pending]).tolist()
+        values = torch.stack(
+            [torch.stack([r.loss_sum.double(), r.n_global.double(), r.grad_norm_t.double()]) for _, r, _, _ in pending]
+        ).tolist()
         losses = []
-        for (step, r, host, _), dt, (loss_sum, n_global, norm) in zip(pending, seconds, values):
+        for (step, r, host, _), dt, (loss_sum, n_global, norm) in zip(pending, seconds, values, strict=True):
             loss = loss_sum / n_global
             losses.append(loss)
             self.step_times.append(dt)
-            self.metrics.step(step, {
-                "loss": loss, "lr": host["lr"], "grad_norm": norm,
-                "tokens_per_s": r.tokens / dt, "step_time_s": dt,
-                "peak_mem_gib": host["peak_mem_gib"], "host_rss_gib": host["host_rss_gib"],
-                "skipped": host["skipped"], "nonfinite": host["nonfinite"], "loss_scale": host["loss_scale"],
-            })
+            self.metrics.step(
+                step,
+                {
+                    "loss": loss,
+                    "lr": host["lr"],
+                    "grad_norm": norm,
+                    "tokens_per_s": r.tokens / dt,
+                    "step_time_s": dt,
+                    "peak_mem_gib": host["peak_mem_gib"],
+                    "host_rss_gib": host["host_rss_gib"],
+                    "skipped": host["skipped"],
+                    "nonfinite": host["nonfinite"],
+                    "loss_scale": host["loss_scale"],
+                },
+            )
         pending.clear()
         return losses
 
@@ -367,9 +425,15 @@ class Trainer:
         """Gather the LoRA weights (collective: every rank calls it) and write a PEFT adapter on rank 0."""
         lora = self.cfg.lora
         return export_model_adapter(
-            self.model, out_dir, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-            target_modules=list(lora.target_modules), base_model=str(self.checkpointer.base_path),
-            dtype=dtype, is_main=self.dist.is_main,
+            self.model,
+            out_dir,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            base_model=str(self.checkpointer.base_path),
+            dtype=dtype,
+            is_main=self.dist.is_main,
         )
 
     def close(self) -> None:
@@ -402,7 +466,8 @@ class Trainer:
             "train_peak_gib": peak_memory_gib(self.device) if cuda else None,
             "host_peak_rss_gib": host_rss_gib(peak=True),
             "tokens_per_s_per_gpu": gbs * self.cfg.data.seq_len / statistics.median(timed) / self.dist.world_size
-            if timed else None,
+            if timed
+            else None,
         }
         ranks = [None] * self.dist.world_size
         torch.distributed.all_gather_object(ranks, mine)

@@ -20,7 +20,6 @@ if str(ROOT) not in sys.path:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
@@ -86,14 +85,13 @@ def build_hf_model(ckpt, *, dtype=torch.float32, compute_dtype=None):
     """HF transformers' LlamaForCausalLM loaded from ``ckpt`` with ``dtype`` dense parameters.
 
     For a bnb 4-bit checkpoint every ``Linear4bit`` is made safe to run on CPU (no in-place AVX512-BF16
-    repacking) and computes in ``compute_dtype`` (default ``dtype``): the checkpoint's quantization_config (bf16 compute)
-    wins over one passed to from_pretrained, so the modules are set directly.
+    repacking) and computes in ``compute_dtype`` (default ``dtype``): the checkpoint's
+    quantization_config (bf16 compute) wins over one passed to from_pretrained, so the modules are set
+    directly.
     """
     import transformers
 
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        str(ckpt), dtype=dtype, output_loading_info=True
-    )
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     try:
         import bitsandbytes as bnb

@@ -48,7 +48,7 @@ def _entry(fn, rank: int, world: int, port: int, err_dir: str, args: tuple) -> N
         fn(rank, world, *args)
     except BaseException:
         Path(err_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise SystemExit(1)
+        raise SystemExit(1) from None  # the traceback is in the .err file
 
 
 def spawn(fn, world: int, *args, err_dir: str | os.PathLike, timeout: float = 240.0) -> None:
@@ -60,8 +60,7 @@ def spawn(fn, world: int, *args, err_dir: str | os.PathLike, timeout: float = 24
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(fn, r, world, port, str(err_dir), args), daemon=True)
-        for r in range(world)
+        ctx.Process(target=_entry, args=(fn, r, world, port, str(err_dir), args), daemon=True) for r in range(world)
     ]
     for p in procs:
         p.start()
@@ -115,16 +114,18 @@ def _spy_pre_all_gather(records: list):
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         inputs, meta = orig(self, mesh, outer_size, outer_stride, module, mp_policy)
-        records.append({
-            "local_shape": tuple(self.shape),
-            "outer_size": tuple(outer_size),
-            "blocksize": self.blocksize,
-            "param_dtype": mp_policy.param_dtype,
-            "dtypes": [t.dtype for t in inputs],
-            "numels": [t.numel() for t in inputs],
-            "nbytes": [t.numel() * t.element_size() for t in inputs],
-            "subclass": [type(t) is not torch.Tensor for t in inputs],
-        })
+        records.append(
+            {
+                "local_shape": tuple(self.shape),
+                "outer_size": tuple(outer_size),
+                "blocksize": self.blocksize,
+                "param_dtype": mp_policy.param_dtype,
+                "dtypes": [t.dtype for t in inputs],
+                "numels": [t.numel() for t in inputs],
+                "nbytes": [t.numel() * t.element_size() for t in inputs],
+                "subclass": [type(t) is not torch.Tensor for t in inputs],
+            }
+        )
         return inputs, meta
 
     Weight4bit.fsdp_pre_all_gather = fsdp_pre_all_gather
@@ -158,7 +159,9 @@ def _check_shards(trainer, rank: int, world: int) -> dict:
         absmax[:n_rows] = full.absmax
         lo, hi = rank * c, (rank + 1) * c
         if tuple(local.packed.shape) != (c, k // 2) or local.packed.dtype != torch.uint8:
-            errors.append(f"{name}: local packed {local.packed.dtype} {tuple(local.packed.shape)}, expected uint8 {(c, k // 2)}")
+            errors.append(
+                f"{name}: local packed {local.packed.dtype} {tuple(local.packed.shape)}, expected uint8 {(c, k // 2)}"
+            )
             continue
         if not torch.equal(local.packed.cpu(), packed[lo:hi]):
             errors.append(f"{name}: packed shard != checkpoint rows [{lo}, {hi})")
@@ -192,7 +195,7 @@ def _check_unsharded(trainer, world: int) -> dict:
                 mine = w.dequantize(torch.float32)
                 keys = [k for k in reader.weight_map if k.startswith(f"{prefix}.weight.")]
                 qs = bnbF.QuantState.from_dict(
-                    {k[len(f"{prefix}.weight."):]: reader.read(k) for k in keys}, torch.device("cpu")
+                    {k[len(f"{prefix}.weight.") :]: reader.read(k) for k in keys}, torch.device("cpu")
                 )
                 qs.dtype = torch.float32
                 ref = bnbF.dequantize_4bit(reader.read(f"{prefix}.weight"), qs)
@@ -260,7 +263,7 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
                 trainer._clip = clip
                 trainer.model.train()
                 losses, norms, targets = [], [], []
-                for step in range(cfg.training.steps):
+                for _step in range(cfg.training.steps):
                     micro = trainer.loader.micro_batches(trainer.step)
                     targets.append(sum(count_targets(mb["labels"]) for mb in micro))
                     r = trainer.train_step()
@@ -275,8 +278,13 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
                     local["spy"] = spy
                 if rank == 0:
                     torch.save(
-                        {"losses": losses, "grad_norms": norms, "rank_targets": rank_targets,
-                         "accum": trainer.loader.grad_accum_steps, "seconds": time.perf_counter() - t_job},
+                        {
+                            "losses": losses,
+                            "grad_norms": norms,
+                            "rank_targets": rank_targets,
+                            "accum": trainer.loader.grad_accum_steps,
+                            "seconds": time.perf_counter() - t_job,
+                        },
                         out / f"{name}_w{world}.pt",
                     )
                 torch.save(local, out / f"{name}_w{world}_rank{rank}.pt")

@@ -116,8 +116,9 @@ def _free_port():
 
 
 def _child(rank, world, port, scenario, args):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     try:
         SCENARIOS[scenario](rank, world, **args)
@@ -139,7 +140,9 @@ def spawn(world, scenario, timeout=300, **args):
             p.kill()
             p.join()
     errors = [f.read_text() for f in sorted(Path(args["root"]).glob(f"error-{scenario}-rank*.txt"))]
-    assert all(p.exitcode == 0 for p in procs), f"{scenario}: exit codes {[p.exitcode for p in procs]}\n" + "\n".join(errors)
+    assert all(p.exitcode == 0 for p in procs), f"{scenario}: exit codes {[p.exitcode for p in procs]}\n" + "\n".join(
+        errors
+    )
 
 
 # ---------------------------------------------------------------------------------------------- scenarios
@@ -198,8 +201,9 @@ def scenario_story(rank, world, root, base):
     res["after_kill_listing"] = listing(a / "checkpoint")
 
     # 4. resume again (latest complete is step-4), async saves, keep the latest 2, export the adapter
-    t = Trainer(make_cfg(base, a, "--checkpoint.async_mode", "--checkpoint.keep_latest_k=2",
-                         "--checkpoint.export_adapter=true"))
+    t = Trainer(
+        make_cfg(base, a, "--checkpoint.async_mode", "--checkpoint.keep_latest_k=2", "--checkpoint.export_adapter=true")
+    )
     res["resumed_at_2"] = t.step
     res["final"] = t.train()
     res["final_listing"] = listing(a / "checkpoint")
@@ -226,8 +230,15 @@ def scenario_resume3(rank, world, root, base):
     root = Path(root)
     # With the vocabulary-sharded embedding: its per-rank table rows must stay out of the checkpoints
     # (they come from the base model), or loading would see one rank's rows as everyone's.
-    t = Trainer(make_cfg(base, root / "x3", "--lora.dropout=0", "--checkpoint.async_mode",
-                         "--parallelism.vocab_parallel_embedding=true"))
+    t = Trainer(
+        make_cfg(
+            base,
+            root / "x3",
+            "--lora.dropout=0",
+            "--checkpoint.async_mode",
+            "--parallelism.vocab_parallel_embedding=true",
+        )
+    )
     res = {"start": t.step, "losses": t.train(), "listing": listing(root / "x3" / "checkpoint")}
     finish(t)
     if rank == 0:
@@ -274,7 +285,7 @@ def _one_process_group():
 
 def close(a, b, tol=1e-6):
     assert len(a) == len(b), (a, b)
-    assert max(abs(x - y) for x, y in zip(a, b)) <= tol, (a, b)
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= tol, (a, b)
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -381,8 +392,9 @@ def test_peft_adapter_round_trip(story, root, base):
 
     adapter = root / "a" / "adapter"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
-    expect = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=cfg["target_modules"],
-                        task_type="CAUSAL_LM").to_dict()
+    expect = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.1, target_modules=cfg["target_modules"], task_type="CAUSAL_LM"
+    ).to_dict()
     assert set(cfg) == set(expect)
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == 8
     assert cfg["lora_alpha"] == 16 and cfg["bias"] == "none" and cfg["fan_in_fan_out"] is False
@@ -410,11 +422,24 @@ def test_export_cli_from_checkpoint(story, root):
     got = load_file(str(out / "adapter_model.safetensors"))
     assert got.keys() == live.keys() and all(torch.equal(got[k], live[k]) for k in live)
     assert json.loads((out / "adapter_config.json").read_text()) == json.loads(
-        (root / "a" / "adapter" / "adapter_config.json").read_text())
+        (root / "a" / "adapter" / "adapter_config.json").read_text()
+    )
     # an existing adapter is not overwritten without --overwrite; bf16 option
     assert main(["--checkpoint", str(root / "a" / "checkpoint" / "step-6"), "--out", str(out)]) == 2
-    assert main(["--checkpoint", str(root / "a" / "checkpoint" / "step-6"), "--out", str(out),
-                 "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(root / "a" / "checkpoint" / "step-6"),
+                "--out",
+                str(out),
+                "--overwrite",
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 0
+    )
     assert all(v.dtype == torch.bfloat16 for v in load_file(str(out / "adapter_model.safetensors")).values())
     # not a checkpoint
     assert main(["--checkpoint", str(root / "a" / "checkpoint" / "step-1"), "--out", str(root / "nope")]) == 2
@@ -431,12 +456,12 @@ def bad_root(story, root):
     ck = d / "checkpoint"
     ck.mkdir(parents=True)
     shutil.copytree(root / "a" / "checkpoint" / "step-6", ck / "step-6")
-    shutil.copytree(ck / "step-6", ck / "step-5.tmp-20240101-dead")          # a killed save
-    shutil.copytree(ck / "step-6", ck / "step-7")                          # partial: no COMPLETE
+    shutil.copytree(ck / "step-6", ck / "step-5.tmp-20240101-dead")  # a killed save
+    shutil.copytree(ck / "step-6", ck / "step-7")  # partial: no COMPLETE
     (ck / "step-7" / COMPLETE_FILE).unlink()
-    (ck / "step-8").mkdir()                                                # foreign
+    (ck / "step-8").mkdir()  # foreign
     (ck / "step-8" / "notes.txt").write_text("hello")
-    shutil.copytree(ck / "step-6", ck / "step-9")                          # foreign, claims complete
+    shutil.copytree(ck / "step-6", ck / "step-9")  # foreign, claims complete
     (ck / "step-9" / META_FILE).write_text(json.dumps({"format": "something-else"}))
     return d
 
@@ -458,8 +483,21 @@ def bad_root(story, root):
         (["--checkpoint.load_step=6", "--training.steps=8"], r"load_step = 6, but .* later step\(s\) step-7, step-8"),
         ([], r"step-9 is not a recipe checkpoint"),  # auto: the latest 'complete' one is foreign
     ],
-    ids=["missing", "tmp-only", "partial", "foreign", "foreign-complete", "lora-rank", "lora-targets",
-         "data", "data-content", "quant", "base-model", "later-steps", "auto-foreign"],
+    ids=[
+        "missing",
+        "tmp-only",
+        "partial",
+        "foreign",
+        "foreign-complete",
+        "lora-rank",
+        "lora-targets",
+        "data",
+        "data-content",
+        "quant",
+        "base-model",
+        "later-steps",
+        "auto-foreign",
+    ],
 )
 def test_bad_checkpoint_stops_before_training(bad_root, root, extra, match):
     from models.synthetic import write_synthetic_checkpoint
@@ -486,8 +524,17 @@ def test_resume_takes_optimizer_settings_from_the_config(story, root, base, caps
     from recipe.train import Trainer
 
     shutil.copytree(root / "x2" / "checkpoint" / "step-3", root / "lr" / "checkpoint" / "step-3")
-    t = Trainer(make_cfg(base, root / "lr", "--lora.dropout=0", "--optimizer.lr=0.1",
-                         "--optimizer.weight_decay=0.05", "--optimizer.beta2=0.9", "--training.steps=8"))
+    t = Trainer(
+        make_cfg(
+            base,
+            root / "lr",
+            "--lora.dropout=0",
+            "--optimizer.lr=0.1",
+            "--optimizer.weight_decay=0.05",
+            "--optimizer.beta2=0.9",
+            "--training.steps=8",
+        )
+    )
     out = capsys.readouterr().out
     assert "optimizer settings from the config, not the checkpoint: " in out and "lr 0.002 -> 0.1" in out, out
     assert "the lr schedule follows the config from step 3: training.steps 6 -> 8" in out, out
@@ -521,8 +568,9 @@ def test_auto_resume_skips_partial_and_temp(bad_root, root):
     from recipe.train import Trainer
 
     shutil.rmtree(bad_root / "checkpoint" / "step-9")
-    t = Trainer(make_cfg(root / "base", bad_root, "--lora.dropout=0", "--checkpoint.enable=false",
-                         "--checkpoint.load_step=-1"))
+    t = Trainer(
+        make_cfg(root / "base", bad_root, "--lora.dropout=0", "--checkpoint.enable=false", "--checkpoint.load_step=-1")
+    )
     assert t.step == 0  # checkpoint.enable=false and no load_step: no resume
     finish(t)
     t = Trainer(make_cfg(root / "base", bad_root, "--lora.dropout=0"))
@@ -539,8 +587,16 @@ def test_peft_adapter_round_trip_nf4(root):
 
     base = root / "base_nf4"
     write_synthetic_checkpoint(base, shape="debug", quant_type="nf4", seed=0)
-    t = Trainer(make_cfg(base, root / "nf4", "--model.quant_type=nf4", "--training.steps=1",
-                         "--training.global_batch_size=1", "--checkpoint.export_adapter=true"))
+    t = Trainer(
+        make_cfg(
+            base,
+            root / "nf4",
+            "--model.quant_type=nf4",
+            "--training.steps=1",
+            "--training.global_batch_size=1",
+            "--checkpoint.export_adapter=true",
+        )
+    )
     t.train()
     ours = recipe_logits(t)
     finish(t)

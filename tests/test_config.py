@@ -41,7 +41,9 @@ def test_precedence_cli_over_toml_over_default(tmp_path):
 def test_equals_and_space_forms(tmp_path):
     path = write(tmp_path, "")
     a = load_config([f"--job.config_file={path}", "--job.seed=5", "--optimizer.lr=2e-4", "--job.description=x y"])
-    b = load_config(["--job.config_file", path, "--job.seed", "5", "--optimizer.lr", "2e-4", "--job.description", "x y"])
+    b = load_config(
+        ["--job.config_file", path, "--job.seed", "5", "--optimizer.lr", "2e-4", "--job.description", "x y"]
+    )
     assert a == b
     assert a.job.seed == 5 and a.optimizer.lr == 2e-4 and a.job.description == "x y"
     assert load_config(["--parallelism.data_parallel_shard_degree", "-1"]).parallelism.data_parallel_shard_degree == -1
@@ -216,9 +218,16 @@ def test_range_checks(arg):
 
 
 def test_range_boundaries_accepted():
-    cfg = load_config(["--optimizer.beta1=0", "--optimizer.beta2=0.0", "--optimizer.weight_decay=0",
-                       "--lr_scheduler.min_lr_ratio=0", "--training.loss_scale_growth_interval=1",
-                       "--lora.target_modules=down_proj"])
+    cfg = load_config(
+        [
+            "--optimizer.beta1=0",
+            "--optimizer.beta2=0.0",
+            "--optimizer.weight_decay=0",
+            "--lr_scheduler.min_lr_ratio=0",
+            "--training.loss_scale_growth_interval=1",
+            "--lora.target_modules=down_proj",
+        ]
+    )
     assert cfg.optimizer.beta1 == 0 and cfg.lora.target_modules == ["down_proj"]
     assert load_config(["--lr_scheduler.min_lr_ratio=1"]).lr_scheduler.min_lr_ratio == 1
     # optim.build_optimizer has always accepted any case
@@ -275,7 +284,7 @@ def test_bad_override_form(argv):
 def test_dump_toml_round_trip(tmp_path):
     cfg = load_config(
         [
-            "--job.description=quote \" and \\ and ünïcode 🚀\nnewline",
+            '--job.description=quote " and \\ and ünïcode 🚀\nnewline',
             "--lora.target_modules=q_proj,o_proj",
             "--profiling.profile_steps=3,4",
             "--optimizer.eps=1e-12",

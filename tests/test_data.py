@@ -1,3 +1,4 @@
+import itertools
 import json
 import types
 from collections import Counter
@@ -66,9 +67,9 @@ def tok_nochat(tmp_path_factory):
 def target_spans(tokenizer, s: Sample):
     """Decode each contiguous run of target tokens (labels != -100)."""
     spans, cur = [], []
-    for i, l in zip(s.input_ids, s.labels):
-        if l != -100:
-            assert l == i
+    for i, lab in zip(s.input_ids, s.labels, strict=True):
+        if lab != -100:
+            assert lab == i
             cur.append(i)
         elif cur:
             spans.append(cur)
@@ -123,7 +124,7 @@ def test_instruction_format_masking(tok):
         {"instruction": "No input key", "output": "ok"},
     ]
     samples = tokenize_records(recs, tok, "instruction")
-    for s, r in zip(samples, recs):
+    for s, r in zip(samples, recs, strict=True):
         assert target_spans(tok, s) == [r["output"] + "<|end_of_text|>"]
     assert tok.decode(samples[0].input_ids) == "<|begin_of_text|>Add\n\n2+2\n\n4 it is<|end_of_text|>"
     assert tok.decode(samples[1].input_ids) == "<|begin_of_text|>Say hi\n\nhi<|end_of_text|>"
@@ -350,7 +351,7 @@ def test_synthetic_dataset():
     # learnable: the most frequent successor of each token accounts for most transitions
     succ = {}
     for row in x.tolist():
-        for u, v in zip(row, row[1:]):
+        for u, v in itertools.pairwise(row):
             succ.setdefault(u, Counter())[v] += 1
     top = sum(c.most_common(1)[0][1] for c in succ.values())
     assert top / (8 * 63) > 0.6
@@ -362,8 +363,12 @@ def test_synthetic_dataset():
 
 def _rows_data(n, seq=3):
     ids = torch.arange(n).unsqueeze(1) * 10 + torch.arange(seq)
-    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
-            "position_ids": torch.arange(seq).expand(n, seq).clone()}
+    return {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(seq).expand(n, seq).clone(),
+    }
 
 
 def _row_ids(mb):
@@ -406,7 +411,7 @@ def test_loader_epochs_and_determinism():
     assert stream[:n] != stream[n : 2 * n]  # epochs reshuffle
     # pure function of (seed, step): order of calls / fresh instances don't matter
     for s in (7, 2, 0, 9):
-        for x, y in zip(a.micro_batches(s), b.micro_batches(s)):
+        for x, y in zip(a.micro_batches(s), b.micro_batches(s), strict=True):
             for k in x:
                 assert torch.equal(x[k], y[k])
     assert [a.global_rows(s) for s in range(3)] != [c.global_rows(s) for s in range(3)]
@@ -443,9 +448,19 @@ def test_loader_errors():
 
 
 def _cfg(**kw):
-    base = dict(path="", format="auto", seq_len=32, packing=True, mask_prompt=True, text_field="text",
-                prompt_field="instruction", input_field="input", response_field="output",
-                messages_field="messages", num_synthetic_samples=6)
+    base = dict(
+        path="",
+        format="auto",
+        seq_len=32,
+        packing=True,
+        mask_prompt=True,
+        text_field="text",
+        prompt_field="instruction",
+        input_field="input",
+        response_field="output",
+        messages_field="messages",
+        num_synthetic_samples=6,
+    )
     base.update(kw)
     return types.SimpleNamespace(**base)
 

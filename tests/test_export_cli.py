@@ -15,10 +15,11 @@ CKPT = "DUMP/checkpoint/step-1"
 
 @pytest.fixture
 def fake_checkpoint(monkeypatch):
-    meta = {"lora": {"rank": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ["q_proj"]},
-            "base_checkpoint": "base"}
-    tensors = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 4),
-               "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(4, 2)}
+    meta = {"lora": {"rank": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ["q_proj"]}, "base_checkpoint": "base"}
+    tensors = {
+        "model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 4),
+        "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(4, 2),
+    }
     monkeypatch.setattr(export, "read_checkpoint_lora", lambda ckpt_dir: (meta, tensors))
 
 
@@ -52,8 +53,12 @@ def test_out_directory_still_works(fake_checkpoint, tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
     assert main(["--checkpoint", CKPT, "--out", str(out)]) == 2  # not empty, no --overwrite
     assert main(["--checkpoint", CKPT, "--out", str(out), "--overwrite"]) == 0
-    assert _listing(tmp_path) == ["x", "x/adapter", "x/adapter/adapter_config.json",
-                                  "x/adapter/adapter_model.safetensors"]
+    assert _listing(tmp_path) == [
+        "x",
+        "x/adapter",
+        "x/adapter/adapter_config.json",
+        "x/adapter/adapter_model.safetensors",
+    ]
 
 
 def test_write_adapter_never_replaces_a_file(tmp_path):

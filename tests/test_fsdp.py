@@ -46,7 +46,10 @@ VARIANTS = {
     "padded_data": (["--optimizer.lr=5e-3"], 1e-5),
     "no_accum": ([], 1e-5),  # micro batch = global / ranks: one micro-batch per rank and step
     # The embedding table stays vocabulary-sharded (no all-gather); lookups are exact sums.
-    "vocab_parallel": (["--parallelism.vocab_parallel_embedding=true", "--training.mixed_precision_param=bfloat16"], 1e-3),
+    "vocab_parallel": (
+        ["--parallelism.vocab_parallel_embedding=true", "--training.mixed_precision_param=bfloat16"],
+        1e-3,
+    ),
     # fp16 parameters (GPUs without bf16, e.g. T4) with the sharded loss scaler (scaled backward,
     # per-shard unscale, all-reduced overflow flag).
     "fp16": (["--training.mixed_precision_param=float16", "--training.loss_scale_init=1024"], 1e-3),
@@ -95,23 +98,17 @@ def _bad_gbs(world: int) -> int:
 def _jobs(env, world: int) -> list[dict]:
     if world == 1:
         jobs = [
-            {"name": v, "overrides": _overrides(env, v, 1), "checks": v == "fp32"}
-            for v in VARIANTS if v != "no_accum"
+            {"name": v, "overrides": _overrides(env, v, 1), "checks": v == "fp32"} for v in VARIANTS if v != "no_accum"
         ]
         for w in WORLDS:
             m = GBS // w
             jobs.append({"name": f"no_accum_m{m}", "overrides": _overrides(env, "no_accum", m)})
         return jobs
-    jobs = [
-        {"name": v, "overrides": _overrides(env, v, _micro(v, world)), "checks": v == "fp32"}
-        for v in VARIANTS
-    ]
+    jobs = [{"name": v, "overrides": _overrides(env, v, _micro(v, world)), "checks": v == "fp32"} for v in VARIANTS]
     # A global batch that is not a multiple of micro batch 2 x ranks: refused, in the already running
     # process group, before the checkpoint is written or read (it does not exist).
     bad = _overrides(env, "fp32", 2, gbs=_bad_gbs(world))
-    bad = [o for o in bad if not o.startswith("--model.checkpoint=")] + [
-        f"--model.checkpoint={env['missing_ckpt']}"
-    ]
+    bad = [o for o in bad if not o.startswith("--model.checkpoint=")] + [f"--model.checkpoint={env['missing_ckpt']}"]
     jobs.append({"name": "bad_batch", "overrides": bad, "expect_exit": True})
     return jobs
 
@@ -139,8 +136,13 @@ def env(tmp_path_factory, debug_nf4_ckpt, debug_tied_nf4_ckpt):
     ckpt = debug_nf4_ckpt
     jsonl = root / "instr.jsonl"
     _write_jsonl(jsonl)
-    return {"root": root, "ckpt": str(ckpt), "tied_ckpt": str(debug_tied_nf4_ckpt), "jsonl": str(jsonl),
-            "missing_ckpt": str(root / "never_written")}
+    return {
+        "root": root,
+        "ckpt": str(ckpt),
+        "tied_ckpt": str(debug_tied_nf4_ckpt),
+        "jsonl": str(jsonl),
+        "missing_ckpt": str(root / "never_written"),
+    }
 
 
 _RESULTS: dict[int, Path | BaseException] = {}
@@ -198,16 +200,18 @@ def test_matches_single_process(results, variant, world):
     assert len(ref["losses"]) == len(got["losses"]) == STEPS
     assert len(ref["grads"]) == len(got["grads"]) == STEPS
 
-    loss_diff = max(abs(a - b) for a, b in zip(ref["losses"], got["losses"]))
+    loss_diff = max(abs(a - b) for a, b in zip(ref["losses"], got["losses"], strict=True))
     grad_diff, grad_max = 0.0, 0.0
-    for step, (gr, gg) in enumerate(zip(ref["grads"], got["grads"])):
+    for _step, (gr, gg) in enumerate(zip(ref["grads"], got["grads"], strict=True)):
         assert gr.keys() == gg.keys()
         for name in gr:
             assert gr[name].shape == gg[name].shape, name
             grad_diff = max(grad_diff, float((gr[name] - gg[name]).abs().max()))
             grad_max = max(grad_max, float(gr[name].abs().max()))
-    print(f"\n[diff] {variant} world={world}: loss {loss_diff:.3e}, LoRA grad {grad_diff:.3e} "
-          f"(max |grad| {grad_max:.3e}), losses {['%.6f' % x for x in got['losses']]}")
+    print(
+        f"\n[diff] {variant} world={world}: loss {loss_diff:.3e}, LoRA grad {grad_diff:.3e} "
+        f"(max |grad| {grad_max:.3e}), losses {[f'{x:.6f}' for x in got['losses']]}"
+    )
 
     # The run learns: the loss moves, B got nonzero, so step >= 1 gradients of A are nontrivial.
     assert ref["losses"][-1] < ref["losses"][0]
@@ -218,7 +222,7 @@ def test_matches_single_process(results, variant, world):
 
     assert loss_diff <= tol, f"{variant}, {world} ranks: losses {got['losses']} vs 1-process {ref['losses']}"
     assert grad_diff <= tol, f"{variant}, {world} ranks: LoRA gradients differ by {grad_diff:.3e}"
-    for a, b in zip(ref["grad_norms"], got["grad_norms"]):
+    for a, b in zip(ref["grad_norms"], got["grad_norms"], strict=True):
         assert abs(a - b) <= tol * max(1.0, abs(a))
 
 
@@ -261,8 +265,13 @@ def test_gathered_weight_dequantizes_bit_exactly(results, world):
     for rank in range(world):
         unsharded = _load(results, world, "fp32", rank)["unsharded"]
         assert set(unsharded) == {
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
         }
         for name, e in unsharded.items():
             assert e["type"] == "Weight4bit" and not e["is_dtensor"], (name, e)
@@ -307,7 +316,7 @@ def test_padded_data_has_unequal_tokens_per_rank(results, world):
     """The padded_data case of test_matches_single_process is meaningful: ranks hold different
     numbers of target tokens in the same step."""
     run = _load(results, world, "padded_data")
-    per_step = list(zip(*run["rank_targets"]))  # step -> tokens per rank
+    per_step = list(zip(*run["rank_targets"], strict=True))  # step -> tokens per rank
     assert len(per_step) == STEPS
     assert any(len(set(counts)) > 1 for counts in per_step), per_step
     ref = _load(results, 1, "padded_data")
@@ -335,10 +344,15 @@ def clean_env(monkeypatch):
 def _cfg(tmp_path, *extra):
     from recipe.config import load_config
 
-    return load_config([
-        f"--model.checkpoint={tmp_path / 'ckpt'}", "--model.synthetic_shape=debug",
-        f"--job.dump_folder={tmp_path / 'dump'}", "--data.seq_len=32", *extra,
-    ])
+    return load_config(
+        [
+            f"--model.checkpoint={tmp_path / 'ckpt'}",
+            "--model.synthetic_shape=debug",
+            f"--job.dump_folder={tmp_path / 'dump'}",
+            "--data.seq_len=32",
+            *extra,
+        ]
+    )
 
 
 def test_dp_shard_degree_mismatch(tmp_path, clean_env):
@@ -371,8 +385,9 @@ def test_global_batch_not_divisible_single_process(tmp_path, clean_env):
     from recipe.train import Trainer
 
     with pytest.raises(LayoutError) as e:
-        Trainer(_cfg(tmp_path, "--training.global_batch_size=5", "--training.micro_batch_size=2",
-                     "--training.device=cpu"))
+        Trainer(
+            _cfg(tmp_path, "--training.global_batch_size=5", "--training.micro_batch_size=2", "--training.device=cpu")
+        )
     msg = str(e.value)
     assert "global_batch_size = 5" in msg and "micro_batch_size (2)" in msg and "ranks (1)" in msg, msg
     assert not (tmp_path / "ckpt").exists()

@@ -15,12 +15,11 @@ from __future__ import annotations
 import copy
 import math
 
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
 import torch.nn.functional as F
-
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 from safetensors import safe_open
 
 from models.hf_reader import CheckpointReader
@@ -95,7 +94,9 @@ def test_logits_match_hf(request, ckpt_fixture, lora):
         assert _maxdiff(a[keep], a_full[keep]) <= TOL
 
         # explicit (non-contiguous, per-row) position ids
-        pos = torch.stack([torch.arange(T) + 7, torch.randperm(4096, generator=torch.Generator().manual_seed(3))[:T].sort().values])
+        pos = torch.stack(
+            [torch.arange(T) + 7, torch.randperm(4096, generator=torch.Generator().manual_seed(3))[:T].sort().values]
+        )
         a, b = ours(ids, position_ids=pos).logits, hf(ids, position_ids=pos).logits
         d = _maxdiff(a, b)
         print(f"[{ckpt_fixture}] logits with position_ids vs HF: {d:.3g}")
@@ -150,7 +151,9 @@ def _file_quant_state(ckpt, prefix):
             with safe_open(str(ckpt / fname), "pt") as f:
                 raw[key] = f.get_tensor(key)
     packed = raw.pop(f"{prefix}.weight")
-    state = bnbF.QuantState.from_dict({k[len(prefix) + len(".weight.") :]: v for k, v in raw.items()}, device=torch.device("cpu"))
+    state = bnbF.QuantState.from_dict(
+        {k[len(prefix) + len(".weight.") :]: v for k, v in raw.items()}, device=torch.device("cpu")
+    )
     return packed, state
 
 
@@ -193,7 +196,10 @@ def test_qlora_layer_forward_backward(request, ckpt_fixture, proj):
     d_gx = _maxdiff(x1.grad, x2.grad)
     d_gA = _maxdiff(layer.lora_A.weight.grad, A.grad)
     d_gB = _maxdiff(layer.lora_B.weight.grad, Bm.grad)
-    print(f"[{quant} {proj}] QLoRA layer vs bnb oracle: fwd {d_fwd:.3g} grad_x {d_gx:.3g} grad_A {d_gA:.3g} grad_B {d_gB:.3g}")
+    print(
+        f"[{quant} {proj}] QLoRA layer vs bnb oracle: fwd {d_fwd:.3g} grad_x {d_gx:.3g} "
+        f"grad_A {d_gA:.3g} grad_B {d_gB:.3g}"
+    )
     assert d_fwd <= TOL, f"forward differs by {d_fwd}"
     assert d_gx <= TOL, f"input gradient differs by {d_gx}"
     assert d_gA <= 1e-4 * A.grad.abs().max().item() and d_gB <= 1e-4 * Bm.grad.abs().max().item(), (d_gA, d_gB)
@@ -308,8 +314,11 @@ def test_chunked_cross_entropy_matches_unchunked(debug_nf4_ckpt, chunk):
     n = int((labels[:, 1:] != -100).sum())
     assert int(out.num_tokens) == n
     assert abs(out.loss.item() - ref.item() / n) <= TOL
-    worst = max(_maxdiff(g, r) / max(r.abs().max().item(), 1e-12) for g, r in zip(grads, ref_grads))
-    print(f"[chunk {chunk}] loss_sum diff {abs(out.loss_sum.item() - ref.item()):.3g}, worst relative LoRA grad diff {worst:.3g}")
+    worst = max(_maxdiff(g, r) / max(r.abs().max().item(), 1e-12) for g, r in zip(grads, ref_grads, strict=True))
+    print(
+        f"[chunk {chunk}] loss_sum diff {abs(out.loss_sum.item() - ref.item()):.3g}, "
+        f"worst relative LoRA grad diff {worst:.3g}"
+    )
     assert worst <= 1e-4, f"relative LoRA gradient difference {worst}"
     assert all(r.abs().sum() > 0 for r in ref_grads)
 

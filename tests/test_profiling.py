@@ -55,7 +55,8 @@ def debug_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("profile_run")
     dump = tmp / "run_1gpu"
     argv = [
-        "--job.config_file", str(DEBUG_CFG),
+        "--job.config_file",
+        str(DEBUG_CFG),
         f"--job.dump_folder={dump}",
         f"--model.checkpoint={tmp / 'ckpt'}",
         "--training.device=cpu",
@@ -173,8 +174,14 @@ def test_plot_cli_bad_input_exits_2(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------- MFU
 
 
-TINY = LlamaShape(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1)
+TINY = LlamaShape(
+    vocab_size=32,
+    hidden_size=8,
+    intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 
 
 def test_flops_formula_by_hand():
@@ -191,7 +198,10 @@ def test_flops_formula_by_hand():
     # no AC: only the lm_head recompute of the chunked cross-entropy
     assert model_flops_per_token(TINY, 4, 2, ac_mode="none") == 4096 + 5376 + 512
     # selective every 2 of 2 layers: block 0 recomputed -> half of the block recompute
-    assert model_flops_per_token(TINY, 4, 2, ac_mode="selective", ac_every=2) == 4096 + 5376 + 512 + (2304 + 1024 + 256 - 64) / 2
+    assert (
+        model_flops_per_token(TINY, 4, 2, ac_mode="selective", ac_every=2)
+        == 4096 + 5376 + 512 + (2304 + 1024 + 256 - 64) / 2
+    )
     # PaLM-style (no recompute counted)
     assert model_flops_per_token(TINY, 4, 2, ac_mode="full", recompute=False) == 4096 + 5376
     # LoRA only on q_proj, v_proj: P_lora = 2 * (32 + 24) = 112
@@ -218,8 +228,16 @@ def test_flops_formula_matches_torch_flop_counter(ac, targets):
 
     shape, r, s = get_shape("debug").replace(num_key_value_heads=2), 8, 64
     torch.manual_seed(0)
-    m = LlamaForCausalLM(ModelArgs(shape=shape, lora_rank=r, quant_type="nf4", dtype=torch.float32,
-                                   lora_targets=tuple(targets), loss_chunk_tokens=64))
+    m = LlamaForCausalLM(
+        ModelArgs(
+            shape=shape,
+            lora_rank=r,
+            quant_type="nf4",
+            dtype=torch.float32,
+            lora_targets=tuple(targets),
+            loss_chunk_tokens=64,
+        )
+    )
     if ac == "full":
         apply_activation_checkpointing(m, "full", 1)
     ids = torch.randint(0, shape.vocab_size, (2, s))
@@ -271,8 +289,17 @@ def test_peak_flops_cpu_and_override():
 def test_metrics_logger_mfu_and_old_api(tmp_path, capsys):
     # the original positional API still works and adds no MFU
     m = MetricsLogger(tmp_path / "a", 2, 0, 1, True)
-    rec = {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 100.0, "step_time_s": 1.0,
-           "peak_mem_gib": 1.0, "host_rss_gib": 1.0, "skipped": False, "loss_scale": 1.0}
+    rec = {
+        "loss": 1.0,
+        "lr": 1e-3,
+        "grad_norm": 0.5,
+        "tokens_per_s": 100.0,
+        "step_time_s": 1.0,
+        "peak_mem_gib": 1.0,
+        "host_rss_gib": 1.0,
+        "skipped": False,
+        "loss_scale": 1.0,
+    }
     m.step(1, rec)
     m.close()
     (line,) = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
@@ -293,8 +320,17 @@ def test_fresh_run_into_a_used_folder_keeps_runs_apart(tmp_path):
     """A run from step 0 moves an earlier run's metrics.jsonl aside (kept); a resumed run appends."""
     from recipe.plot import load_run
 
-    rec = {"loss": 5.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 100.0, "step_time_s": 1.0,
-           "peak_mem_gib": 1.0, "host_rss_gib": 1.0, "skipped": False, "loss_scale": 1.0}
+    rec = {
+        "loss": 5.0,
+        "lr": 1e-3,
+        "grad_norm": 0.5,
+        "tokens_per_s": 100.0,
+        "step_time_s": 1.0,
+        "peak_mem_gib": 1.0,
+        "host_rss_gib": 1.0,
+        "skipped": False,
+        "loss_scale": 1.0,
+    }
     folder = tmp_path / "run" / "metrics"
 
     def run(first, last, loss, start):
@@ -304,12 +340,12 @@ def test_fresh_run_into_a_used_folder_keeps_runs_apart(tmp_path):
             m.step(step, {**rec, "loss": loss})
         m.close()
 
-    run(1, 6, 5.0, start=0)   # a 6-step run
-    run(1, 3, 1.0, start=0)   # a new, shorter run from scratch in the same folder
+    run(1, 6, 5.0, start=0)  # a 6-step run
+    run(1, 3, 1.0, start=0)  # a new, shorter run from scratch in the same folder
     assert [(r["step"], r["loss"]) for r in load_run(tmp_path / "run")["steps"]] == [(1, 1.0), (2, 1.0), (3, 1.0)]
     (old,) = folder.glob("metrics.jsonl.prev-*")
     assert len(old.read_text().splitlines()) == 6  # the earlier run's steps are kept
-    run(4, 5, 2.0, start=3)   # resumed after step 3: appended
+    run(4, 5, 2.0, start=3)  # resumed after step 3: appended
     assert [r["loss"] for r in load_run(tmp_path / "run")["steps"]] == [1.0, 1.0, 1.0, 2.0, 2.0]
 
 
@@ -324,8 +360,20 @@ def test_tensorboard_missing_is_a_message(tmp_path, monkeypatch, capsys):
 def test_tensorboard_writes_events(tmp_path):
     pytest.importorskip("tensorboard")
     m = MetricsLogger(tmp_path, 1, 0, enable_jsonl=False, enable_tensorboard=True)
-    m.step(1, {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0, "step_time_s": 1.0,
-               "peak_mem_gib": 1.0, "host_rss_gib": 1.0, "skipped": False, "loss_scale": 1.0})
+    m.step(
+        1,
+        {
+            "loss": 1.0,
+            "lr": 1e-3,
+            "grad_norm": 0.5,
+            "tokens_per_s": 10.0,
+            "step_time_s": 1.0,
+            "peak_mem_gib": 1.0,
+            "host_rss_gib": 1.0,
+            "skipped": False,
+            "loss_scale": 1.0,
+        },
+    )
     m.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -336,8 +384,9 @@ def test_tensorboard_writes_events(tmp_path):
 
 def test_profiling_config_fields(tmp_path):
     p = tmp_path / "c.toml"
-    p.write_text("[profiling]\nmemory_snapshot_on_oom = false\nmemory_snapshot_max_entries = 5\n"
-                 "[metrics]\npeak_tflops = 500\n")
+    p.write_text(
+        "[profiling]\nmemory_snapshot_on_oom = false\nmemory_snapshot_max_entries = 5\n[metrics]\npeak_tflops = 500\n"
+    )
     cfg = load_config(["--job.config_file", str(p)])
     assert cfg.profiling.memory_snapshot_on_oom is False and cfg.profiling.memory_snapshot_max_entries == 5
     assert cfg.metrics.peak_tflops == 500.0
@@ -387,8 +436,15 @@ def test_disabled_profiler_costs_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", boom)
     monkeypatch.setattr(torch.profiler, "profile", boom)
     cfg = load_config(["--profiling.memory_report=false", "--training.steps=3"])
-    prof = Profiler(cfg.profiling, cfg.training.steps, 0, 1, torch.device("cpu"), tmp_path / cfg.profiling.save_folder,
-                    tmp_path / cfg.metrics.save_folder / "memory_report.json")
+    prof = Profiler(
+        cfg.profiling,
+        cfg.training.steps,
+        0,
+        1,
+        torch.device("cpu"),
+        tmp_path / cfg.profiling.save_folder,
+        tmp_path / cfg.metrics.save_folder / "memory_report.json",
+    )
     model, opt = _tiny_model()
     prof.after_load()
     prof.start(model, opt)
@@ -423,13 +479,25 @@ def test_memory_report_cpu_units(tmp_path):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_snapshots_oom_and_phases(tmp_path):
-    cfg = load_config([
-        "--profiling.enable_memory_snapshot", "--profiling.memory_snapshot_steps=2,3",
-        "--profiling.enable_profiling", "--profiling.profile_steps=3", "--training.steps=4",
-    ])
+    cfg = load_config(
+        [
+            "--profiling.enable_memory_snapshot",
+            "--profiling.memory_snapshot_steps=2,3",
+            "--profiling.enable_profiling",
+            "--profiling.profile_steps=3",
+            "--training.steps=4",
+        ]
+    )
     dev = torch.device("cuda", torch.cuda.current_device())
-    prof = Profiler(cfg.profiling, cfg.training.steps, 0, 1, dev, tmp_path / cfg.profiling.save_folder,
-                    tmp_path / cfg.metrics.save_folder / "memory_report.json")
+    prof = Profiler(
+        cfg.profiling,
+        cfg.training.steps,
+        0,
+        1,
+        dev,
+        tmp_path / cfg.profiling.save_folder,
+        tmp_path / cfg.metrics.save_folder / "memory_report.json",
+    )
     model, opt = _tiny_model(dev)
     prof.after_load()
     prof.start(model, opt)
@@ -468,15 +536,33 @@ def test_snapshot_window_past_the_last_step_is_still_dumped(tmp_path, monkeypatc
     import recipe.profiling as profiling
 
     calls = []
-    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
-                        lambda enabled="all", **k: calls.append(("record", enabled)))
-    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot",
-                        lambda path: (calls.append(("dump", Path(path).name)), Path(path).write_bytes(b"x")))
+    monkeypatch.setattr(
+        torch.cuda.memory, "_record_memory_history", lambda enabled="all", **k: calls.append(("record", enabled))
+    )
+    monkeypatch.setattr(
+        torch.cuda.memory,
+        "_dump_snapshot",
+        lambda path: (calls.append(("dump", Path(path).name)), Path(path).write_bytes(b"x")),
+    )
     monkeypatch.setattr(profiling, "reset_peak_memory", lambda *a, **k: None)
-    cfg = load_config(["--profiling.memory_report=false", "--training.steps=4", "--profiling.enable_memory_snapshot",
-                       "--profiling.memory_snapshot_steps=2,50", "--profiling.memory_snapshot_on_oom=false"])
-    prof = Profiler(cfg.profiling, cfg.training.steps, 0, 1, torch.device("cuda"), tmp_path / cfg.profiling.save_folder,
-                    tmp_path / cfg.metrics.save_folder / "memory_report.json")
+    cfg = load_config(
+        [
+            "--profiling.memory_report=false",
+            "--training.steps=4",
+            "--profiling.enable_memory_snapshot",
+            "--profiling.memory_snapshot_steps=2,50",
+            "--profiling.memory_snapshot_on_oom=false",
+        ]
+    )
+    prof = Profiler(
+        cfg.profiling,
+        cfg.training.steps,
+        0,
+        1,
+        torch.device("cuda"),
+        tmp_path / cfg.profiling.save_folder,
+        tmp_path / cfg.metrics.save_folder / "memory_report.json",
+    )
     prof.start(torch.nn.Linear(2, 2))
     for step in range(1, 5):
         prof.step_start(step)

@@ -45,7 +45,7 @@ def read_tensors(d):
 
 
 def file_quant_state(tensors, prefix):
-    raw = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    raw = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     return bnbf.QuantState.from_dict(raw, device=torch.device("cpu"))
 
 
@@ -135,7 +135,10 @@ def test_nf4_double_quant_loads_bit_exact(ckpts):
     p = "model.layers.0.self_attn.q_proj.weight"
     assert tensors[p].dtype == torch.uint8 and tensors[p].shape == (256 * 256 // 2, 1)
     assert set(k for k in tensors if k.startswith(p + ".")) == {
-        p + ".absmax", p + ".quant_map", p + ".nested_absmax", p + ".nested_quant_map",
+        p + ".absmax",
+        p + ".quant_map",
+        p + ".nested_absmax",
+        p + ".nested_quant_map",
         p + ".quant_state.bitsandbytes__nf4",
     }
     assert tensors[p + ".absmax"].dtype == torch.uint8 and tensors[p + ".absmax"].shape == (256 * 256 // 64,)
@@ -144,8 +147,12 @@ def test_nf4_double_quant_loads_bit_exact(ckpts):
     meta = json.loads(bytes(tensors[p + ".quant_state.bitsandbytes__nf4"].tolist()))
     assert meta["quant_type"] == "nf4" and meta["blocksize"] == 64 and meta["dtype"] == "bfloat16"
     assert meta["shape"] == [256, 256] and meta["nested_blocksize"] == 256
-    for k in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-              "model.layers.3.input_layernorm.weight"):
+    for k in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.3.input_layernorm.weight",
+    ):
         assert tensors[k].dtype == torch.bfloat16
     # norms are 1 + noise, other weights ~N(0, 0.02)
     norm = tensors["model.layers.0.input_layernorm.weight"].float()
@@ -155,10 +162,18 @@ def test_nf4_double_quant_loads_bit_exact(ckpts):
 
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["quantization_config"] == {
-        "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": "bfloat16",
-        "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-        "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
-        "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": None,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
         "quant_method": "bitsandbytes",
     }
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
@@ -170,7 +185,10 @@ def test_fp4_without_double_quant(ckpts):
     tensors = assert_hf_matches_files(d, "fp4", double_quant=False)
     p = "model.layers.1.mlp.down_proj.weight"
     assert set(k for k in tensors if k.startswith(p + ".")) == {
-        p + ".absmax", p + ".quant_map", p + ".quant_state.bitsandbytes__fp4"}
+        p + ".absmax",
+        p + ".quant_map",
+        p + ".quant_state.bitsandbytes__fp4",
+    }
     assert tensors[p + ".absmax"].dtype == torch.float32
     qc = json.loads((d / "config.json").read_text())["quantization_config"]
     assert qc["bnb_4bit_quant_type"] == "fp4" and qc["bnb_4bit_use_double_quant"] is False
@@ -210,8 +228,10 @@ def test_index_and_sharding(ckpts, tmp_path):
     assert len(files) >= 3
     tensors = read_tensors(d)
     for f in files:  # tensor bytes per shard stay under the limit (no single parameter is larger here)
-        assert sum(tensors[k].numel() * tensors[k].element_size()
-                   for k, v in index["weight_map"].items() if v == f) <= max_bytes
+        assert (
+            sum(tensors[k].numel() * tensors[k].element_size() for k, v in index["weight_map"].items() if v == f)
+            <= max_bytes
+        )
     assert not any(p.name.endswith(".partial") for p in d.iterdir())
     assert_hf_matches_files(d, "nf4")
     # contents do not depend on the shard layout
@@ -224,8 +244,12 @@ def test_reproducible(ckpts, tmp_path):
     ref = read_tensors(ckpts["nf4"])
     assert same.keys() == ref.keys() and all(torch.equal(same[k], ref[k]) for k in ref)
     other = read_tensors(write_synthetic_checkpoint(tmp_path / "other", "debug", seed=1, tokenizer=False))
-    for k in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-              "model.layers.0.self_attn.q_proj.weight.absmax", "model.norm.weight"):
+    for k in (
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight.absmax",
+        "model.norm.weight",
+    ):
         assert not torch.equal(other[k], ref[k]), k
     # different parameters get different streams
     assert not torch.equal(ref["model.layers.0.mlp.gate_proj.weight"], ref["model.layers.0.mlp.up_proj.weight"])
@@ -255,9 +279,11 @@ def test_tokenizer_offline(ckpts):
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     s = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert s == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-                 "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
-                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert s == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     s2 = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "Hello."}], tokenize=False)
     assert s2.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>")
     ids = tok(s2, add_special_tokens=False).input_ids
@@ -290,8 +316,26 @@ def test_refuses_foreign_dir_and_overwrites_only_with_force(ckpts, tmp_path):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = main(["--shape", "debug_tied", "--out", str(out), "--quant", "fp4", "--no-double-quant",
-               "--blocksize", "128", "--seed", "3", "--shard-size-gb", "0.0005", "--device", "cpu", "--no-tokenizer"])
+    rc = main(
+        [
+            "--shape",
+            "debug_tied",
+            "--out",
+            str(out),
+            "--quant",
+            "fp4",
+            "--no-double-quant",
+            "--blocksize",
+            "128",
+            "--seed",
+            "3",
+            "--shard-size-gb",
+            "0.0005",
+            "--device",
+            "cpu",
+            "--no-tokenizer",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert str(out) in text and "tensors:" in text and "total bytes:" in text and "elapsed:" in text

@@ -23,7 +23,6 @@ class Sample:
     labels: list[int]
 
 
-
 def _encode(tokenizer, text: str) -> list[int]:
     if not text:
         return []
@@ -56,9 +55,7 @@ def _get_str(rec: dict, key: str, idx: int, what: str) -> str:
 
 def _render(tokenizer, messages, add_generation_prompt: bool, idx: int) -> str:
     try:
-        out = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja errors and the template's own raise_exception(...)
         raise DataError(
             f"record {idx}: the tokenizer's chat template failed on this conversation: "
@@ -82,7 +79,7 @@ def _first_turn_start(tokenizer, message: dict, upto: str, idx: int) -> int | No
     both = _render(tokenizer, user + [message], False, idx)
     if not both.startswith(head):
         return None
-    turn = both[len(head):]
+    turn = both[len(head) :]
     if not turn or not upto.endswith(turn):
         return None
     return len(upto) - len(turn)

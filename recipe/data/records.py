@@ -23,15 +23,15 @@ def read_records(path: str) -> list[dict]:
         raise DataError(f"data file not found: {path!r}")
     ext = os.path.splitext(path)[1].lower()
     if ext in (".csv", ".tsv", ".arrow", ".gz", ".zip"):
-        raise DataError(f"{path}: {ext} files are not read; data.path takes JSONL (one JSON object per "
-                        "line), a JSON list (.json) or Parquet (.parquet)")
+        raise DataError(
+            f"{path}: {ext} files are not read; data.path takes JSONL (one JSON object per "
+            "line), a JSON list (.json) or Parquet (.parquet)"
+        )
     if ext == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
-            raise DataError(
-                f"reading {path} needs pyarrow (an optional dependency): pip install pyarrow"
-            ) from e
+            raise DataError(f"reading {path} needs pyarrow (an optional dependency): pip install pyarrow") from e
         try:
             records = pq.read_table(path).to_pylist()
         except Exception as e:
