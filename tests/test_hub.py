@@ -412,3 +412,59 @@ def test_pinned_commit_with_the_network_down_uses_the_cache(tmp_path, synthetic,
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_tree", down)
     assert resolve_checkpoint(f"{REPO}@{COMMIT_B}", is_main=True, cache_dir=str(cache)).name == COMMIT_B
     assert bool(listed) == (not tree)
+
+
+# -------------------------------------------------------------------------------------------------- end to end
+
+
+def test_trainer_trains_from_a_cached_repo_id(cache, synthetic, tmp_path, monkeypatch):
+    """``model.checkpoint = owner/name`` through the training entry point: the snapshot in the hub cache
+    is what the model is built from (offline), and it trains the same as from the local directory."""
+    from recipe.config import load_config
+    from recipe.train import Trainer
+
+    # The rendezvous of a 1-process run connects to a local port: drop the socket guard of no_network
+    # (offline mode, set again below, still keeps huggingface_hub off the network).
+    monkeypatch.undo()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+    def losses(checkpoint: str, dump: Path) -> tuple[list[float], Path]:
+        cfg = load_config(
+            [
+                f"--model.checkpoint={checkpoint}",
+                "--model.synthetic_shape=",
+                "--training.device=cpu",
+                "--training.mixed_precision_param=float32",
+                "--training.steps=2",
+                "--training.global_batch_size=2",
+                "--training.micro_batch_size=2",
+                "--data.seq_len=32",
+                "--data.num_synthetic_samples=8",
+                "--checkpoint.export_adapter=false",
+                "--profiling.memory_report=false",
+                f"--job.dump_folder={dump}",
+            ]
+        )
+        import recipe.train
+
+        keep = recipe.train.destroy
+        recipe.train.destroy = lambda: None  # one process group for both runs of this test
+        tr = Trainer(cfg)
+        try:
+            return [tr.train_step().loss for _ in range(2)], Path(tr.reader.path)
+        finally:
+            tr.close()
+            recipe.train.destroy = keep
+
+    try:
+        from_hub, path = losses(REPO, tmp_path / "hub_run")
+        from_dir, _ = losses(str(synthetic), tmp_path / "dir_run")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert path == cache / "models--unsloth--llama-debug-bnb-4bit" / "snapshots" / COMMIT_B
+    assert from_hub == from_dir
