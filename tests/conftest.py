@@ -114,3 +114,27 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Variables of an outer launcher (torchrun around pytest, a run_train.sh status dir) that must not
+# leak into a run_train.sh a test starts.
+_LAUNCHER_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_ERROR_FILE",
+    "RECIPE_EXIT_STATUS_DIR",
+    "CONFIG_FILE",
+)
+
+
+def run_train_env(ngpu: int) -> dict[str, str]:
+    """The environment for a ``run_train.sh`` subprocess: this interpreter, NGPU ranks, one thread each."""
+    env = dict(os.environ, PYTHON=sys.executable, NGPU=str(ngpu), OMP_NUM_THREADS="1")
+    for key in _LAUNCHER_VARS:
+        env.pop(key, None)
+    return env

@@ -8,13 +8,12 @@ code and message survive through per-rank status records (recipe/exit_status.py)
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from recipe import exit_status
+from tests.conftest import run_train_env
 
 REPO = Path(__file__).resolve().parents[1]
 TRIES = 20  # the issue's own loop at NGPU=4
@@ -23,22 +22,7 @@ CONFIG_MSG = "training.steps: expected int, got 'ten'"
 
 
 def _env(ngpu: int) -> dict[str, str]:
-    env = dict(os.environ, PYTHON=sys.executable, NGPU=str(ngpu), OMP_NUM_THREADS="1")
-    # A launcher around pytest (or an outer torchrun) must not leak its rendezvous or status into ours.
-    for key in (
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "TORCHELASTIC_RUN_ID",
-        "TORCHELASTIC_ERROR_FILE",
-        exit_status.ENV,
-        "CONFIG_FILE",
-    ):
-        env.pop(key, None)
-    return env
+    return run_train_env(ngpu)
 
 
 def _run(tmp: Path, ngpu: int, *overrides: str, checkpoint: Path | None = None) -> subprocess.CompletedProcess:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from recipe import exit_status
 from recipe.checkpoint import list_complete_checkpoints, read_checkpoint_meta
 from recipe.preemption import FORWARD_WINDOW_S, PREEMPTED_EXIT_CODE, PreemptionWatcher
+from tests.conftest import run_train_env
 
 REPO = Path(__file__).resolve().parents[1]
 # Small steps (2 ranks x 1 micro-batch of 32 tokens) and a constant lr after warmup: the schedule does not
@@ -42,22 +42,7 @@ STEP_LINE = re.compile(r"^step\s+(\d+)/")
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHON=sys.executable, NGPU="2", OMP_NUM_THREADS="1")
-    # An outer launcher's rendezvous or status dir must not leak into ours.
-    for key in (
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "TORCHELASTIC_RUN_ID",
-        "TORCHELASTIC_ERROR_FILE",
-        exit_status.ENV,
-        "CONFIG_FILE",
-    ):
-        env.pop(key, None)
-    return env
+    return run_train_env(2)
 
 
 class Run:
