@@ -2,6 +2,14 @@
 
 A plain ``python -m recipe.train`` (no torchrun) is a world of one; it still gets a process group,
 so a 1-process run goes through the very same FSDP2 code path as an N-rank run.
+
+The data-parallel mesh is 1-D (``("dp_shard",)``: pure FSDP over every rank) or, with
+``parallelism.data_parallel_replicate_degree`` > 1, 2-D (``("dp_replicate", "dp_shard")``: HSDP,
+torchtitan's names). Rank ``r`` sits at ``(r // shard, r % shard)``: consecutive ranks form a shard
+group, so with torchrun (which numbers the ranks of one node consecutively) and a shard degree equal
+to the processes per node, parameters are sharded within a node and replicated across nodes.
+``fully_shard`` on a 2-D mesh shards on the last dim, replicates on the first and all-reduces the
+gradients over the replicas after the reduce-scatter.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["DistInfo", "init_distributed", "LayoutError", "all_reduce_sum", "destroy"]
+__all__ = ["DistInfo", "init_distributed", "resolve_dp_degrees", "LayoutError", "all_reduce_sum", "destroy"]
 
 
 class LayoutError(RuntimeError):
@@ -28,11 +36,24 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh
+    mesh: DeviceMesh  # the data-parallel mesh given to fully_shard: ("dp_shard",) or ("dp_replicate", "dp_shard")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shard_mesh(self) -> DeviceMesh:
+        """The 1-D mesh of this rank's shard group (the whole mesh without replication)."""
+        return self.mesh["dp_shard"] if self.mesh.ndim > 1 else self.mesh
+
+    @property
+    def dp_replicate(self) -> int:
+        return self.mesh.size(0) if self.mesh.ndim > 1 else 1
+
+    @property
+    def dp_shard(self) -> int:
+        return self.shard_mesh.size()
 
 
 def _free_port() -> int:
@@ -57,18 +78,43 @@ def resolve_device(kind: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_dp_degrees(world: int, dp_replicate: int = 1, dp_shard: int = -1) -> tuple[int, int]:
+    """(replicate, shard) degrees of the data-parallel mesh for ``world`` ranks; ``dp_shard = -1`` is
+    the rest (``world // dp_replicate``). Raises ``LayoutError`` naming both keys when they cannot
+    make up the world."""
+    rep_key, shard_key = "parallelism.data_parallel_replicate_degree", "parallelism.data_parallel_shard_degree"
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    hint = (
+        f"set {rep_key} to a divisor of {world} ({', '.join(map(str, divisors))}; 1 is pure FSDP) and "
+        f"{shard_key} to -1 (the rest: {world} / the replicate degree)"
+    )
+    if dp_replicate < 1 or dp_shard == 0 or dp_shard < -1:
+        raise LayoutError(
+            f"{rep_key} = {dp_replicate} and {shard_key} = {dp_shard}: the replicate degree must be >= 1 and the "
+            f"shard degree >= 1 or -1; {hint}"
+        )
+    shard = world // dp_replicate if dp_shard == -1 else dp_shard
+    if dp_replicate * shard != world:
+        why = f", not a multiple of {dp_replicate}" if dp_shard == -1 else ""
+        raise LayoutError(
+            f"{rep_key} = {dp_replicate} x {shard_key} = {dp_shard} but the job has {world} rank(s){why}: "
+            f"replicate x shard must equal the number of ranks; {hint}"
+        )
+    return dp_replicate, shard
+
+
 def init_distributed(
-    device_kind: str = "auto", backend: str = "auto", dp_shard: int = -1, cpu_offload: bool = False
+    device_kind: str = "auto",
+    backend: str = "auto",
+    dp_shard: int = -1,
+    cpu_offload: bool = False,
+    dp_replicate: int = 1,
 ) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_kind, local_rank)
-    if dp_shard not in (-1, world):
-        raise LayoutError(
-            f"parallelism.data_parallel_shard_degree = {dp_shard} but the job has {world} rank(s); "
-            f"only pure FSDP is implemented, so set it to -1 or {world}"
-        )
+    replicate, shard = resolve_dp_degrees(world, dp_replicate, dp_shard)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
@@ -87,7 +133,10 @@ def init_distributed(
         if device.type == "cuda":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
+    if replicate > 1:
+        mesh = init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
 
 

@@ -158,7 +158,17 @@ class LRScheduler:
 
 @dataclass
 class Parallelism:
-    data_parallel_shard_degree: int = _f(-1, "FSDP ranks; -1 means all ranks.")
+    data_parallel_replicate_degree: int = _f(
+        1,
+        "HSDP replicas: the ranks form a replicate x shard mesh; parameters are sharded within each group of "
+        "data_parallel_shard_degree consecutive ranks (one node, with torchrun) and replicated across the "
+        "groups, gradients all-reduced between replicas. 1 is pure FSDP over all ranks.",
+    )
+    data_parallel_shard_degree: int = _f(
+        -1,
+        "FSDP ranks per replica (parameters sharded over them); -1 means the rest: the number of ranks / "
+        "data_parallel_replicate_degree. replicate x shard must equal the number of ranks.",
+    )
     reshard_after_forward: bool = _f(True, "Free unsharded parameters after forward (re-gather in backward).")
     cpu_offload: bool = _f(False, "Offload sharded parameters and gradients to CPU.")
     backend: str = _f("auto", "Process group backend; 'auto' is nccl on GPU, gloo on CPU.", ("auto", "nccl", "gloo"))

@@ -13,7 +13,10 @@ all ranks by the global number of target tokens (all-reduced before the first mi
 N-rank run with accumulation computes exactly the loss and gradients of a 1-rank run over the same
 global batch. FSDP sums (not averages) gradients over ranks (parallel/parallelize.py sets its divide
 factor to 1), so the backward loss is the same ``loss_sum / n_global`` on any world size: with a
-bf16 backward, a factor of the world size there would change the rounding of every gradient.
+bf16 backward, a factor of the world size there would change the rounding of every gradient. With HSDP
+(``parallelism.data_parallel_replicate_degree`` > 1) nothing changes here: every rank still has its own
+micro-batches (the loader's rank and world are the global ones), the token count is all-reduced over
+all ranks, and FSDP sums the gradients over the shard group and then over the replicas.
 
 Host-device synchronisation: a step leaves its loss, token count and gradient norm on the device;
 they are read (with the step times, ``recipe.metrics.StepClock``) once per ``metrics.log_freq``
@@ -112,10 +115,15 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         p, t = cfg.parallelism, cfg.training
-        self.dist = init_distributed(t.device, p.backend, p.data_parallel_shard_degree, p.cpu_offload)
+        self.dist = init_distributed(
+            t.device, p.backend, p.data_parallel_shard_degree, p.cpu_offload, p.data_parallel_replicate_degree
+        )
         self.device = self.dist.device
         rank, world = self.dist.rank, self.dist.world_size
-        log(f"{world} rank(s), backend {torch.distributed.get_backend()}, device {self.device.type}", rank)
+        layout = ""
+        if self.dist.dp_replicate > 1:
+            layout = f" (HSDP: {self.dist.dp_replicate} replicas x {self.dist.dp_shard} shards)"
+        log(f"{world} rank(s){layout}, backend {torch.distributed.get_backend()}, device {self.device.type}", rank)
         self.dump = Path(cfg.job.dump_folder)
         # Before anything is loaded: a wrong layout should not cost a model load.
         self.global_batch = resolve_global_batch_size(t.global_batch_size, t.micro_batch_size, world)
