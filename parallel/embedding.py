@@ -1,4 +1,4 @@
-"""A frozen embedding table split by vocabulary rows over the data-parallel ranks.
+"""A frozen embedding table split by vocabulary rows over the ranks of the shard group.
 
 Under FSDP the embedding table is all-gathered for every micro-batch (1 GiB for Llama 3 in bf16, plus
 the all-gather buffer) only to read a few thousand rows of it. Here each rank keeps its rows for good.
@@ -11,7 +11,11 @@ Every rank must pass ids of the same shape (the recipe's loader does: fixed micr
 
 The table is frozen (QLoRA never trains it), so no gradient flows through the collectives. It is a
 buffer, not a parameter, so FSDP leaves it alone; ``parallel.materialize`` fills it through
-``load_shard``. Not used with tied embeddings (lm_head shares the table) or a world of 1.
+``load_shard``. Not used with tied embeddings (lm_head shares the table) or a shard degree of 1.
+
+The group is the shard group (``parallel.parallelize``): every rank with pure FSDP; with HSDP each
+replica keeps a whole table, split over its own shard group, and the collectives stay within it
+(within a node, with a node per replica). ``rank`` and ``world`` are the rank in that group and its size.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Each parameter becomes exactly this rank's rows, read straight from the checkpoi
 shard: no rank ever holds the full state dict. Rows per rank are ``parallel.sharding.shard_rows``
 (FSDP2's ``torch.chunk`` rule), which is what FSDP expects to find in ``DTensor._local_tensor``.
 4-bit weights were padded to a multiple of the shard degree by ``parallelize`` already, so their
-chunks are always even.
+chunks are always even. With HSDP each replica reads the same rows as its peers in the other replicas:
+rank and world are those of the shard group.
 
 Frozen dense weights (embeddings, norms, lm_head) are cast to the model's compute dtype; LoRA
 parameters are fp32 master weights initialised from (seed, name), identical on any world size.
@@ -14,24 +15,30 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from models.hf_reader import CheckpointError, CheckpointReader, quantize_rows
 from models.lora import lora_init_tensor
 from models.quant import Weight4bit
-from parallel.sharding import shard_rows
+from parallel.sharding import row_shard_dim, shard_rows
 
 __all__ = ["materialize", "shard_rows"]
 
 
 def _rank_world(param: torch.Tensor) -> tuple[int, int]:
+    """(rank, world) of the row split this rank's shard is part of: the rank within the shard group and
+    the shard degree (the whole mesh for FSDP; the shard dim of an HSDP mesh, whose replicas read the
+    same rows)."""
     if not isinstance(param, DTensor):
         return 0, 1
-    placements = param.placements
-    if len(placements) != 1 or placements[0] != Shard(0):
-        raise NotImplementedError(f"only 1-D Shard(0) meshes are supported, got {placements}")
+    dim = row_shard_dim(param)
+    if dim is None:
+        raise NotImplementedError(
+            "only row-sharded parameters, (Shard(0),) or (Replicate(), Shard(0)), are supported, "
+            f"got {param.placements}"
+        )
     mesh = param.device_mesh
-    return mesh.get_local_rank(0), mesh.size(0)
+    return mesh.get_local_rank(dim), mesh.size(dim)
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 
 The order is torchtitan's and it matters:
   0. optionally, the frozen embedding table becomes a vocabulary-sharded lookup (parallel/embedding.py)
-     that FSDP does not manage; 4-bit weights get zero rows up to a multiple of the shard degree
-     (parallel/sharding.py), so that their packed shards are even;
+     that FSDP does not manage, split over the shard group; 4-bit weights get zero rows up to a
+     multiple of the shard degree (parallel/sharding.py), so that their packed shards are even;
   1. activation checkpointing wraps each block's forward, so FSDP's hooks (added later, around the
      module call) stay outside the recomputed region and re-gather the block before its recompute;
   2. torch.compile compiles each block in place (names unchanged, so checkpoint keys still match);
@@ -13,6 +13,11 @@ The order is torchtitan's and it matters:
 
 All of it runs on the meta model: nothing is allocated until ``parallel.materialize`` reads each
 rank's rows.
+
+``mesh`` is the data-parallel mesh: 1-D (FSDP over all ranks) or 2-D (replicate, shard) for HSDP, which
+``fully_shard`` implements itself (shards on the last dim, replicates on the first, and all-reduces
+the reduce-scattered gradients over the replicas). Everything that splits rows here uses the shard
+dim only (``parallel.sharding.shard_submesh``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.dtypes import DTYPES
 from parallel.embedding import VocabShardedEmbedding
-from parallel.sharding import pad_4bit_rows
+from parallel.sharding import pad_4bit_rows, shard_submesh
 
 __all__ = ["parallelize", "apply_activation_checkpointing"]
 
@@ -66,19 +71,21 @@ def parallelize(model: nn.Module, mesh, parallelism, activation_checkpoint, trai
     reduce_dtype = DTYPES[training.mixed_precision_reduce]
     reshard_after_forward = parallelism.reshard_after_forward
     tied = model.args.shape.tie_word_embeddings
-    sharded_embedding = parallelism.vocab_parallel_embedding and mesh.size() > 1 and not tied
+    shard_mesh = shard_submesh(mesh)
+    # With HSDP the table is split over the shard group: each replica holds a whole table.
+    sharded_embedding = parallelism.vocab_parallel_embedding and shard_mesh.size() > 1 and not tied
     if sharded_embedding:
         emb = model.model.embed_tokens
         model.model.embed_tokens = VocabShardedEmbedding(
             emb.num_embeddings,
             emb.embedding_dim,
             dtype=emb.weight.dtype,
-            rank=mesh.get_local_rank(),
-            world=mesh.size(),
-            group=mesh.get_group(),
+            rank=shard_mesh.get_local_rank(),
+            world=shard_mesh.size(),
+            group=shard_mesh.get_group(),
             key="model.embed_tokens.weight",
         )
-    pad_4bit_rows(model, mesh.size())
+    pad_4bit_rows(model, shard_mesh.size())
     apply_activation_checkpointing(model, activation_checkpoint.mode, activation_checkpoint.selective_every)
     if training.compile:
         for block in model.model.layers:
