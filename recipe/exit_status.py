@@ -26,6 +26,8 @@ rank 0 is not killed before it prints -- a peer that fails first would otherwise
 it -- the other ranks, after recording, wait for rank 0's record (rank 0 prints before recording) for
 at most ``RANK0_WAIT_S``. That bound only costs time when the bad input is seen by some ranks and not
 by rank 0; it is a file poll, not a barrier, because the error may come before any process group.
+On a multi-node job every node's run_train.sh has its own directory: ranks on the nodes without rank 0
+do not wait (rank 0's record never appears there), and their run_train.sh repeats their own record.
 Without ``RECIPE_EXIT_STATUS_DIR`` (a bare ``torchrun``), nothing is recorded and no rank waits:
 rank 0 still prints, and may be cut short by a peer that fails first.
 """
@@ -57,6 +59,16 @@ def _resolve_rank(rank: int | None) -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
+
+
+def _rank0_on_this_node(rank: int) -> bool:
+    """Whether rank 0 runs under the same torchrun (one node) as ``rank``: torchrun numbers the ranks of
+    a node consecutively from ``RANK - LOCAL_RANK``. On the other nodes of a multi-node job rank 0's
+    record never reaches this node's status directory (each node's run_train.sh makes its own)."""
+    try:
+        return rank - int(os.environ["LOCAL_RANK"]) == 0
+    except (KeyError, ValueError):
+        return True
 
 
 def write_record(directory: str | os.PathLike, rank: int, code: int, text: str) -> Path:
@@ -107,7 +119,7 @@ def report_bad_input(exc: BaseException, rank: int | None = None) -> int:
     except OSError as e:  # the directory vanished (launcher gone): the exit code still says 2
         print(f"warning: could not record exit status in {directory}: {e}", file=sys.stderr, flush=True)
         return BAD_INPUT
-    if rank != 0:
+    if rank != 0 and _rank0_on_this_node(rank):
         deadline = time.monotonic() + RANK0_WAIT_S
         rank0 = Path(directory) / "rank0"
         while not rank0.exists() and time.monotonic() < deadline:
