@@ -5,11 +5,12 @@ RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set (the port picked 
 calls ``fn(rank, world, *args)``. A rank that raises writes its traceback to a file; the parent then
 stops the other ranks (which would otherwise wait in a collective) and raises with every traceback.
 
-``run_jobs`` is the worker used by tests/test_fsdp.py: one process group for the whole worker, and
-for every job a fresh ``recipe.train.Trainer`` (closed with the process-group teardown disabled),
-4 training steps with losses and full LoRA gradients (after backward, before clipping and
-the optimizer step) captured, plus optional checks of the 4-bit shards, the gathered weights and
-the all-gather inputs. Rank 0 saves the run's losses; every rank saves its rows of the gradients
+``run_jobs`` is the worker used by tests/test_fsdp.py and tests/test_multinode.py: one process group
+for the whole worker, and for every job a fresh ``recipe.train.Trainer`` (closed with the process-group
+teardown disabled), the training steps up to ``training.steps`` (all of them, unless the job resumes
+from a checkpoint in its own ``dump`` folder) with losses and full LoRA gradients (after backward,
+before clipping and the optimizer step) captured, plus optional checks of the 4-bit shards, the
+gathered weights and the all-gather inputs. Rank 0 saves the run's losses; every rank saves its rows of the gradients
 (``gather_shards`` reassembles them) and its own checks.
 """
 
@@ -133,11 +134,13 @@ def _spy_pre_all_gather(records: list):
 
 
 def _check_shards(trainer, rank: int, world: int) -> dict:
-    """Every Weight4bit shard == rows [r*c, (r+1)*c) of the checkpoint (zero rows past n_rows)."""
+    """Every Weight4bit shard == rows [r*c, (r+1)*c) of the checkpoint (zero rows past n_rows). With
+    HSDP, r and the padding multiple are the rank in the shard group and the shard degree."""
     from torch.distributed.tensor import DTensor
 
     from models.quant import Weight4bit
 
+    rank, world = trainer.dist.shard_mesh.get_local_rank(), trainer.dist.dp_shard
     errors, n_checked, n_padded = [], 0, 0
     for name, p in trainer.model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
@@ -232,7 +235,7 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
     try:
         for job in jobs:
             name = job["name"]
-            dump = out / "dump" / f"{name}_w{world}"
+            dump = Path(job["dump"]) if job.get("dump") else out / "dump" / f"{name}_w{world}"
             cfg = load_config(list(job["overrides"]) + [f"--job.dump_folder={dump}"])
             if job.get("expect_exit"):
                 try:
@@ -263,7 +266,8 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
                 trainer._clip = clip
                 trainer.model.train()
                 losses, norms, targets = [], [], []
-                for _step in range(cfg.training.steps):
+                start_step = trainer.step  # > 0 after a resume (a job with its own "dump" folder)
+                while trainer.step < cfg.training.steps:
                     micro = trainer.loader.micro_batches(trainer.step)
                     targets.append(sum(count_targets(mb["labels"]) for mb in micro))
                     r = trainer.train_step()
@@ -271,7 +275,12 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
                     norms.append(r.grad_norm)
                 rank_targets = [None] * world
                 dist.all_gather_object(rank_targets, targets)
-                local = {"targets": targets, "rank_targets": rank_targets, "grads": grads}
+                local = {
+                    "targets": targets,
+                    "rank_targets": rank_targets,
+                    "grads": grads,
+                    "embed": repr(trainer.model.model.embed_tokens),
+                }
                 if job.get("checks"):
                     local["shards"] = _check_shards(trainer, rank, world)
                     local["unsharded"] = _check_unsharded(trainer, world)
@@ -283,6 +292,7 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
                             "grad_norms": norms,
                             "rank_targets": rank_targets,
                             "accum": trainer.loader.grad_accum_steps,
+                            "start_step": start_step,
                             "seconds": time.perf_counter() - t_job,
                         },
                         out / f"{name}_w{world}.pt",
