@@ -396,3 +396,21 @@ def test_run_train_sh_multinode_arguments(tmp_path):
             timeout=60,
         )
         assert p.returncode == 2 and msg in p.stderr, (change, p.returncode, p.stderr)
+
+
+def test_a_rank_on_a_node_without_rank_0_does_not_wait_for_its_record(tmp_path, monkeypatch):
+    """Each node's run_train.sh has its own status folder: rank 0's record never appears on the others."""
+    import time
+
+    from recipe import exit_status
+
+    monkeypatch.setenv(exit_status.ENV, str(tmp_path))
+    monkeypatch.setattr(exit_status, "RANK0_WAIT_S", 30.0)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the first rank of the second node
+    t0 = time.monotonic()
+    assert exit_status.report_bad_input(ValueError("bad value"), rank=None) == 2
+    assert time.monotonic() - t0 < 5.0
+    assert (tmp_path / "rank2").read_text() == "2\nValueError: bad value\n"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert exit_status._rank0_on_this_node(1)  # rank 1, local rank 1: rank 0 is on this node
