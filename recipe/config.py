@@ -161,8 +161,8 @@ class Parallelism:
     data_parallel_replicate_degree: int = _f(
         1,
         "HSDP replicas: the ranks form a replicate x shard mesh; parameters are sharded within each group of "
-        "data_parallel_shard_degree consecutive ranks (one node, with torchrun) and replicated across the "
-        "groups, gradients all-reduced between replicas. 1 is pure FSDP over all ranks.",
+        "data_parallel_shard_degree consecutive ranks (a node, when that is the processes per node) and "
+        "replicated across the groups, gradients all-reduced between replicas. 1 is pure FSDP over all ranks.",
     )
     data_parallel_shard_degree: int = _f(
         -1,
