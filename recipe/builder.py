@@ -68,8 +68,13 @@ def base_quant_name(args: ModelArgs) -> str:
     return f"{args.quant_type}/{args.quant_blocksize}" if args.quant_type else "none"
 
 
-def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -> LlamaForCausalLM:
-    """Meta model -> parallelize -> this rank's shards."""
+def build_model(
+    cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo, model_cls: type[LlamaForCausalLM] = LlamaForCausalLM
+) -> LlamaForCausalLM:
+    """Meta model -> parallelize -> this rank's shards.
+
+    ``model_cls``: ``LlamaForCausalLM`` or a subclass that only adds attributes (``recipe.hf_trainer``'s
+    HF-facing model); its parameters and modules must be the base class's."""
     # A pre-quantized checkpoint's own scheme wins over model.quant_type (which quantizes dense ones).
     scheme = reader.quant_scheme(quantize_dense_as=cfg.model.quant_type)
     args = ModelArgs(
@@ -83,7 +88,7 @@ def build_model(cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo) -
         dtype=DTYPES[cfg.training.mixed_precision_param],
     )
     with torch.device("meta"):
-        model = LlamaForCausalLM(args)
+        model = model_cls(args)
     offload = cfg.parallelism.cpu_offload
     parallelize(
         model,

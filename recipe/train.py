@@ -43,7 +43,14 @@ from parallel.grad_norm import clip_grad_norm_
 from recipe.builder import base_quant_name, build_model, ensure_checkpoint
 from recipe.checkpoint import Checkpointer, RunIdentity
 from recipe.config import JobConfig, config_to_dict, dump_toml, load_config
-from recipe.data import GlobalBatchLoader, build_data, count_targets, load_tokenizer, resolve_global_batch_size
+from recipe.data import (
+    GlobalBatchLoader,
+    build_data,
+    count_targets,
+    drop_trivial_masks,
+    load_tokenizer,
+    resolve_global_batch_size,
+)
 from recipe.exit_status import record_exit, report_bad_input
 from recipe.export import export_model_adapter
 from recipe.logging import log
@@ -54,20 +61,6 @@ from recipe.profiling import Profiler
 from recipe.seeding import rank_seed
 
 __all__ = ["Trainer", "main", "build_model"]
-
-
-def _drop_trivial_masks(mb: dict) -> dict:
-    """Drop an all-ones attention_mask and position_ids equal to 0..T-1, checked on the
-    CPU copy: the model then takes the pure-causal (flash) attention path and never inspects them
-    on the GPU. Packed rows (positions restarting at 0) keep position_ids: the model masks attention
-    between their documents."""
-    mb = dict(mb)
-    if "attention_mask" in mb and bool(mb["attention_mask"].all()):
-        del mb["attention_mask"]
-    pos = mb.get("position_ids")
-    if pos is not None and torch.equal(pos, torch.arange(pos.shape[-1]).expand_as(pos)):
-        del mb["position_ids"]
-    return mb
 
 
 class Preempted(Exception):
@@ -275,7 +268,7 @@ class Trainer:
         for i, mb in enumerate(micro):
             if exact:
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            mb = _drop_trivial_masks(mb)
+            mb = drop_trivial_masks(mb)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             out = self.model(**batch)
             self.scaler.scale_loss(out.loss_sum / n32).backward()

@@ -25,7 +25,7 @@ import torch
 from recipe.data.errors import DataError
 from recipe.data.formats import Sample, tokenize_records
 from recipe.data.loader import GlobalBatchLoader, batch_layout_problem, resolve_global_batch_size
-from recipe.data.packing import count_targets, pack_or_pad
+from recipe.data.packing import count_targets, drop_trivial_masks, pack_or_pad
 from recipe.data.records import read_records
 from recipe.data.synthetic import synthetic_dataset
 from recipe.data.tokenizer import load_tokenizer
@@ -38,6 +38,7 @@ __all__ = [
     "batch_layout_problem",
     "build_data",
     "count_targets",
+    "drop_trivial_masks",
     "load_tokenizer",
     "pack_or_pad",
     "read_records",

@@ -17,12 +17,27 @@ from recipe.data.errors import DataError
 from recipe.data.formats import Sample
 from recipe.logging import log
 
-__all__ = ["count_targets", "pack_or_pad"]
+__all__ = ["count_targets", "drop_trivial_masks", "pack_or_pad"]
 
 
 def count_targets(labels: torch.Tensor) -> int:
     """Tokens that actually contribute to the loss under the HF shift."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def drop_trivial_masks(mb: dict) -> dict:
+    """Drop an all-ones attention_mask and position_ids equal to 0..T-1, checked on the CPU copy (or
+    with one device read): the model then takes the pure-causal (flash) attention path and never
+    inspects them on the GPU. Packed rows (positions restarting at 0) keep position_ids: the model
+    masks attention between their documents. Used by both training loops (``recipe.train`` and
+    ``recipe.hf_trainer``)."""
+    mb = dict(mb)
+    if "attention_mask" in mb and bool(mb["attention_mask"].all()):
+        del mb["attention_mask"]
+    pos = mb.get("position_ids")
+    if pos is not None and torch.equal(pos, torch.arange(pos.shape[-1], device=pos.device).expand_as(pos)):
+        del mb["position_ids"]
+    return mb
 
 
 def pack_or_pad(samples: list[Sample], seq_len: int, packing: bool, pad_id: int) -> dict[str, torch.Tensor]:
