@@ -1,0 +1,732 @@
+"""HF ``Trainer`` and TRL ``SFTTrainer`` driving this recipe's sharded QLoRA model.
+
+A user with an existing HF script changes a few lines::
+
+    from recipe.hf_trainer import RecipeModelArguments, RecipeTrainer, build_hf_model, load_hf_tokenizer
+
+    parser = HfArgumentParser((RecipeModelArguments, TrainingArguments))
+    model_args, training_args = parser.parse_args_into_dataclasses()
+    model = build_hf_model(model_args, training_args)  # was: AutoModelForCausalLM.from_pretrained(...) + get_peft_model
+    tokenizer = load_hf_tokenizer(model)
+    trainer = RecipeTrainer(model=model, args=training_args, train_dataset=..., processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()  # the complete PEFT adapter, all ranks' rows gathered
+
+and launches it with ``torchrun --nproc-per-node N`` (or plain ``python`` for one process).
+``RecipeSFTTrainer`` is the same for TRL's ``SFTTrainer`` / ``SFTConfig`` (TRL is optional and imported
+only when that name is used).
+
+``build_hf_model`` is ``recipe.builder.build_model`` behind HF's arguments: per-rank loading, sharded
+4-bit weights, FSDP2 mixed precision, CPU offload, activation checkpointing (``gradient_checkpointing``)
+and per-block compile (``torch_compile``) are applied when the model is built, before any Trainer exists.
+
+What the Trainer subclass overrides, and why (all documented override points of ``transformers.Trainer``
+5.17, or public methods; nothing of transformers, accelerate or torch is patched):
+
+* ``__init__``: refuses the ``TrainingArguments`` this model cannot honour, each with a message naming the
+  field and what to set instead (``check_training_arguments``); checks that every 4-bit weight is an FSDP2
+  shard of the current world (``check_sharded``) and fails loudly otherwise. It marks the model as already
+  prepared for distributed training (``model._is_accelerate_prepared = True``, accelerate's own guard
+  against double wrapping in ``Accelerator.prepare_model``): it is, by the recipe, so accelerate neither
+  wraps it in ``DistributedDataParallel`` (which it would do on every ``torchrun`` launch, CPU or GPU),
+  nor autocasts its forward, nor compiles it, nor moves it. Trainer itself does not move the model because
+  the model is a bitsandbytes 4-bit one (``quantization_method``, HF's attribute for that), and it would
+  use ``nn.DataParallel`` only for several GPUs in one process, which is refused.
+* ``create_accelerator_and_postprocess``: builds HF's accelerator with ``mixed_precision="no"``; the
+  recipe's FSDP2 ``MixedPrecisionPolicy`` computes in bf16/fp16 and the recipe's sharded ``LossScaler``
+  scales fp16 losses (accelerate's ``GradScaler`` assumes unsharded gradients). ``fsdp`` / ``deepspeed``
+  coming from an ``accelerate launch`` config are refused here.
+* ``get_batch_samples``: counts the target tokens of the step's micro-batches the way the recipe does
+  (``labels[:, 1:] != -100``) and all-reduces them (``average_tokens_across_devices``; without it each
+  rank normalises by its own count and the ranks are averaged, HF's meaning of the flag).
+* ``compute_loss``: the summed token loss of the micro-batch over that global count. No factor of the
+  world size: FSDP sums gradients over ranks (``parallel/parallelize.py``), DDP would average them.
+* ``training_step``: backward (fp16: of the scaled loss); after the last micro-batch of a step
+  (``accelerator.sync_gradients``) the fp16 unscale with the overflow flag all-reduced, the DTensor-aware
+  clipping of ``parallel/grad_norm.py`` with ``max_grad_norm``, and the skip of a step whose gradients
+  overflowed or are NaN/inf (the same decision on every rank: the gradients are dropped, so AdamW's step
+  is a no-op; the schedule advances, as in the recipe loop). It returns the loss times the world size,
+  so that the mean over ranks which ``Trainer`` logs is the true mean over the global batch's targets.
+* ``train``: hands HF's loop ``max_grad_norm = 0`` for the duration of the call (the recipe clipped
+  already; HF's clip would clip again), and resumes the sharded optimizer and loss scaler state from a
+  ``resume_from_checkpoint`` directory (``_RecipeStateCallback``).
+* ``log``: the logged ``grad_norm`` is the recipe's pre-clip norm (HF measures after our clip);
+  fp16 runs also log ``loss_scale``.
+* ``save_model``: the complete PEFT adapter (``recipe.export.export_model_adapter`` gathers every rank's
+  rows; rank 0 writes), the tokenizer and ``training_args.bin``; ``push_to_hub`` is HF's, on that folder.
+
+Checkpoints (``save_steps`` / ``save_strategy``) are HF's folders ``checkpoint-N`` plus, written by a
+``TrainerCallback.on_save`` on every rank: ``model.safetensors`` (the gathered LoRA weights under the
+recipe's names, which HF's resume loads through a load-state-dict hook that keeps each rank's rows) and
+``recipe_state/`` (the sharded optimizer state and the loss scaler, ``torch.distributed.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from transformers import Trainer, TrainerCallback
+from transformers.utils.quantization_config import QuantizationMethod
+
+from models.hf_reader import CheckpointReader
+from models.llama import IGNORE_INDEX, LORA_TARGETS, LlamaForCausalLM
+from models.quant import Weight4bit
+from parallel.distributed import all_reduce_sum, init_distributed
+from parallel.grad_norm import clip_grad_norm_
+from recipe.builder import build_model, ensure_checkpoint
+from recipe.config import ConfigError, JobConfig, validate
+from recipe.data import drop_trivial_masks, load_tokenizer
+from recipe.export import export_model_adapter
+from recipe.logging import log
+from recipe.optim import LossScaler
+
+__all__ = [
+    "RecipeModelArguments",
+    "HFLlamaForCausalLM",
+    "UnsupportedSettingError",
+    "job_config_from",
+    "build_hf_model",
+    "load_hf_tokenizer",
+    "check_training_arguments",
+    "check_sharded",
+    "RecipeTrainer",
+    "RecipeSFTTrainer",  # noqa: F822 (module __getattr__: TRL is imported on first use)
+]
+
+# The optimizers of TrainingArguments.optim that are torch's AdamW (the recipe's optimizer); both take
+# the DTensor shards as they are.
+SUPPORTED_OPTIM = ("adamw_torch", "adamw_torch_fused")
+# What the recipe's model takes from a batch (collators may add columns of their own).
+_MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
+STATE_DIR = "recipe_state"  # inside an HF checkpoint-N folder
+LORA_WEIGHTS_NAME = "model.safetensors"  # the name HF's resume looks for
+OPTIMIZER_NAME, SCHEDULER_NAME = "optimizer.pt", "scheduler.pt"  # HF's names in a checkpoint folder
+
+
+class UnsupportedSettingError(ValueError):
+    """A TrainingArguments (or SFTConfig) setting this model cannot honour; the message says what to set."""
+
+
+@dataclass
+class RecipeModelArguments:
+    """The recipe's model and LoRA options, for ``HfArgumentParser`` next to ``TrainingArguments``."""
+
+    model_name_or_path: str = field(
+        default="",
+        metadata={
+            "help": "Pre-quantized bitsandbytes 4-bit Llama 3.x checkpoint: a local directory or a hub repo id "
+            "owner/name[@revision] (a plain bf16/fp16 one is quantized at load, see quant_type)."
+        },
+    )
+    synthetic_shape: str = field(
+        default="",
+        metadata={
+            "help": "If set and model_name_or_path does not exist, write a synthetic checkpoint of this shape there."
+        },
+    )
+    tokenizer_name_or_path: str = field(default="", metadata={"help": "Tokenizer directory; empty: the checkpoint's."})
+    quant_type: str = field(
+        default="nf4", metadata={"help": "nf4 or fp4: how a plain checkpoint is quantized at load."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input path, in [0, 1)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGETS),
+        metadata={"help": f"Projections that get LoRA adapters: any of {', '.join(LORA_TARGETS)}."},
+    )
+    activation_checkpointing: str = field(
+        default="",
+        metadata={
+            "help": "none, full or selective; empty: full with --gradient_checkpointing, else none "
+            "(the recipe's activation checkpointing, applied when the model is built)."
+        },
+    )
+    selective_every: int = field(default=2, metadata={"help": "With selective checkpointing, every k-th block."})
+    cpu_offload: bool = field(default=False, metadata={"help": "Keep parameter shards and gradients on the CPU."})
+    reshard_after_forward: bool = field(default=True, metadata={"help": "FSDP2: free gathered weights after forward."})
+    vocab_parallel_embedding: bool = field(
+        default=False, metadata={"help": "Keep each rank's rows of the frozen embedding table (experimental)."}
+    )
+    mixed_precision_reduce: str = field(
+        default="float32",
+        metadata={"help": "Gradient reduction dtype: float32, or float64 (exact, split-independent)."},
+    )
+
+
+def job_config_from(model_args: RecipeModelArguments, training_args=None) -> JobConfig:
+    """The recipe's JobConfig for these arguments (the sections ``recipe.builder.build_model`` reads).
+
+    From ``training_args`` (a ``TrainingArguments``): ``seed`` (LoRA initialisation), ``bf16`` / ``fp16``
+    (the compute dtype), ``gradient_checkpointing`` (full activation checkpointing), ``torch_compile``
+    (per-block compile), ``use_cpu``, ``ddp_backend`` and ``full_determinism`` (deterministic kernels and
+    the split-independent gradient norm)."""
+    ta = training_args
+    cfg = JobConfig()
+    if not model_args.model_name_or_path:
+        raise ConfigError(
+            "model_name_or_path is empty: set --model_name_or_path to a pre-quantized checkpoint directory or hub id"
+        )
+    if model_args.quant_type not in ("nf4", "fp4"):
+        raise ConfigError(
+            f"quant_type = {model_args.quant_type!r}: the HF Trainer path trains QLoRA on 4-bit weights; "
+            "set --quant_type nf4 (or fp4)"
+        )
+    cfg.model.checkpoint = model_args.model_name_or_path
+    cfg.model.synthetic_shape = model_args.synthetic_shape
+    cfg.model.tokenizer = model_args.tokenizer_name_or_path
+    cfg.model.quant_type = model_args.quant_type
+    cfg.lora.rank = int(model_args.lora_r)
+    cfg.lora.alpha = float(model_args.lora_alpha)
+    cfg.lora.dropout = float(model_args.lora_dropout)
+    cfg.lora.target_modules = list(model_args.lora_target_modules)
+    cfg.training.mixed_precision_reduce = model_args.mixed_precision_reduce
+    cfg.parallelism.cpu_offload = bool(model_args.cpu_offload)
+    cfg.parallelism.reshard_after_forward = bool(model_args.reshard_after_forward)
+    cfg.parallelism.vocab_parallel_embedding = bool(model_args.vocab_parallel_embedding)
+    cfg.activation_checkpoint.selective_every = int(model_args.selective_every)
+    ac = model_args.activation_checkpointing
+    if ta is not None:
+        cfg.job.seed = int(ta.seed)
+        cfg.job.deterministic = bool(ta.full_determinism)
+        cfg.training.mixed_precision_param = "float16" if ta.fp16 else "bfloat16" if ta.bf16 else "float32"
+        cfg.training.compile = bool(ta.torch_compile)
+        cfg.training.device = "cpu" if ta.use_cpu else "auto"
+        if ta.ddp_backend in ("gloo", "nccl"):
+            cfg.parallelism.backend = ta.ddp_backend
+        if ta.gradient_checkpointing and ac == "none":
+            raise ConfigError(
+                "gradient_checkpointing = True but activation_checkpointing = 'none': drop one of them "
+                "(--activation_checkpointing full or selective, or no --gradient_checkpointing)"
+            )
+        ac = ac or ("full" if ta.gradient_checkpointing else "none")
+    else:
+        cfg.training.mixed_precision_param = "float32"
+    cfg.activation_checkpoint.mode = ac or "none"
+    validate(cfg)
+    return cfg
+
+
+class HFLlamaForCausalLM(LlamaForCausalLM):
+    """The recipe's Llama with the attributes HF ``Trainer`` and TRL read. Parameters, modules and
+    ``forward`` are the base class's (``recipe.builder.build_model(..., model_cls=HFLlamaForCausalLM)``).
+
+    ``quantization_method``: the frozen base is bitsandbytes 4-bit, and HF does not ``.to()`` such a model
+    (it would pull CPU-offloaded shards onto the GPU)."""
+
+    main_input_name = "input_ids"
+    _keys_to_ignore_on_save = None
+    supports_gradient_checkpointing = True
+    quantization_method = QuantizationMethod.BITS_AND_BYTES
+
+    # Set by build_hf_model.
+    recipe_config: JobConfig
+    recipe_dist: Any
+    base_checkpoint: Path
+
+    def add_model_tags(self, tags) -> None:  # TRL tags its models (model cards)
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        self.model_tags = sorted(set(getattr(self, "model_tags", None) or []) | set(tags))
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.recipe_config.activation_checkpoint.mode != "none"
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+        """Called by ``Trainer.train`` with ``gradient_checkpointing``: the recipe's checkpointing was
+        applied when the model was built (inside FSDP's hooks); nothing can be added afterwards."""
+        if not self.is_gradient_checkpointing:
+            raise UnsupportedSettingError(
+                "TrainingArguments.gradient_checkpointing = True, but the model was built without activation "
+                "checkpointing: build it with build_hf_model(model_args, training_args) from the same arguments "
+                "(or --activation_checkpointing full)"
+            )
+
+    def gradient_checkpointing_disable(self) -> None:
+        pass
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def _shard_full_tensors(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a full (unsharded) tensor for a DTensor parameter becomes this rank's
+    rows of it (``distribute_tensor`` without communication: every rank holds the full tensor)."""
+    for name, p in module.named_parameters():
+        key = prefix + name
+        v = state_dict.get(key)
+        if v is not None and isinstance(p, DTensor) and not isinstance(v, DTensor):
+            if tuple(v.shape) != tuple(p.shape):
+                continue  # load_state_dict reports the size mismatch
+            state_dict[key] = distribute_tensor(
+                v.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements, src_data_rank=None
+            )
+
+
+def _frozen_keys_are_not_missing(module, incompatible_keys) -> None:
+    """load_state_dict post-hook: the frozen base is never in a training checkpoint; only a missing LoRA
+    weight is missing."""
+    keep = [k for k in incompatible_keys.missing_keys if ".lora_A." in k or ".lora_B." in k]
+    incompatible_keys.missing_keys[:] = keep
+
+
+def build_hf_model(model_args: RecipeModelArguments, training_args=None) -> HFLlamaForCausalLM:
+    """This recipe's sharded QLoRA model for ``RecipeTrainer`` / ``RecipeSFTTrainer`` (collective: every
+    rank calls it). Initialises the process group (torchrun's environment, or a world of one)."""
+    cfg = job_config_from(model_args, training_args)
+    p, t = cfg.parallelism, cfg.training
+    dist_info = init_distributed(t.device, p.backend, -1, p.cpu_offload)
+    path = ensure_checkpoint(cfg.model, cfg.job.seed, dist_info)
+    reader = CheckpointReader(path)
+    model = build_model(cfg, reader, dist_info, model_cls=HFLlamaForCausalLM)
+    from transformers import AutoConfig, GenerationConfig
+
+    model.config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    except OSError:
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+    model.recipe_config = cfg
+    model.recipe_dist = dist_info
+    model.base_checkpoint = Path(os.path.abspath(path))
+    model.name_or_path = str(model_args.model_name_or_path)
+    model.register_load_state_dict_pre_hook(_shard_full_tensors)
+    model.register_load_state_dict_post_hook(_frozen_keys_are_not_missing)
+    n = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    log(f"hf_trainer: model ready: {dist_info.world_size} rank(s), {n:,} trainable parameters", dist_info.rank)
+    return model
+
+
+def load_hf_tokenizer(model: HFLlamaForCausalLM):
+    """The model's tokenizer (``tokenizer_name_or_path``, else the checkpoint's own), local files only."""
+    return load_tokenizer(model.recipe_config.model.tokenizer or str(model.base_checkpoint))
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def _refuse(field_name: str, value, why: str) -> UnsupportedSettingError:
+    return UnsupportedSettingError(f"TrainingArguments.{field_name} = {value!r} is not supported: {why}")
+
+
+def check_training_arguments(args, model: HFLlamaForCausalLM) -> None:
+    """Raise ``UnsupportedSettingError`` for a setting this model cannot honour."""
+    cfg = model.recipe_config
+    if args.fsdp:
+        raise _refuse(
+            "fsdp",
+            args.fsdp,
+            "the recipe shards the model itself (FSDP2 over the 4-bit weights, applied by build_hf_model); "
+            "remove --fsdp and --fsdp_config",
+        )
+    if args.deepspeed:
+        raise _refuse("deepspeed", args.deepspeed, "the recipe shards the model itself (FSDP2); remove --deepspeed")
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim not in SUPPORTED_OPTIM:
+        raise _refuse(
+            "optim",
+            optim,
+            "the LoRA parameters are FSDP2 DTensor shards, trained with torch's AdamW; "
+            f"set --optim {SUPPORTED_OPTIM[0]} (or {SUPPORTED_OPTIM[1]})",
+        )
+    want = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
+    have = cfg.training.mixed_precision_param
+    if want != have:
+        flag = "fp16" if args.fp16 else "bf16"
+        raise _refuse(
+            flag,
+            bool(getattr(args, flag)),
+            f"these arguments ask for {want} compute, but the model was built for {have}; build it with "
+            "build_hf_model(model_args, training_args) from the same TrainingArguments",
+        )
+    if args.gradient_checkpointing and cfg.activation_checkpoint.mode == "none":
+        raise _refuse(
+            "gradient_checkpointing",
+            True,
+            "the model was built without activation checkpointing; build it with "
+            "build_hf_model(model_args, training_args) from the same TrainingArguments",
+        )
+    if bool(args.torch_compile) != bool(cfg.training.compile):
+        raise _refuse(
+            "torch_compile",
+            bool(args.torch_compile),
+            f"the model was built with compile={cfg.training.compile} (the recipe compiles each block when it "
+            "builds the model); build it with build_hf_model(model_args, training_args) from the same arguments",
+        )
+    simple = [
+        (
+            "label_smoothing_factor",
+            args.label_smoothing_factor != 0,
+            "set it to 0 (the recipe's chunked loss never builds the full logits)",
+        ),
+        ("use_liger_kernel", bool(args.use_liger_kernel), "set it to False (the recipe has its own kernels)"),
+        (
+            "auto_find_batch_size",
+            bool(args.auto_find_batch_size),
+            "set it to False and choose per_device_train_batch_size",
+        ),
+        ("neftune_noise_alpha", args.neftune_noise_alpha is not None, "leave it unset"),
+        ("fp16_full_eval", bool(args.fp16_full_eval), "set it to False: evaluation runs in the model's compute dtype"),
+        ("bf16_full_eval", bool(args.bf16_full_eval), "set it to False: evaluation runs in the model's compute dtype"),
+        (
+            "parallelism_config",
+            getattr(args, "parallelism_config", None) is not None,
+            "leave it unset: the recipe's only parallelism is FSDP2 over all ranks",
+        ),
+        # TRL's SFTConfig
+        (
+            "activation_offloading",
+            bool(getattr(args, "activation_offloading", False)),
+            "set it to False (use --cpu_offload of the model arguments to offload parameter shards)",
+        ),
+        (
+            "loss_type",
+            getattr(args, "loss_type", "nll") != "nll",
+            "set --loss_type nll (the recipe's loss is the token-mean negative log-likelihood)",
+        ),
+        ("use_liger_kernel", bool(getattr(args, "use_liger_kernel", False)), "set it to False"),
+    ]
+    for name, bad, what in simple:
+        if bad:
+            raise _refuse(name, getattr(args, name), what)
+    if args.n_gpu > 1:
+        raise _refuse(
+            "n_gpu",
+            args.n_gpu,
+            "several GPUs visible to one process (Trainer would use nn.DataParallel); launch with "
+            "torchrun --nproc-per-node N, or make one GPU visible with CUDA_VISIBLE_DEVICES",
+        )
+    world = model.recipe_dist.world_size
+    if args.world_size != world:
+        raise UnsupportedSettingError(
+            f"TrainingArguments see {args.world_size} process(es) but the model is sharded over {world}: build "
+            "the model and the Trainer in the same launch, and on a CPU-only machine pass --use_cpu "
+            "(accelerate sees a torchrun launch without it as independent single processes there)"
+        )
+
+
+def check_sharded(model: HFLlamaForCausalLM) -> int:
+    """Every 4-bit base weight must be an FSDP2 shard (Shard(0) DTensor) over all ranks, holding its share
+    of the rows; returns how many were checked. Raises RuntimeError otherwise."""
+    world = model.recipe_dist.world_size
+    n = 0
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if not isinstance(local, Weight4bit):
+            continue
+        n += 1
+        if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),) or p.device_mesh.size() != world:
+            raise RuntimeError(
+                f"4-bit weight {name} is not sharded over the {world} rank(s) (type {type(p).__name__}"
+                + (f", placements {p.placements}" if isinstance(p, DTensor) else "")
+                + "): build the model with recipe.hf_trainer.build_hf_model, and do not wrap it again"
+            )
+        if local.packed.shape[0] * world != p.shape[0]:
+            raise RuntimeError(
+                f"4-bit weight {name}: this rank holds {local.packed.shape[0]} of {p.shape[0]} rows, not 1/{world}"
+            )
+    if n == 0:
+        raise RuntimeError("the model has no 4-bit weights: build it with recipe.hf_trainer.build_hf_model")
+    return n
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+def _lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """Full LoRA tensors on every rank (a collective)."""
+    from parallel.sharding import gather_rows
+
+    return {n: gather_rows(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class _RecipeStateCallback(TrainerCallback):
+    """Writes the recipe's part of every HF checkpoint (on every rank) and restores it on resume."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer._save_recipe_state(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer._resume_dir is not None:
+            self.trainer._load_recipe_state(Path(self.trainer._resume_dir))
+
+
+class RecipeTrainerMixin:
+    """The overrides shared by ``RecipeTrainer`` and ``RecipeSFTTrainer`` (see the module docstring)."""
+
+    def __init__(self, model=None, args=None, *rest, **kwargs):
+        if not isinstance(model, HFLlamaForCausalLM):
+            raise TypeError(
+                f"{type(self).__name__} trains the recipe's sharded model: build it with "
+                f"recipe.hf_trainer.build_hf_model (got {type(model).__name__})"
+            )
+        if args is None:
+            raise TypeError(f"{type(self).__name__} needs args (TrainingArguments or SFTConfig)")
+        check_training_arguments(args, model)
+        check_sharded(model)
+        # Already prepared for distributed training (by the recipe): accelerate's own guard against
+        # wrapping a model twice. See the module docstring.
+        model._is_accelerate_prepared = True
+        cfg = model.recipe_config
+        self._recipe_cfg = cfg
+        self._recipe_dist = model.recipe_dist
+        self._recipe_max_grad_norm = float(args.max_grad_norm)
+        self._scaler = LossScaler(cfg.training.mixed_precision_param == "float16")
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
+        self._last_grad_norm: torch.Tensor | None = None
+        self._resume_dir: str | None = None
+        super().__init__(model, args, *rest, **kwargs)
+        self.add_callback(_RecipeStateCallback(self))
+
+    # -- accelerate ----------------------------------------------------------------------------------
+    def create_accelerator_and_postprocess(self) -> None:
+        requested = self.args.mixed_precision
+        self.args.mixed_precision = "no"  # the recipe's FSDP2 mixed precision and LossScaler do it
+        try:
+            super().create_accelerator_and_postprocess()
+        finally:
+            self.args.mixed_precision = requested
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            what = "FSDP" if self.is_fsdp_enabled else "DeepSpeed"
+            raise UnsupportedSettingError(
+                f"the accelerate configuration enables {what}: the recipe shards the model itself; launch with "
+                "torchrun (or accelerate launch without --use_fsdp / --use_deepspeed)"
+            )
+
+    def create_optimizer(self, model=None):
+        """HF's AdamW (``optim``, ``learning_rate``, ``adam_*``, ``weight_decay``) without its empty groups:
+        every LoRA weight falls in the decay group, and DCP's optimizer state dict (checkpoints) cannot map
+        a group without parameters."""
+        opt = super().create_optimizer(model)
+        inner = opt
+        while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+            inner = inner.optimizer
+        inner.param_groups[:] = [g for g in inner.param_groups if g["params"]]
+        return opt
+
+    # -- the step ------------------------------------------------------------------------------------
+    @property
+    def _world(self) -> int:
+        return self._recipe_dist.world_size
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches and the number of target tokens to normalise by (see module docstring)."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches if "labels" in b)
+        n = torch.tensor(float(n_local), dtype=torch.float64, device=self._recipe_dist.device)
+        if self.args.average_tokens_across_devices:
+            n = all_reduce_sum(n)
+        else:
+            n = n * self._world
+        return batches, n.clamp(min=1.0).float()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "shift_labels" in inputs:
+            raise UnsupportedSettingError(
+                "the batch carries shift_labels (context/sequence parallelism): not supported, the recipe's "
+                "model shifts labels itself"
+            )
+        batch = drop_trivial_masks({k: v for k, v in inputs.items() if k in _MODEL_INPUTS})
+        dev = self._recipe_dist.device
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        out = model(**batch)
+        if out.loss_sum is None:
+            raise ValueError("the batch has no labels: the recipe's Trainer needs them to compute the loss")
+        loss = out.loss if num_items_in_batch is None else out.loss_sum / num_items_in_batch
+        return (loss, out) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        self._scaler.scale_loss(loss).backward()
+        if self.accelerator.sync_gradients:
+            self._finish_step()
+        # Trainer logs the mean over ranks of what this returns: times the world size, that is the sum
+        # over ranks, the loss of the global batch.
+        return loss.detach() * self._world
+
+    def _finish_step(self) -> None:
+        """After the last micro-batch: unscale (fp16), clip, and drop the gradients of a step to skip."""
+        params = self._trainable
+        found_inf = self._scaler.unscale_(params)
+        norm = clip_grad_norm_(params, self._recipe_max_grad_norm, exact=self._recipe_cfg.job.deterministic)
+        nonfinite = not self._scaler.enabled and not bool(torch.isfinite(norm))
+        self._scaler.update(found_inf)
+        if found_inf or nonfinite:
+            # The same on every rank (an all-reduced flag, an all-reduced norm): AdamW skips parameters
+            # without gradients, so its step is a no-op; the schedule still advances.
+            for p in params:
+                p.grad = None
+            why = f"fp16 overflow, loss scale -> {self._scaler.scale:g}" if found_inf else "NaN/inf gradient norm"
+            log(f"step {self.state.global_step + 1}: {why}: optimizer step skipped", self._recipe_dist.rank)
+        self._last_grad_norm = norm
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint:
+            state = Path(resume_from_checkpoint) / STATE_DIR
+            if not (state / ".metadata").is_file():
+                raise ValueError(
+                    f"{resume_from_checkpoint} has no {STATE_DIR}/ (the recipe's optimizer state): it was not "
+                    "written by RecipeTrainer / RecipeSFTTrainer, so it cannot be resumed exactly"
+                )
+        self._resume_dir = resume_from_checkpoint or None
+        saved = self.args.max_grad_norm
+        self.args.max_grad_norm = 0.0  # clipped in training_step already
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        finally:
+            self.args.max_grad_norm = saved
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "grad_norm" in logs and self._last_grad_norm is not None:
+            logs["grad_norm"] = float(self._last_grad_norm)
+        if self._scaler.enabled and "loss" in logs:
+            logs["loss_scale"] = self._scaler.scale
+        super().log(logs, *args, **kwargs)
+
+    # -- saving --------------------------------------------------------------------------------------
+    def _export_adapter(self, out: Path) -> None:
+        """The complete PEFT adapter into ``out`` (collective), next to whatever else ``out`` holds."""
+        is_main = self._recipe_dist.is_main
+        lora = self._recipe_cfg.lora
+        tmp = out.parent / f".{out.name}.adapter-tmp"
+        export_model_adapter(
+            self.model,
+            tmp,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            base_model=str(self.model.base_checkpoint),
+            is_main=is_main,
+        )
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self._world > 1:
+            dist.barrier()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        self._export_adapter(out)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(str(out))
+            from transformers.trainer import TRAINING_ARGS_NAME
+
+            torch.save(self.args, out / TRAINING_ARGS_NAME)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _state_dicts(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
+        return {"optim": get_optimizer_state_dict(self.model, self._inner_optimizer(), options=opts)}
+
+    def _inner_optimizer(self):
+        opt = self.optimizer
+        while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
+            opt = opt.optimizer  # accelerate's AcceleratedOptimizer
+        return opt
+
+    def _save_recipe_state(self, ckpt: Path) -> None:
+        """Collective: the LoRA weights (full, for HF's resume) and the sharded optimizer + loss scaler."""
+        import torch.distributed.checkpoint as dcp
+        from safetensors.torch import save_file
+
+        lora = _lora_state_dict(self.model)
+        sd = self._state_dicts()
+        sd["scaler"] = json.dumps(self._scaler.state_dict())
+        dcp.save(sd, checkpoint_id=str(ckpt / STATE_DIR))
+        if self._recipe_dist.is_main:
+            tmp = ckpt / f".{LORA_WEIGHTS_NAME}.tmp-{uuid.uuid4().hex[:8]}"
+            save_file({k: v.contiguous() for k, v in lora.items()}, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, ckpt / LORA_WEIGHTS_NAME)
+            # HF's optimizer.pt holds rank 0's shards only (and HF's resume cannot map them onto the ranks);
+            # recipe_state/ replaces it. Without it HF's resume also leaves the scheduler to us.
+            (ckpt / OPTIMIZER_NAME).unlink(missing_ok=True)
+        if self._world > 1:
+            dist.barrier()
+
+    def _load_recipe_state(self, ckpt: Path) -> None:
+        """Collective: the optimizer and loss scaler of ``ckpt`` (HF has loaded the LoRA weights by now)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        sd = self._state_dicts()
+        sd["scaler"] = ""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(sd, checkpoint_id=str(ckpt / STATE_DIR))
+        opts = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False)
+        set_optimizer_state_dict(self.model, self._inner_optimizer(), sd["optim"], options=opts)
+        self._scaler.load_state_dict(json.loads(sd["scaler"]))
+        sched = ckpt / SCHEDULER_NAME
+        if sched.is_file():  # HF loads it only together with optimizer.pt, which recipe_state/ replaces
+            self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
+        log(f"hf_trainer: resumed optimizer, scheduler and loss scaler from {ckpt}", self._recipe_dist.rank)
+
+
+class RecipeTrainer(RecipeTrainerMixin, Trainer):
+    """``transformers.Trainer`` for the recipe's sharded QLoRA model (see the module docstring)."""
+
+
+_SFT_CLASS = None
+
+
+def _sft_trainer_class():
+    global _SFT_CLASS
+    if _SFT_CLASS is None:
+        try:
+            from trl import SFTTrainer
+        except ImportError as e:
+            raise ImportError(
+                "RecipeSFTTrainer needs TRL, an optional dependency: pip install trl==1.16.0 "
+                f"(the version this recipe is tested with) ({e})"
+            ) from e
+
+        class RecipeSFTTrainer(RecipeTrainerMixin, SFTTrainer):
+            """TRL's ``SFTTrainer`` (dataset preparation, chat templates, packing, completion-only and
+            assistant-only masks) on the recipe's sharded model; the loss, the step and saving are
+            ``RecipeTrainerMixin``'s. TRL's fused LM head (and its entropy / token-accuracy metrics) is not
+            used: the recipe's chunked cross-entropy computes the loss."""
+
+        _SFT_CLASS = RecipeSFTTrainer
+    return _SFT_CLASS
+
+
+def __getattr__(name: str):
+    if name == "RecipeSFTTrainer":
+        return _sft_trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
