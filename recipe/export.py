@@ -137,7 +137,17 @@ def write_adapter(
 
 
 def export_model_adapter(
-    model, out_dir, *, rank, alpha, dropout, target_modules, base_model, dtype=torch.float32, is_main=True
+    model,
+    out_dir,
+    *,
+    rank,
+    alpha,
+    dropout,
+    target_modules,
+    base_model,
+    dtype=torch.float32,
+    is_main=True,
+    verbose=True,
 ) -> Path | None:
     """Gather every trainable (LoRA) parameter with ``gather_rows`` (a collective: call it on every
     rank) and write the adapter on the main rank. Returns the directory on the main rank."""
@@ -153,7 +163,8 @@ def export_model_adapter(
     out = None
     if is_main:
         out = write_adapter(out_dir, tensors, adapter_config(rank, alpha, dropout, target_modules, base_model), dtype)
-        print(f"exported PEFT adapter ({len(tensors)} tensors) to {out}", flush=True)
+        if verbose:
+            print(f"exported PEFT adapter ({len(tensors)} tensors) to {out}", flush=True)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
     return out

@@ -510,14 +510,19 @@ class RecipeTrainerMixin:
             )
 
     def create_optimizer(self, model=None):
-        """HF's AdamW (``optim``, ``learning_rate``, ``adam_*``, ``weight_decay``) without its empty groups:
-        every LoRA weight falls in the decay group, and DCP's optimizer state dict (checkpoints) cannot map
-        a group without parameters."""
+        """HF's AdamW (``optim``, ``learning_rate``, ``adam_*``, ``weight_decay``) without its empty groups
+        (every LoRA weight falls in the decay group, and DCP's optimizer state dict, used by checkpoints,
+        cannot map a group without parameters), with ``foreach`` kernels unless ``adamw_torch_fused``."""
         opt = super().create_optimizer(model)
         inner = opt
         while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
             inner = inner.optimizer
         inner.param_groups[:] = [g for g in inner.param_groups if g["params"]]
+        if not any(g.get("fused") for g in inner.param_groups):
+            # The multi-tensor kernels, as the recipe's own optimizer (recipe.optim.build_optimizer): torch
+            # picks them by itself on GPUs only, and the per-tensor loop rounds differently.
+            for g in inner.param_groups:
+                g["foreach"] = True
         return opt
 
     # -- the step ------------------------------------------------------------------------------------
@@ -627,12 +632,15 @@ class RecipeTrainerMixin:
             target_modules=list(lora.target_modules),
             base_model=str(self.model.base_checkpoint),
             is_main=is_main,
+            verbose=False,
         )
         if is_main:
             out.mkdir(parents=True, exist_ok=True)
-            for f in tmp.iterdir():
-                os.replace(f, out / f.name)
+            names = sorted(f.name for f in tmp.iterdir())
+            for name in names:
+                os.replace(tmp / name, out / name)
             shutil.rmtree(tmp, ignore_errors=True)
+            log(f"hf_trainer: saved the PEFT adapter ({', '.join(names)}) to {out}")
         if self._world > 1:
             dist.barrier()
 

@@ -18,7 +18,10 @@ compare what they saved:
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,7 @@ from tests.dist_utils import spawn
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GBS, SEQ, ROWS, LR = 4, 4, 32, 32, 1e-2
 TOL = 1e-5
-CHAT_SEQ = 96
+CHAT_SEQ, SFT_LR, PACKED_STEPS = 96, 5e-3, 2
 
 
 def _chat_records(n: int = 16) -> list[dict]:
@@ -67,6 +70,13 @@ def _training_args(out, world: int, cls=None, **kw):
 
 def _losses(trainer, after: int = 0) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > after]
+
+
+def _sft_dataset(records):
+    """TRL's conversational prompt-completion form: completion-only loss on the assistant turn."""
+    import datasets
+
+    return datasets.Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in records])
 
 
 def _recipe_losses(ckpt: str, dump: Path, extra: list[str]) -> list[float]:
@@ -177,6 +187,45 @@ def _worker(rank: int, world: int, out_dir: str, ckpt: str, chat: str) -> None:
         ckpt, out / f"recipe_w{world}", ["--data.seq_len=32", "--data.num_synthetic_samples=32"]
     )
 
+    # 4. RecipeSFTTrainer on the chat records, completion-only loss, packing off; the recipe loop on the
+    # same JSONL through recipe.data (chat template, prompt masking, padded rows).
+    from trl import SFTConfig
+
+    from recipe.hf_trainer import RecipeSFTTrainer, load_hf_tokenizer
+
+    records = _chat_records()
+    # bf16=False: SFTConfig defaults to bf16 (build_hf_model follows it), the comparison is in fp32.
+    sft = dict(cls=SFTConfig, completion_only_loss=True, max_length=CHAT_SEQ, learning_rate=SFT_LR, bf16=False)
+    # Padded to the recipe rows' length: the very tensors the recipe loop sees (attention mask included).
+    args = _training_args(out / f"sft_w{world}", world, packing=False, pad_to_multiple_of=CHAT_SEQ, **sft)
+    model = build_hf_model(model_args, args)
+    tok = load_hf_tokenizer(model)
+    trainer = RecipeSFTTrainer(model=model, args=args, train_dataset=_sft_dataset(records), processing_class=tok)
+    res["sft_rows"] = [(list(d["input_ids"]), list(d["labels"])) for d in trainer.train_dataset]
+    trainer.train()
+    res["sft"] = _losses(trainer)
+    del trainer, model
+    res["sft_recipe"] = _recipe_losses(
+        ckpt,
+        out / f"sft_recipe_w{world}",
+        [
+            f"--data.path={chat}",
+            "--data.format=chat",
+            "--data.packing=false",
+            f"--data.seq_len={CHAT_SEQ}",
+            f"--optimizer.lr={SFT_LR}",
+        ],
+    )
+
+    # 5. Packing on (TRL's best-fit packing, padding-free rows with restarting position ids).
+    args = _training_args(out / f"sft_packed_w{world}", world, packing=True, max_steps=PACKED_STEPS, **sft)
+    model = build_hf_model(model_args, args)
+    trainer = RecipeSFTTrainer(model=model, args=args, train_dataset=_sft_dataset(records), processing_class=tok)
+    res["packed_rows"] = len(trainer.train_dataset)
+    trainer.train()
+    res["sft_packed"] = _losses(trainer)
+    del trainer, model
+
     if rank == 0:
         torch.save(res, out / f"w{world}.pt")
     torch.distributed.barrier()
@@ -198,8 +247,8 @@ def runs(tmp_path_factory, debug_nf4_ckpt, chat_jsonl) -> dict[int, dict]:
     return {w: torch.load(out / f"w{w}.pt", weights_only=False) for w in (1, 2)} | {"dir": out}
 
 
-def _close(a, b, tol=TOL):
-    assert len(a) == len(b) == STEPS, (a, b)
+def _close(a, b, tol=TOL, steps=STEPS):
+    assert len(a) == len(b) == steps, (a, b)
     diff = max(abs(x - y) for x, y in zip(a, b, strict=True))
     assert diff <= tol, (a, b, diff)
 
@@ -266,3 +315,52 @@ def test_refused_settings_name_the_field(runs, name):
     assert msg.startswith("UnsupportedSettingError"), msg
     assert f"TrainingArguments.{name} =" in msg, msg
     assert re.search(r"\b(set|remove|build|leave)\b", msg), msg
+
+
+def test_sft_targets_equal_recipe_data_path(runs, debug_nf4_ckpt):
+    from recipe.data import load_tokenizer, tokenize_records
+
+    ours = tokenize_records(_chat_records(), load_tokenizer(str(debug_nf4_ckpt)), "chat", mask_prompt=True)
+    theirs = runs[1]["sft_rows"]
+    assert len(theirs) == len(ours)
+    for s, (ids, labels) in zip(ours, theirs, strict=True):
+        assert ids == s.input_ids
+        assert labels == s.labels  # the assistant turn and its end-of-turn token, nothing else
+        assert any(t != -100 for t in labels)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sft_losses_equal_recipe_loop(runs, world):
+    _close(runs[world]["sft"], runs[world]["sft_recipe"])
+
+
+def test_sft_two_ranks_equal_one(runs):
+    _close(runs[2]["sft"], runs[1]["sft"])
+    assert runs[1]["packed_rows"] >= GBS * PACKED_STEPS  # one pass, no wrap-around
+    assert runs[1]["packed_rows"] < len(_chat_records())  # rows hold several conversations
+    _close(runs[2]["sft_packed"], runs[1]["sft_packed"], steps=PACKED_STEPS)
+
+
+def _torchrun(script: str, out: Path, cwd: Path) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "examples" / script)]
+    cmd += ["--output_dir", str(out), "--max_steps", "4", "--logging_steps", "1"]
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p.stdout
+
+
+@pytest.mark.parametrize("script", ["hf_trainer_sft.py", "trl_sft.py"])
+def test_example_under_torchrun(script, tmp_path, debug_nf4_ckpt):
+    # The debug checkpoint the examples default to (./outputs/ckpt/debug_nf4), already written.
+    (tmp_path / "outputs" / "ckpt").mkdir(parents=True)
+    os.symlink(debug_nf4_ckpt, tmp_path / "outputs" / "ckpt" / "debug_nf4")
+    out = tmp_path / "run"
+    stdout = _torchrun(script, out, tmp_path)
+    losses = json.loads(re.search(r"^losses: (.*)$", stdout, re.M).group(1))
+    assert len(losses) == 4 and all(0 < x < 20 for x in losses), stdout
+    from safetensors.torch import load_file
+
+    sd = load_file(str(out / "adapter_model.safetensors"))
+    assert len(sd) == 4 * 7 * 2
+    assert sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (16, 256)
