@@ -207,13 +207,14 @@ def test_sigint_to_the_launcher_also_saves_and_exits_75(tmp_path, base):
 
 
 def test_a_second_sigterm_later_than_the_window_stops_the_run_at_once(tmp_path, base):
-    # Steps of several seconds (64 sequences of 256 tokens over 2 ranks): the second signal lands
-    # while the step the first one asked to finish is still running.
+    # Steps of about 10 s on 2 idle cores (192 sequences of 256 tokens over 2 ranks): the second signal,
+    # 2.5 s after the first, lands while the step the first one asked to finish is still running, also
+    # when the first one came late in its step (with 64 sequences that raced about one run in several).
     run = Run(
         tmp_path / "run",
         base,
         "--data.seq_len=256",
-        "--training.global_batch_size=64",
+        "--training.global_batch_size=192",
         "--training.steps=50",
         "--checkpoint.enable=true",
         "--checkpoint.interval=1000",
