@@ -20,7 +20,9 @@ all ranks, and FSDP sums the gradients over the shard group and then over the re
 
 Host-device synchronisation: a step leaves its loss, token count and gradient norm on the device;
 they are read (with the step times, ``recipe.metrics.StepClock``) once per ``metrics.log_freq``
-steps. Only an fp16 step reads its overflow flag at once: skipping the optimizer step needs it.
+steps. One flag per step is read at once, because skipping the optimizer step needs it: fp16's
+overflow flag, or in bf16/fp32 the non-finite guard's (``training.max_nonfinite_steps = 0`` turns
+that check, and its read, off).
 """
 
 from __future__ import annotations
