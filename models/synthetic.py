@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from models.dtypes import dtype_name
 from models.shapes import LlamaShape, get_shape, shape_to_hf_config
 
 __all__ = [
@@ -136,10 +137,6 @@ def quantization_config(
         "load_in_8bit": False,
         "quant_method": "bitsandbytes",
     }
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -455,19 +452,19 @@ def write_synthetic_checkpoint(
         "double_quant": bool(double_quant) if quant_type != "none" else None,
         "blocksize": blocksize if quant_type != "none" else None,
         "seed": seed,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "device_type": device.type,
     }
     (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
 
     # Tokenizer first: config.json's bos / eos ids must be the tokenizer's.
-    cfg = shape_to_hf_config(shp, dtype=_dtype_name(dtype))
+    cfg = shape_to_hf_config(shp, dtype=dtype_name(dtype))
     if tokenizer:
         ids = write_tokenizer(out, vocab_size=shp.vocab_size)
         cfg["bos_token_id"] = ids["bos_token_id"]
         cfg["eos_token_id"] = ids["eos_token_id"]
     if quant_type != "none":
-        cfg["quantization_config"] = quantization_config(quant_type, double_quant, _dtype_name(dtype))
+        cfg["quantization_config"] = quantization_config(quant_type, double_quant, dtype_name(dtype))
     cfg["transformers_version"] = _transformers_version()
 
     # Weights, shard by shard; each shard is written (under a temporary name) as soon as it is full.

@@ -139,18 +139,17 @@ def write_adapter(
 def export_model_adapter(
     model,
     out_dir,
+    lora,
     *,
-    rank,
-    alpha,
-    dropout,
-    target_modules,
     base_model,
     dtype=torch.float32,
     is_main=True,
     verbose=True,
 ) -> Path | None:
     """Gather every trainable (LoRA) parameter with ``gather_rows`` (a collective: call it on every
-    rank) and write the adapter on the main rank. Returns the directory on the main rank."""
+    rank) and write the adapter on the main rank. Returns the directory on the main rank.
+
+    ``lora`` is the ``[lora]`` config section (rank, alpha, dropout, target_modules)."""
     tensors = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -162,7 +161,8 @@ def export_model_adapter(
             tensors[name] = full.detach().cpu()
     out = None
     if is_main:
-        out = write_adapter(out_dir, tensors, adapter_config(rank, alpha, dropout, target_modules, base_model), dtype)
+        config = adapter_config(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), base_model)
+        out = write_adapter(out_dir, tensors, config, dtype)
         if verbose:
             print(f"exported PEFT adapter ({len(tensors)} tensors) to {out}", flush=True)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

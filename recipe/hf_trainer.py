@@ -621,15 +621,11 @@ class RecipeTrainerMixin:
     def _export_adapter(self, out: Path) -> None:
         """The complete PEFT adapter into ``out`` (collective), next to whatever else ``out`` holds."""
         is_main = self._recipe_dist.is_main
-        lora = self._recipe_cfg.lora
         tmp = out.parent / f".{out.name}.adapter-tmp"
         export_model_adapter(
             self.model,
             tmp,
-            rank=lora.rank,
-            alpha=lora.alpha,
-            dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
+            self._recipe_cfg.lora,
             base_model=str(self.model.base_checkpoint),
             is_main=is_main,
             verbose=False,

@@ -426,14 +426,10 @@ class Trainer:
 
     def export_adapter(self, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path | None:
         """Gather the LoRA weights (collective: every rank calls it) and write a PEFT adapter on rank 0."""
-        lora = self.cfg.lora
         return export_model_adapter(
             self.model,
             out_dir,
-            rank=lora.rank,
-            alpha=lora.alpha,
-            dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
+            self.cfg.lora,
             base_model=str(self.checkpointer.base_path),
             dtype=dtype,
             is_main=self.dist.is_main,
