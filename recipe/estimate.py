@@ -236,8 +236,8 @@ def _block_base_bytes(j: _Job, shard: int) -> int:
     total = 0
     for i, o in _proj(j.shape).values():
         rows = _cdiv(o, shard)
-        if j.quant:  # packed codes + expanded fp32 block scales, parallel.sharding.pad_4bit_rows
-            total += rows * i // 2 + rows * (i // j.blocksize) * 4
+        if j.quant:  # packed codes + expanded fp32 block scales (pad_4bit_rows) + the 16-entry fp32 code book
+            total += rows * i // 2 + rows * (i // j.blocksize) * 4 + 64
         else:
             total += rows * i * j.p
     return total

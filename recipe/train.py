@@ -53,6 +53,7 @@ from recipe.data import (
     load_tokenizer,
     resolve_global_batch_size,
 )
+from recipe.estimate import warn_if_too_big
 from recipe.exit_status import record_exit, report_bad_input
 from recipe.export import export_model_adapter
 from recipe.logging import log
@@ -134,6 +135,9 @@ class Trainer:
         self.data = build_data(cfg.data, tokenizer, shape.vocab_size, cfg.job.seed)
         self.loader = GlobalBatchLoader(self.data, self.global_batch, t.micro_batch_size, rank, world, cfg.job.seed)
 
+        warning = memory_warning(cfg, world, self.device)
+        if warning:
+            log(warning, rank)
         t0 = time.perf_counter()
         self.model = build_model(cfg, self.reader, self.dist)
         self.load_time_s = time.perf_counter() - t0
@@ -482,6 +486,21 @@ class Trainer:
         if self.dist.is_main:
             (self.dump / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+
+def device_memory_gib(device: torch.device) -> float:
+    """What this process may allocate on a CUDA device: its memory x the per-process fraction (as
+    ``shared/gpu/one_gpu_ranks.py``'s ``GPU_MEM_CAP_GIB`` sets it)."""
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return total * (get_fraction(device) if get_fraction else 1.0)
+
+
+def memory_warning(cfg: JobConfig, world: int, device: torch.device) -> str | None:
+    """The estimator's warning before loading (CUDA only: on CPU nothing is allocated on a device)."""
+    if device.type != "cuda":
+        return None
+    return warn_if_too_big(cfg, world, device_memory_gib(device))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

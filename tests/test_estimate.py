@@ -1,0 +1,167 @@
+"""recipe.estimate: memory by phase against measured GPU peaks and a real model's bytes, the checkpoint
+size against a checkpoint the recipe wrote, the CLI, the fit search, and the entry point's warning."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipe import estimate as E
+from recipe.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CFG_8B = str(REPO / "train_configs/llama3_8b_qlora.toml")
+CFG_70B = str(REPO / "train_configs/llama3_70b_qlora_2gpu.toml")
+CFG_DEBUG = str(REPO / "train_configs/debug_model.toml")
+
+
+def _cfg(path: str, *overrides: str, checkpoint: str = "/nonexistent/estimate"):
+    return load_config(["--job.config_file", path, f"--model.checkpoint={checkpoint}", *overrides])
+
+
+@pytest.mark.parametrize("row", E.CALIBRATION, ids=[r[0] for r in E.CALIBRATION])
+def test_within_10_percent_of_measured_gpu_peaks(row):
+    # The oracle: peaks measured on H200 (shared/REFERENCE.md section 0, BENCHMARKS.md).
+    _, overrides, ngpu, train, load = row
+    e = E.estimate(_cfg(CFG_8B, *(f"--{k}={v}" for k, v in overrides.items())), ngpu)
+    assert abs(e.train_peak - train) <= 0.1 * train
+    assert abs(e.load_peak - load) <= 0.05  # the shards, counted byte by byte
+
+
+def test_load_bytes_equal_a_materialized_model(debug_nf4_ckpt):
+    # Every tensor of the real model (4-bit codes, scales, code books, norms, embeddings, fp32 LoRA).
+    from tests.conftest import build_recipe_model
+
+    model = build_recipe_model(debug_nf4_ckpt, quant_type="nf4", dtype=torch.float32, lora_rank=16)
+    real = 0
+    for p in model.parameters():
+        inner = [p.packed, p.absmax, p.code] if hasattr(p, "packed") else [p]
+        real += sum(t.numel() * t.element_size() for t in inner)
+    cfg = _cfg(CFG_DEBUG, checkpoint=str(debug_nf4_ckpt))
+    assert E._static_bytes(E._job(cfg, 1)) == real
+
+
+def test_checkpoint_size_equals_a_saved_checkpoint(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from tests.conftest import run_train_env
+
+    args = [f"--job.dump_folder={tmp_path / 'run'}", f"--model.checkpoint={tmp_path / 'ckpt'}", "--training.steps=1"]
+    args += ["--checkpoint.enable", "--checkpoint.interval=1", "--checkpoint.export_adapter=false"]
+    proc = subprocess.run(
+        ["./run_train.sh", *args], cwd=REPO, env=run_train_env(2), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    step = tmp_path / "run" / "checkpoint" / "step-1"
+    meta = FileSystemReader(str(step)).read_metadata()
+    tensor_bytes = sum(
+        math.prod(c.sizes) * m.properties.dtype.itemsize
+        for m in meta.state_dict_metadata.values()
+        if isinstance(m, TensorStorageMetadata)
+        for c in m.chunks
+    )
+    data_bytes = sum(f.stat().st_size for f in step.glob("*.distcp"))
+    e = E.estimate(load_config(["--job.config_file", CFG_DEBUG, *args]), 2)
+    assert e.checkpoint_tensor_bytes == tensor_bytes
+    # Exact but for the trainer entry's JSON text (scheduler, scaler and loader state).
+    assert abs(e.checkpoint_data_bytes - data_bytes) <= 512, (e.checkpoint_data_bytes, data_bytes)
+
+
+def test_cli_prints_phases_speed_and_fit():
+    cmd = [sys.executable, "-m", "recipe.estimate", "--job.config_file", CFG_8B, "--ngpu", "2", "--card", "H200"]
+    cmd += ["--fit-gpu-gib=24", "--model.checkpoint=/nonexistent/estimate", "--data.seq_len=4096"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for phase in ("load=", "forward_peak=", "backward_peak=", "optimizer_peak=", "after_optimizer="):
+        assert phase in out
+    assert "tokens/s per GPU on h200" in out and "at seq_len 4096" in out
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--ngpu", "0"], "--ngpu must be >= 1"),
+        (["--card", "v100"], "unknown card 'v100'"),
+        (["--ngpu", "3", "--parallelism.data_parallel_replicate_degree=2"], "replicate 2 x shard"),
+        (["--model.synthetic_shape="], "model.synthetic_shape is empty"),
+        (["--training.micro_batch_sise=2"], "training.micro_batch_size"),
+    ],
+)
+def test_cli_bad_input_exits_2_naming_the_fix(extra, needle, capsys):
+    assert E.main(["--job.config_file", CFG_8B, "--model.checkpoint=/nonexistent/estimate", *extra]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_fit_is_the_largest_value_under_the_cap():
+    cfg = _cfg(CFG_8B)
+    f = E.fit(cfg, 2, 24.0)
+    cfg.training.global_batch_size = -1
+    for key, section in (("micro_batch_size", cfg.training), ("seq_len", cfg.data)):
+        old = getattr(section, key)
+        setattr(section, key, f[key])
+        assert E._peak(cfg, 2) <= 24.0
+        setattr(section, key, f[key] + 1)
+        assert E._peak(cfg, 2) > 24.0
+        setattr(section, key, old)
+    assert cfg.training.micro_batch_size == 2 and cfg.data.seq_len == 2048  # the search restores the config
+
+
+def test_peaks_grow_with_tokens_and_shrink_with_ranks():
+    base = E.estimate(_cfg(CFG_8B), 2)
+    assert E.estimate(_cfg(CFG_8B, "--data.seq_len=8192"), 2).train_peak > base.train_peak
+    assert E.estimate(_cfg(CFG_8B, "--activation_checkpoint.mode=none"), 2).train_peak > base.train_peak + 10
+    assert E.estimate(_cfg(CFG_8B), 4).train_peak < base.train_peak
+
+
+def test_70b_config_parses_and_fits_two_24_gib_cards():
+    cfg = load_config(["--job.config_file", CFG_70B])
+    assert (cfg.model.synthetic_shape, cfg.data.seq_len, cfg.training.micro_batch_size) == ("llama3_1_70b", 2048, 1)
+    assert cfg.parallelism.cpu_offload and cfg.activation_checkpoint.mode == "full"
+    e = E.estimate(_cfg(CFG_70B), 2, card="l4")
+    assert e.shape.hidden_size == 8192 and e.shape.num_hidden_layers == 80
+    assert e.load_peak == 0.0 and e.train_peak < 24
+    # no rank holds the whole model in host memory either: 4-bit 70B is about 37 GiB
+    assert e.host < 37 + 10
+    without = E.estimate(_cfg(CFG_70B, "--parallelism.cpu_offload=false"), 2)
+    assert without.train_peak > 24
+
+
+def _fake_cuda(monkeypatch, gib: float):
+    props = type("P", (), {"total_memory": int(gib * 2**30)})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: props)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda _d: 1.0, raising=False)
+
+
+def test_entry_point_warns_when_the_prediction_exceeds_the_device(monkeypatch):
+    from recipe.train import memory_warning
+
+    cfg = _cfg(CFG_8B)
+    peak = E.estimate(cfg, 1).train_peak
+    _fake_cuda(monkeypatch, 8.0)
+    msg = memory_warning(cfg, 1, torch.device("cuda", 0))
+    assert msg is not None and f"{peak:.2f} GiB" in msg and "8.00 GiB" in msg and "micro_batch_size" in msg
+    _fake_cuda(monkeypatch, 80.0)
+    assert memory_warning(cfg, 1, torch.device("cuda", 0)) is None
+    assert memory_warning(cfg, 1, torch.device("cpu")) is None  # CPU: skipped
+
+
+def test_bad_shape_is_a_config_error():
+    with pytest.raises(ConfigError, match="synthetic_shape"):
+        E.job_shape(_cfg(CFG_8B, "--model.synthetic_shape="))
+
+
+def test_reads_config_json_not_weights(tmp_path):
+    from models.shapes import shape_to_hf_config
+
+    hf = shape_to_hf_config("llama3_2_1b") | {"quantization_config": {"load_in_4bit": True}}
+    (tmp_path / "config.json").write_text(json.dumps(hf))  # no safetensors at all
+    e = E.estimate(_cfg(CFG_8B, "--model.synthetic_shape=", checkpoint=str(tmp_path)), 1)
+    assert e.shape.hidden_size == 2048 and e.shape.tie_word_embeddings
