@@ -94,16 +94,9 @@ class Weight4bit(torch.Tensor):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (n_rows, K) weight in ``dtype`` through bitsandbytes' own kernel."""
         rows = min(self.n_rows, self.packed.shape[0])
-        packed = self.packed[:rows]
-        state = bnb_functional().QuantState(
-            absmax=self.absmax[:rows].reshape(-1),
-            shape=torch.Size((rows, self.shape[1])),
-            code=self.code,
-            blocksize=self.blocksize,
-            quant_type=self.quant_type,
-            dtype=dtype or self.dtype,
+        return _dequantize_rows(
+            self.packed, self.absmax, rows, self.shape[1], self.quant_type, self.blocksize, dtype or self.dtype
         )
-        return bnb_functional().dequantize_4bit(packed.reshape(-1, 1), state)
 
     def __repr__(self):
         return (
@@ -282,25 +275,97 @@ _OPS = {
 }
 
 
+def _dequantize_rows(packed, absmax, rows: int, in_features: int, quant_type: str, blocksize: int, dtype):
+    """The first ``rows`` rows of a packed weight as a dense (rows, in_features) tensor (bitsandbytes' kernel)."""
+    state = bnb_functional().QuantState(
+        absmax=absmax[:rows].reshape(-1),
+        shape=torch.Size((rows, in_features)),
+        code=None,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        dtype=dtype,
+    )
+    return bnb_functional().dequantize_4bit(packed[:rows].reshape(-1, 1), state)
+
+
+def _forward(x, packed, absmax, rows: int, quant_type: str, blocksize: int):
+    w = _dequantize_rows(packed, absmax, rows, x.shape[-1], quant_type, blocksize, x.dtype)
+    return torch.nn.functional.linear(x, w)
+
+
+def _grad_input(grad, packed, absmax, in_features: int, quant_type: str, blocksize: int):
+    return grad @ _dequantize_rows(packed, absmax, grad.shape[-1], in_features, quant_type, blocksize, grad.dtype)
+
+
+# Under torch.compile the 4-bit linear is two opaque operators. Traced as ordinary ops, the dense
+# weight is a value in the joint graph: the partitioner may save it for backward (or merge the forward
+# and backward dequantizations into one), which holds a dense copy of every frozen matrix until
+# backward. An operator that takes the packed bytes and returns only its product leaves nothing dense
+# to save. Eager mode runs the same two functions from an autograd.Function, which skips the custom
+# operators' dispatch cost (hundreds of calls per micro-batch).
+@torch.library.custom_op("qlora_recipe::linear_4bit", mutates_args=())
+def _linear_4bit_op(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, rows: int, quant_type: str, blocksize: int
+) -> torch.Tensor:
+    return _forward(x, packed, absmax, rows, quant_type, blocksize)
+
+
+@_linear_4bit_op.register_fake
+def _(x, packed, absmax, rows, quant_type, blocksize):
+    return x.new_empty((*x.shape[:-1], rows))
+
+
+@torch.library.custom_op("qlora_recipe::linear_4bit_grad_input", mutates_args=())
+def _linear_4bit_grad_input_op(
+    grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, in_features: int, quant_type: str, blocksize: int
+) -> torch.Tensor:
+    return _grad_input(grad, packed, absmax, in_features, quant_type, blocksize)
+
+
+@_linear_4bit_grad_input_op.register_fake
+def _(grad, packed, absmax, in_features, quant_type, blocksize):
+    return grad.new_empty((*grad.shape[:-1], in_features))
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, absmax, rows, quant_type, blocksize = inputs
+    ctx.save_for_backward(packed, absmax)
+    ctx.meta = (x.shape[-1], quant_type, blocksize)
+
+
+def _backward(ctx, grad_out):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    packed, absmax = ctx.saved_tensors
+    return _linear_4bit_grad_input_op(grad_out, packed, absmax, *ctx.meta), None, None, None, None, None
+
+
+_linear_4bit_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 class _Linear4bitFn(torch.autograd.Function):
-    """y = x @ W.T with W dequantized on the fly in forward and again in backward.
+    """y = x @ W.T with W dequantized on the fly in forward and again in backward (eager mode).
 
     Saving the dequantized weight would hold a dense copy of every frozen matrix until backward;
     holding the 4-bit weight and dequantizing twice trades a memory-bound kernel for that memory.
     """
 
     @staticmethod
-    def forward(ctx, x, weight):
-        ctx.weight = weight
-        return torch.nn.functional.linear(x, weight.dequantize(x.dtype))
+    def forward(ctx, x, packed, absmax, rows, quant_type, blocksize):
+        # The packed tensors are held as attributes, not saved tensors: FSDP refills their storage
+        # in place before backward.
+        ctx.args = (packed, absmax, x.shape[-1], quant_type, blocksize)
+        return _forward(x, packed, absmax, rows, quant_type, blocksize)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype)
-        return grad_x, None
+        grad_x = _grad_input(grad_out, *ctx.args) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None
 
 
 def linear_4bit(x: torch.Tensor, weight: Weight4bit) -> torch.Tensor:
-    return _Linear4bitFn.apply(x, weight)
+    rows = min(weight.n_rows, weight.packed.shape[0])
+    args = (weight.packed, weight.absmax, rows, weight.quant_type, weight.blocksize)
+    if torch.compiler.is_compiling():
+        return _linear_4bit_op(x, *args)
+    return _Linear4bitFn.apply(x, *args)
