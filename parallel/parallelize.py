@@ -29,6 +29,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.utils.checkpoint import checkpoint
 
 from models.dtypes import DTYPES
+from parallel.activation_offload import BlockInputOffload
 from parallel.embedding import VocabShardedEmbedding
 from parallel.sharding import pad_4bit_rows, shard_submesh
 
@@ -87,6 +88,10 @@ def parallelize(model: nn.Module, mesh, parallelism, activation_checkpoint, trai
         )
     pad_4bit_rows(model, shard_mesh.size())
     apply_activation_checkpointing(model, activation_checkpoint.mode, activation_checkpoint.selective_every)
+    if getattr(activation_checkpoint, "offload", False):
+        # On the root module, which is never compiled: the hooks are active around compiled blocks.
+        model.activation_offload = BlockInputOffload(model.args.shape.hidden_size)
+        model.activation_offload.install(model)
     if training.compile:
         for block in model.model.layers:
             block.compile(fullgraph=False)

@@ -184,6 +184,12 @@ class Parallelism:
 class ActivationCheckpoint:
     mode: str = _f("none", "Activation checkpointing of transformer blocks.", ("none", "full", "selective"))
     selective_every: int = _f(2, "With mode 'selective', checkpoint every k-th block.")
+    offload: bool = _f(
+        False,
+        "Keep each checkpointed block's input (batch x seq x hidden) in pinned host memory from forward "
+        "to backward, copied on a side stream and prefetched one block ahead (parallel/activation_offload.py). "
+        "Needs mode full or selective.",
+    )
 
 
 @dataclass
@@ -441,6 +447,12 @@ def validate(cfg: JobConfig) -> None:
             if isinstance(default, list):  # in the comma-separated form the CLI takes
                 default = ",".join(str(x) for x in default)
             raise ConfigError(f"{sec}.{key} must be {req}, got {val!r}. Set e.g. --{sec}.{key}={default}.")
+    if cfg.activation_checkpoint.offload and cfg.activation_checkpoint.mode == "none":
+        raise ConfigError(
+            "activation_checkpoint.offload keeps checkpointed blocks' inputs on the host, and "
+            "activation_checkpoint.mode is 'none': set --activation_checkpoint.mode=full (or selective), "
+            "or drop the offload."
+        )
     unknown = sorted(set(cfg.lora.target_modules) - set(LORA_TARGETS))
     if unknown:
         raise ConfigError(f"lora.target_modules: unknown module(s) {unknown}; valid: {list(LORA_TARGETS)}")

@@ -37,6 +37,8 @@ VARIANTS = {
     "bf16": (["--training.mixed_precision_param=bfloat16"], 1e-3),
     "ac_full": (["--activation_checkpoint.mode=full"], 1e-5),
     "ac_selective": (["--activation_checkpoint.mode=selective", "--activation_checkpoint.selective_every=2"], 1e-5),
+    # Checkpointed blocks' inputs kept on the host between forward and backward.
+    "ac_offload": (["--activation_checkpoint.mode=full", "--activation_checkpoint.offload=true"], 1e-5),
     "cpu_offload": (["--parallelism.cpu_offload=true"], 1e-5),
     "no_reshard": (["--parallelism.reshard_after_forward=false"], 1e-5),
     # JSONL instructions, packing off: unequal target tokens per rank. lr 5e-3: at 1e-2 this data
