@@ -32,6 +32,12 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--alpha", type=float, default=128.0)
     ap.add_argument("--no-fsdp", action="store_true", help="single-process HF Trainer (no FSDP)")
+    ap.add_argument(
+        "--recipe",
+        action="store_true",
+        help="the same Trainer workload on this recipe's model (recipe.hf_trainer: build_hf_model + RecipeTrainer)",
+    )
+    ap.add_argument("--ddp-backend", default=None, help="e.g. gloo for several ranks on one GPU (one_gpu_ranks.py)")
     args = ap.parse_args()
 
     from peft import LoraConfig, get_peft_model
@@ -42,16 +48,61 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    device_map = {"": local_rank} if cuda else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, device_map=device_map, dtype=torch.bfloat16)
-    for m in model.modules():  # the CPU repacking pitfall (REFERENCE.md section 4)
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(
-        model,
-        LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"),
+    accum = args.global_batch // (args.micro_batch * world)
+    fsdp_kwargs = {}
+    if world > 1 and not args.no_fsdp and not args.recipe:
+        fsdp_kwargs = dict(
+            fsdp="full_shard auto_wrap",
+            fsdp_config={
+                "fsdp_version": 2,
+                "reshard_after_forward": True,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "activation_checkpointing": True,
+            },
+        )
+    targs = TrainingArguments(
+        output_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), "hf_out"),
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=accum,
+        max_steps=args.steps,
+        learning_rate=2e-4,
+        bf16=cuda,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        # The recipe model checkpoints itself (built with activation_checkpointing="full").
+        gradient_checkpointing=not fsdp_kwargs and not args.recipe,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=not cuda,
+        ddp_backend=args.ddp_backend,
+        **fsdp_kwargs,
     )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if args.recipe:
+        from recipe.hf_trainer import RecipeModelArguments, RecipeTrainer, build_hf_model
+
+        margs = RecipeModelArguments(
+            model_name_or_path=args.checkpoint,
+            lora_r=args.rank,
+            lora_alpha=args.alpha,
+            activation_checkpointing="full",
+        )
+        model = build_hf_model(margs, targs)
+    else:
+        device_map = {"": local_rank} if cuda else {"": "cpu"}
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, device_map=device_map, dtype=torch.bfloat16)
+        for m in model.modules():  # the CPU repacking pitfall (REFERENCE.md section 4)
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        lora = LoraConfig(
+            r=args.rank, lora_alpha=args.alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
+        )
+        model = get_peft_model(model, lora)
     load_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
     vocab = model.config.vocab_size
@@ -79,37 +130,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - self.t0)
 
-    accum = args.global_batch // (args.micro_batch * world)
-    fsdp_kwargs = {}
-    if world > 1 and not args.no_fsdp:
-        fsdp_kwargs = dict(
-            fsdp="full_shard auto_wrap",
-            fsdp_config={
-                "fsdp_version": 2,
-                "reshard_after_forward": True,
-                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                "activation_checkpointing": True,
-            },
-        )
-    targs = TrainingArguments(
-        output_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), "hf_out"),
-        per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=accum,
-        max_steps=args.steps,
-        learning_rate=2e-4,
-        bf16=cuda,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        gradient_checkpointing=not fsdp_kwargs,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        use_cpu=not cuda,
-        **fsdp_kwargs,
-    )
-    trainer = Trainer(model=model, args=targs, train_dataset=DS(), callbacks=[Timer()])
+    trainer_cls = RecipeTrainer if args.recipe else Trainer
+    trainer = trainer_cls(model=model, args=targs, train_dataset=DS(), callbacks=[Timer()])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -117,7 +139,7 @@ def main() -> None:
     timed = step_times[args.warmup :] or step_times
     tok_per_gpu = args.global_batch * args.seq_len / statistics.median(timed) / world
     record = {
-        "path": "hf_trainer_fsdp2" if fsdp_kwargs else "hf_trainer",
+        "path": "recipe_hf_trainer" if args.recipe else "hf_trainer_fsdp2" if fsdp_kwargs else "hf_trainer",
         "world": world,
         "rank": int(os.environ.get("RANK", "0")),
         "device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One GPU, one call: this recipe (eager, compiled, with and without activation offload; optionally an
+# older tree) beside the plain HF + peft + bitsandbytes loop, HF Trainer, the recipe's HF Trainer adapter
+# and Unsloth, on the same 8B-shaped checkpoint; one table (benchmarks/single_gpu_report.py) + JSON.
+#
+#   bash ../shared/gpu/stage_wheels.sh --unsloth      # here, once; then on the GPU machine (carry .whl):
+#   export PYTHONPATH=$PWD/.whl/site:$PWD; bash benchmarks/single_gpu.sh $OUT/b
+#
+# Workload (train_configs/llama3_8b_qlora.toml): LoRA r=64 alpha=128 on the seven projections, seq 2048,
+# micro-batch 2, accumulation 4 (16,384 tokens per step), bf16, full activation checkpointing.
+# RUNS picks and orders the runs (default below); each is one of
+#   eager compiled eager_offload compiled_offload   this recipe (--training.compile / --activation_checkpoint.offload)
+#   old_eager                                        the same from the tree in $OLD (e.g. git archive <commit>)
+#   hf_loop hf_trainer adapter                       HF + peft + bnb plain loop / HF Trainer / recipe.hf_trainer
+#   adapter2 recipe2 recipe2_offload                 2 ranks on the one GPU (gloo; memory only, speed means nothing)
+#   unsloth                                          .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth)
+#   profile                                          benchmarks/profile_step.py on the eager recipe (top kernels)
+# STEPS optimizer steps per run (tokens/s: median after 3 warm-up steps), TMO seconds per run.
+set -u
+OUT=${1:-/tmp/single_gpu}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+CK=${CK:-/tmp/ck_llama3_1_8b_nf4}
+STEPS=${STEPS:-8}
+TMO=${TMO:-240}
+OLD=${OLD:-.bench_old}
+RUNS=${RUNS:-"eager compiled compiled_offload eager_offload hf_loop unsloth"}
+ROOT=$PWD
+SITE=${SITE:-$PWD/.whl/site}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)"
+t0=$SECONDS
+[ -f "$CK/config.json" ] || PYTHONPATH="$SITE:$ROOT" $PY -m models.synthetic --shape llama3_1_8b --out "$CK" --device cuda | tail -1
+echo "[ckpt] $((SECONDS - t0))s"
+
+common=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint="$CK" --model.synthetic_shape=
+        --training.steps="$STEPS" --metrics.log_freq=1 --checkpoint.export_adapter=false)
+recipe() {  # name tree nproc launcher... -- overrides
+  local name=$1 tree=$2 n=$3; shift 3
+  local t=$SECONDS
+  (cd "$tree" && PYTHONPATH="$SITE:$PWD" timeout "$TMO" $PY -m torch.distributed.run --standalone \
+      --nproc_per_node "$n" "$@" --job.dump_folder="$OUT/$name" >"$OUT/$name.log" 2>&1)
+  echo "[$name] rc=$? $((SECONDS - t))s | $(grep -E '^step' "$OUT/$name.log" | tail -1)"
+  cp "$OUT/$name/summary.json" "$OUT/$name.summary.json" 2>/dev/null  # the device copies back shallow files only
+  grep -E "Error|error:" "$OUT/$name.log" | grep -v "^\[rank[1-9]\]" | tail -4
+}
+script() {  # name nproc script args...
+  local name=$1 n=$2; shift 2
+  local t=$SECONDS
+  PYTHONPATH="$SITE:$ROOT" timeout "$TMO" $PY -m torch.distributed.run --standalone --nproc_per_node "$n" "$@" \
+      >"$OUT/$name.log" 2>&1
+  echo "[$name] rc=$? $((SECONDS - t))s"
+  grep -E "Error|error:" "$OUT/$name.log" | grep -v "^\[rank[1-9]\]" | tail -4
+}
+two=(.whl/tools/one_gpu_ranks.py -m recipe.train)
+hfargs=(--checkpoint "$CK" --steps "$STEPS")
+for r in $RUNS; do
+  case $r in
+    eager) recipe eager "$ROOT" 1 -m recipe.train "${common[@]}" ;;
+    compiled) recipe compiled "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true ;;
+    eager_offload) recipe eager_offload "$ROOT" 1 -m recipe.train "${common[@]}" --activation_checkpoint.offload=true ;;
+    compiled_offload) recipe compiled_offload "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
+        --activation_checkpoint.offload=true ;;
+    old_eager) recipe old_eager "$OLD" 1 -m recipe.train "${common[@]}" ;;
+    recipe2) recipe recipe2 "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=2 --parallelism.backend=gloo ;;
+    recipe2_offload) recipe recipe2_offload "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=2 \
+        --parallelism.backend=gloo --activation_checkpoint.offload=true ;;
+    hf_loop) script hf_loop 1 benchmarks/hf_plain_loop.py --checkpoint "$CK" --steps "$STEPS" --out "$OUT/hf_loop.json" ;;
+    hf_trainer) script hf_trainer 1 benchmarks/hf_trainer_fsdp.py "${hfargs[@]}" --out "$OUT/hf_trainer.json" ;;
+    adapter) script adapter 1 benchmarks/hf_trainer_fsdp.py "${hfargs[@]}" --recipe --out "$OUT/adapter.json" ;;
+    adapter2) script adapter2 2 .whl/tools/one_gpu_ranks.py benchmarks/hf_trainer_fsdp.py --checkpoint "$CK" \
+        --steps 2 --warmup 0 --recipe --ddp-backend gloo --out "$OUT/adapter2.json" ;;
+    profile) script profile 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 --job.dump_folder="$OUT/profile" ;;
+    unsloth)
+      t=$SECONDS
+      OUT="$OUT/unsloth_logs" BENCH_ARGS="--steps $STEPS" timeout "$TMO" bash .whl/tools/unsloth/run.sh "$CK" \
+          >"$OUT/unsloth.log" 2>&1
+      echo "[unsloth] rc=$? $((SECONDS - t))s"
+      grep -E "^RESULT" "$OUT/unsloth.log" | tail -1 | sed 's/^RESULT //' >"$OUT/unsloth.json"
+      grep -E "Error|error:" "$OUT/unsloth.log" | tail -4 ;;
+    *) echo "unknown run $r" ;;
+  esac
+done
+PYTHONPATH="$SITE:$ROOT" $PY "$ROOT/benchmarks/single_gpu_report.py" "$OUT"

@@ -1,0 +1,126 @@
+"""The table of a benchmarks/single_gpu.sh output folder, and OUTDIR/single_gpu.json.
+
+    python benchmarks/single_gpu_report.py OUTDIR
+
+Reads NAME.summary.json (recipe runs, recipe/train.py's summary), hf_loop.json / hf_trainer.json /
+adapter*.json (benchmarks/hf_plain_loop.py, benchmarks/hf_trainer_fsdp.py) and unsloth.json (the RESULT
+line of .whl/tools/unsloth/run.sh). All runs train the same workload, so one FLOP count serves them all:
+
+  MFU = tokens/s x FLOPs per token without recomputation / the card's dense bf16 peak
+  HFU = tokens/s x FLOPs per token with the recomputation full activation checkpointing does / that peak
+
+(``recipe.metrics.model_flops_per_token`` with ``recompute=False`` / ``True``; the peak from
+``recipe.metrics.PEAK_FLOPS`` by card name.) Runs on several ranks of one GPU report memory only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TOKENS_PER_STEP = 2 * 2048 * 4
+
+
+def _load(f: Path):
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = []
+    for f in sorted(out.glob("*.summary.json")):
+        s = _load(f)
+        if not s:
+            continue
+        rk = s["ranks"][0]
+        rows.append(
+            {
+                "run": f.name.removesuffix(".summary.json"),
+                "world": s["world"],
+                "device": s["device"],
+                "tokens_per_s": rk["tokens_per_s_per_gpu"] if s["world"] == 1 else None,
+                "train_peak_gib": max(r["train_peak_gib"] or 0 for r in s["ranks"]),
+                "load_peak_gib": max(r["load_peak_gib"] or 0 for r in s["ranks"]),
+                "host_peak_gib": max(r["host_peak_rss_gib"] or 0 for r in s["ranks"]),
+                "losses": s["losses"],
+            }
+        )
+    for name in ("hf_loop", "hf_trainer", "adapter", "adapter2"):
+        r = _load(out / f"{name}.json")
+        if r is None:
+            continue
+        recs = r if isinstance(r, list) else [r]
+        r0 = recs[0]
+        world = r0.get("world", 1)
+        rows.append(
+            {
+                "run": name,
+                "world": world,
+                "device": r0.get("device"),
+                "tokens_per_s": (r0.get("tokens_per_s") or r0.get("tokens_per_s_per_gpu")) if world == 1 else None,
+                "train_peak_gib": max(x["train_peak_gib"] for x in recs),
+                "load_peak_gib": max(x["load_peak_gib"] for x in recs),
+                "host_peak_gib": max(x.get("host_peak_gib") or x.get("host_peak_rss_gib") or 0 for x in recs),
+                "losses": r0.get("losses"),
+            }
+        )
+    u = _load(out / "unsloth.json")
+    if u:
+        rows.append(
+            {
+                "run": "unsloth",
+                "world": 1,
+                "device": u.get("device"),
+                "tokens_per_s": u.get("tok_per_s"),
+                "train_peak_gib": u.get("train_peak_gib"),
+                "load_peak_gib": u.get("load_peak_gib"),
+                "host_peak_gib": u.get("host_peak_gib"),
+                "losses": u.get("losses"),
+                "error": u.get("error"),
+            }
+        )
+    return rows
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main(out: Path) -> dict:
+    from models.shapes import get_shape
+    from recipe.metrics import model_flops_per_token, peak_flops_for_name
+
+    shape = get_shape("llama3_1_8b")
+    f_model = model_flops_per_token(shape, 2048, 64, ac_mode="full", recompute=False)
+    f_hw = model_flops_per_token(shape, 2048, 64, ac_mode="full", recompute=True)
+    rows = _rows(out)
+    card = next((r["device"] for r in rows if r.get("device") and r["device"] != "cpu"), "?")
+    peak = peak_flops_for_name(card) if card != "?" else None
+    print(f"\ncard: {card}; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s dense bf16")
+    print(f"FLOPs/token: {f_model / 1e9:.1f} G without recompute (MFU), {f_hw / 1e9:.1f} G with (HFU)")
+    cols = [("run", 18), ("ranks", 5), ("tok/s", 8), ("MFU", 6), ("HFU", 6), ("step s", 7)]
+    cols += [("train", 7), ("load", 6), ("host", 6)]
+    print(" ".join(f"{n:<{w}}" if i == 0 else f"{n:>{w}}" for i, (n, w) in enumerate(cols)) + "  (peaks GiB)")
+    for r in rows:
+        tps = r["tokens_per_s"]
+        if tps and peak:
+            r["mfu"], r["hfu"] = tps * f_model / peak, tps * f_hw / peak
+        r["step_time_s"] = TOKENS_PER_STEP / tps if tps else None
+        cells = [r["run"], str(r["world"]), _fmt(tps, ",.0f"), _fmt(r.get("mfu"), ".1%"), _fmt(r.get("hfu"), ".1%")]
+        cells += [_fmt(r["step_time_s"], ".2f")]
+        cells += [_fmt(r[k], ".2f") for k in ("train_peak_gib", "load_peak_gib", "host_peak_gib")]
+        line = " ".join(
+            f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, (_, w)) in enumerate(zip(cells, cols, strict=True))
+        )
+        print(line + (" ERROR: " + str(r["error"])[:80] if r.get("error") else ""))
+    res = {"card": card, "peak_flops": peak, "flops_per_token": {"mfu": f_model, "hfu": f_hw}, "runs": rows}
+    (out / "single_gpu.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main(Path(sys.argv[1]))
