@@ -150,12 +150,16 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         rep = self.n_heads // self.n_kv
-        if rep > 1:  # grouped-query attention: share each kv head across `rep` query heads
-            k = k[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, self.head_dim)
-            v = v[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, self.head_dim)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            # Grouped-query attention inside the kernel: the flash and cuDNN kernels read each kv
+            # head for its `rep` query heads, with no (b, heads, t, head_dim) copies of K and V.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
         else:
+            # With a mask the memory-efficient kernel runs, which has no GQA: expand instead (with
+            # enable_gqa SDPA would fall back to the math kernel and its (t x t) score matrices).
+            if rep > 1:
+                k = k[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, -1)
+                v = v[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, -1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
