@@ -26,7 +26,7 @@ from torch import nn
 
 from parallel.sharding import shard_rows
 
-__all__ = ["VocabShardedEmbedding"]
+__all__ = ["HostEmbedding", "VocabShardedEmbedding"]
 
 
 class VocabShardedEmbedding(nn.Module):
@@ -72,3 +72,50 @@ class VocabShardedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rows [{self.start}, {self.end}) of {self.num_embeddings}, dim={self.embedding_dim}"
+
+
+class HostEmbedding(nn.Module):
+    """The frozen embedding table kept in host memory (pinned when the model runs on CUDA).
+
+    QLoRA never trains the table, and a step reads only the batch's rows of it: for Llama 3 8B the
+    table is 1 GiB of GPU memory (a tenth of the training peak) for 32 MiB of rows per micro-batch.
+    Here the lookup runs on the host into a pinned buffer that is copied to the device. The token ids
+    travel device -> host first, which waits for the work already queued on the GPU: a short stall
+    per micro-batch (measured in BENCHMARKS.md). Every rank keeps a whole table in host memory.
+    Not with tied embeddings (lm_head needs the table on the device).
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, *, dtype, key: str):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, dim
+        self.key = key  # checkpoint key of the table
+        self.device = torch.device("cpu")  # where lookups are returned; set at load
+        # Not persistent: the table comes from the base checkpoint and stays out of training checkpoints.
+        self.register_buffer("weight", torch.empty(num_embeddings, dim, dtype=dtype, device="meta"), persistent=False)
+
+    @torch.no_grad()
+    def load_shard(self, reader, device) -> None:
+        rows = reader.dense_rows(
+            self.key, (self.num_embeddings, self.embedding_dim), 0, self.num_embeddings, self.weight.dtype
+        )
+        self.device = torch.device(device)
+        self.weight = rows.pin_memory() if self.device.type == "cuda" else rows
+
+    def _apply(self, fn, recurse=True):
+        # model.to(device) / .cuda() must not move the table: it is meant to stay on the host.
+        weight = self.weight
+        out = super()._apply(fn, recurse)
+        self.weight = weight
+        return out
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to("cpu").reshape(-1)
+        pinned = self.device.type == "cuda"
+        out = torch.empty(ids.numel(), self.embedding_dim, dtype=self.weight.dtype, pin_memory=pinned)
+        # index_select raises on an id outside the table, as nn.Embedding does.
+        torch.index_select(self.weight, 0, ids, out=out)
+        return out.view(*input_ids.shape, self.embedding_dim).to(self.device, non_blocking=True)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, on the host"

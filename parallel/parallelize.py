@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.dtypes import DTYPES
 from parallel.activation_offload import BlockInputOffload
-from parallel.embedding import VocabShardedEmbedding
+from parallel.embedding import HostEmbedding, VocabShardedEmbedding
 from parallel.sharding import pad_4bit_rows, shard_submesh
 
 __all__ = ["parallelize", "apply_activation_checkpointing"]
@@ -86,6 +86,17 @@ def parallelize(model: nn.Module, mesh, parallelism, activation_checkpoint, trai
             group=shard_mesh.get_group(),
             key="model.embed_tokens.weight",
         )
+    host_embedding = getattr(parallelism, "host_embedding", False)
+    if host_embedding:
+        if tied:
+            raise ValueError(
+                "parallelism.host_embedding: this checkpoint ties lm_head to the embedding table, which then "
+                "must stay on the GPU; set --parallelism.host_embedding=false"
+            )
+        emb = model.model.embed_tokens
+        model.model.embed_tokens = HostEmbedding(
+            emb.num_embeddings, emb.embedding_dim, dtype=emb.weight.dtype, key="model.embed_tokens.weight"
+        )
     pad_4bit_rows(model, shard_mesh.size())
     apply_activation_checkpointing(model, activation_checkpoint.mode, activation_checkpoint.selective_every)
     if getattr(activation_checkpoint, "offload", False):
@@ -100,7 +111,7 @@ def parallelize(model: nn.Module, mesh, parallelism, activation_checkpoint, trai
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
     for block in model.model.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
-    if not tied and not sharded_embedding:
+    if not tied and not sharded_embedding and not host_embedding:
         fully_shard(model.model.embed_tokens, reshard_after_forward=reshard_after_forward, **kw)
     # The root keeps norm and lm_head (and the embeddings when tied). It is needed again right at
     # the start of backward, so it stays gathered. (lm_head in a group of its own measured worse on

@@ -1,7 +1,9 @@
-"""Activation offload (parallel/activation_offload.py) and the compiled 4-bit linear (models/quant.py).
+"""What saves GPU memory: activation offload (parallel/activation_offload.py), the host embedding table
+(parallel/embedding.py) and the compiled 4-bit linear (models/quant.py).
 
-Oracles: the same run without offload (bit-identical losses and LoRA gradients: offload only moves
-tensors), eager mode for the compiled path, and the dense weights' shapes for what compile saves.
+Oracles: the same run without the option (bit-identical losses and LoRA gradients: offload and the
+host table only move tensors), eager mode for the compiled path, the dense weights' shapes for what
+compile saves. Their 1 vs 2 / 3 rank equality is in tests/test_fsdp.py (ac_offload, host_embedding).
 """
 
 from __future__ import annotations
@@ -117,3 +119,52 @@ def test_compiled_4bit_linear_saves_no_dense_weight(debug_nf4_ckpt):
     eager = build_recipe_model(debug_nf4_ckpt, quant_type="nf4", lora_rank=4).train()
     ref = eager(input_ids=x, labels=x)
     assert abs(float(ref.loss) - float(out.loss)) < 1e-5
+
+
+def test_host_embedding_is_bit_identical(tmp_path, debug_nf4_ckpt, eager_full_ac):
+    from parallel.embedding import HostEmbedding
+
+    ref_losses, ref_grads, _ = eager_full_ac
+    from recipe.train import Trainer
+
+    cfg = load_config(
+        [
+            f"--model.checkpoint={debug_nf4_ckpt}",
+            f"--job.dump_folder={tmp_path / 'host'}",
+            *BASE,
+            "--activation_checkpoint.mode=full",
+            "--parallelism.host_embedding=true",
+        ]
+    )
+    tr = Trainer(cfg)
+    try:
+        emb = tr.model.model.embed_tokens
+        assert isinstance(emb, HostEmbedding) and emb.weight.device.type == "cpu"
+        assert not any("embed_tokens" in n for n, _ in tr.model.named_parameters())
+        assert [tr.train_step().loss for _ in range(3)] == ref_losses
+        with pytest.raises(IndexError):
+            emb(torch.tensor([[emb.num_embeddings]]))
+    finally:
+        tr.close()
+
+
+def test_host_embedding_refuses_tied_and_vocab_parallel(tmp_path, debug_tied_nf4_ckpt):
+    from recipe.train import Trainer
+
+    with pytest.raises(ConfigError, match="host_embedding=false"):
+        load_config(["--parallelism.host_embedding=true", "--parallelism.vocab_parallel_embedding=true"])
+    cfg = load_config(
+        [
+            f"--model.checkpoint={debug_tied_nf4_ckpt}",
+            f"--job.dump_folder={tmp_path / 'tied'}",
+            *BASE,
+            "--parallelism.host_embedding=true",
+        ]
+    )
+    from parallel.distributed import destroy
+
+    try:
+        with pytest.raises(ValueError, match="ties lm_head"):
+            Trainer(cfg)
+    finally:
+        destroy()  # the failed Trainer left its process group
