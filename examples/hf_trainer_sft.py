@@ -34,7 +34,7 @@ DEBUG_CHECKPOINT = "./outputs/ckpt/debug_nf4"
 @dataclass
 class DataArguments:
     data_path: str = field(default="", metadata={"help": "JSONL or Parquet file; empty: a small built-in chat set."})
-    data_format: str = field(default="auto", metadata={"help": "auto, text, instruction or chat."})
+    data_format: str = field(default="auto", metadata={"help": "auto, text, instruction, chat or oig."})
     seq_len: int = field(default=128, metadata={"help": "Tokens per training row."})
     packing: bool = field(default=False, metadata={"help": "Pack samples into full rows (else pad each one)."})
     mask_prompt: bool = field(default=True, metadata={"help": "Train on responses / assistant turns only."})

@@ -95,13 +95,15 @@ class Data:
     path: str = _f("", "JSONL or Parquet file; empty means synthetic random tokens.")
     format: str = _f(
         "auto",
-        "Sample format; 'auto' infers it from the fields of the first record.",
-        ("auto", "text", "instruction", "chat", "synthetic"),
+        "Sample format; 'auto' infers it from the fields of the first record. 'oig': LAION OIG text "
+        "(e.g. unified_chip2.jsonl) with '<human>:' / '<bot>:' turns in text_field; with mask_prompt only "
+        "the bot turns are trained.",
+        ("auto", "text", "instruction", "chat", "oig", "synthetic"),
     )
     seq_len: int = _f(2048, "Sequence length of each training row.")
     packing: bool = _f(True, "Pack samples into full seq_len rows; otherwise pad each sample.")
     mask_prompt: bool = _f(True, "Exclude prompt tokens from the loss.")
-    text_field: str = _f("text", "Record field holding raw text (format 'text').")
+    text_field: str = _f("text", "Record field holding raw text (formats 'text' and 'oig').")
     prompt_field: str = _f("instruction", "Record field holding the instruction (format 'instruction').")
     input_field: str = _f("input", "Record field holding the optional input (format 'instruction').")
     response_field: str = _f("output", "Record field holding the response (format 'instruction').")

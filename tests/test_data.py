@@ -221,6 +221,46 @@ def test_auto_detection_and_custom_fields(tok):
         tokenize_records([{"text": "a"}], tok, "weird")
 
 
+def test_oig_format_masking(tok):
+    one = "<human>: What is 2+2?\n<bot>: 4, of course."
+    multi = "<human>: Hi\n<bot>: Hello!\n<human>: Name a color.\n<bot>: Blue."
+    trailing_human = "<human>: A\n<bot>: B\n<human>: C?"
+    recs = [{"text": t, "metadata": {"source": "unified_chip2"}} for t in (one, multi, trailing_human)]
+    samples = tokenize_records(recs, tok, "oig")
+    # The oracle: the decoded token runs the loss sees, and the whole sample.
+    assert target_spans(tok, samples[0]) == [" 4, of course.<|end_of_text|>"]
+    assert target_spans(tok, samples[1]) == [" Hello!\n", " Blue.<|end_of_text|>"]
+    assert target_spans(tok, samples[2]) == [" B\n"]  # an unanswered human turn and its eos stay prompt
+    for s, t in zip(samples, (one, multi, trailing_human), strict=True):
+        assert tok.decode(s.input_ids) == "<|begin_of_text|>" + t + "<|end_of_text|>"
+    # Detected from the markers in the text field; without them it stays plain text.
+    assert tokenize_records(recs[:2], tok, "auto") == samples[:2]
+    assert target_spans(tok, tokenize_records([{"text": "<human>: only"}], tok, "auto")[0]) == [
+        "<human>: only<|end_of_text|>"
+    ]
+    # No masking: everything but the first token.
+    (s,) = tokenize_records(recs[1:2], tok, "oig", mask_prompt=False)
+    assert s.input_ids == samples[1].input_ids and s.labels[0] == -100 and s.labels[1:] == s.input_ids[1:]
+    (s,) = tokenize_records([{"body": one}], tok, "oig", text_field="body")
+    assert s == samples[0]
+
+
+def test_oig_format_errors(tok):
+    with pytest.raises(DataError, match=r"record 1: format 'oig' needs .*<bot>: turn.*format 'text'"):
+        tokenize_records([{"text": "<human>: a\n<bot>: b"}, {"text": "<human>: no answer"}], tok, "oig")
+    with pytest.raises(DataError, match="record 0 has no 'text' field"):
+        tokenize_records([{"messages_x": "<human>: a\n<bot>: b"}], tok, "oig")
+
+
+def test_build_data_oig_file(tok, tmp_path):
+    recs = [{"text": f"<human>: {i} plus one?\n<bot>: {i + 1}."} for i in range(20)]
+    # Padded rows (packing would split a record over two rows, whose first label is never a target).
+    cfg = _cfg(path=write_jsonl(tmp_path / "chip2.jsonl", recs), format="oig", seq_len=64, packing=False)
+    data = build_data(cfg, tok, vocab_size=len(tok), seed=0)
+    # Targets: the answer " {i+1}." and eos of each record (byte-level tokenizer: one token per byte).
+    assert count_targets(data["labels"]) == sum(len(f" {i + 1}.") + 1 for i in range(20))
+
+
 # ----------------------------------------------------------------- reading
 
 

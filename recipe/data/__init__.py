@@ -4,7 +4,7 @@ One file per job; ``build_data`` below chains them:
 
 * ``tokenizer``: ``load_tokenizer``, local directories only.
 * ``records``: ``read_records``, JSONL / JSON list / Parquet into dicts.
-* ``formats``: ``tokenize_records``, the text / instruction / chat formats into ``Sample``s.
+* ``formats``: ``tokenize_records``, the text / instruction / chat / oig formats into ``Sample``s.
 * ``packing``: ``pack_or_pad`` into fixed-length rows; ``count_targets``.
 * ``synthetic``: ``synthetic_dataset``, for runs without a data file.
 * ``loader``: ``GlobalBatchLoader`` and the batch layout rule (``resolve_global_batch_size``).
@@ -57,7 +57,7 @@ def build_data(cfg_data: Any, tokenizer_or_none, vocab_size: int, seed: int) -> 
         # The shipped configs set format = "synthetic"; a path added on top must not be dropped.
         raise DataError(
             f"data.path is set ({path!r}) but data.format = 'synthetic', which ignores it; use "
-            "--data.format=auto (or text/instruction/chat) to train on the file, or clear data.path"
+            "--data.format=auto (or text/instruction/chat/oig) to train on the file, or clear data.path"
         )
     if path == "" or fmt == "synthetic":
         n = int(getattr(cfg_data, "num_synthetic_samples", 0) or 0)

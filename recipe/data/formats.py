@@ -1,5 +1,5 @@
-"""Tokenizing records into ``Sample``s: the ``text``, ``instruction`` and ``chat`` formats, and the
-prompt masking of chat conversations through the tokenizer's chat template.
+"""Tokenizing records into ``Sample``s: the ``text``, ``instruction``, ``chat`` and ``oig`` formats, and
+the prompt masking of chat conversations through the tokenizer's chat template.
 
 Per-sample rule shared by all formats: the first token of every sample (usually BOS) is labelled -100.
 Inside a packed row this stops the model from being trained to predict the next document's BOS from the
@@ -8,6 +8,7 @@ previous document's EOS.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,17 +30,28 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+# The turn markers of LAION's OIG files (e.g. unified_chip2.jsonl): "<human>: ...\n<bot>: ...", repeated.
+OIG_HUMAN, OIG_BOT = "<human>:", "<bot>:"
+_OIG_MARKER = re.compile(f"({re.escape(OIG_HUMAN)}|{re.escape(OIG_BOT)})")
+
+
+def _looks_oig(text) -> bool:
+    return isinstance(text, str) and OIG_HUMAN in text and OIG_BOT in text
+
+
 def _detect_format(rec: dict, text_field, prompt_field, response_field, messages_field) -> str:
     if messages_field in rec:
         return "chat"
     if prompt_field in rec and response_field in rec:
         return "instruction"
     if text_field in rec:
-        return "text"
+        # Trained as plain text, an OIG conversation would silently teach the prompts too.
+        return "oig" if _looks_oig(rec[text_field]) else "text"
     raise DataError(
         f"cannot detect the data format from the first record's keys {sorted(rec.keys())}; "
         f"expected '{messages_field}' (chat), '{prompt_field}' + '{response_field}' (instruction) "
-        f"or '{text_field}' (text). Rename fields with the [data] config keys messages_field, "
+        f"or '{text_field}' (text, or oig with {OIG_HUMAN} / {OIG_BOT} turns). Rename fields with the [data] "
+        "config keys messages_field, "
         "prompt_field, input_field, response_field, text_field, or set [data] format explicitly"
     )
 
@@ -147,6 +159,40 @@ def _chat_sample(tokenizer, messages, idx: int, mask_prompt: bool) -> Sample:
     return Sample(ids, labels)
 
 
+def _oig_sample(tokenizer, text: str, idx: int, mask_prompt: bool, bos: list[int], eos: list[int]) -> Sample:
+    """``bos + text + eos``; with ``mask_prompt`` only what follows each ``<bot>:`` marker, up to the
+    next ``<human>:`` marker (its newline included: the model learns to end a turn), and the final eos
+    after a closing bot turn are targets."""
+    parts = _OIG_MARKER.split(text)  # [before the first marker, marker, body, marker, body, ...]
+    turns = list(zip(parts[1::2], parts[2::2], strict=True))
+    if not any(marker == OIG_BOT for marker, _ in turns):
+        raise DataError(
+            f"record {idx}: format 'oig' needs text with {OIG_HUMAN} / {OIG_BOT} turns, but this text has no "
+            f"{OIG_BOT} turn ({text[:80]!r}); drop the record, or use format 'text' to train on all of it"
+        )
+    # (text, is_target) pieces, tokenized separately so that a target never shares a token with a prompt.
+    pieces: list[tuple[str, bool]] = []
+    prompt = parts[0]
+    for marker, body in turns:
+        prompt += marker
+        if marker == OIG_HUMAN:
+            prompt += body
+            continue
+        pieces += [(prompt, False), (body, True)]
+        prompt = ""
+    pieces.append((prompt, False))
+    ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+    for piece, target in pieces:
+        seg = _encode(tokenizer, piece)
+        ids += seg
+        labels += seg if target or not mask_prompt else [IGNORE_INDEX] * len(seg)
+    # The eos closes the bot's answer; after a trailing human turn it is prompt like that turn.
+    ends_with_bot = turns[-1][0] == OIG_BOT
+    ids += eos
+    labels += eos if ends_with_bot or not mask_prompt else [IGNORE_INDEX] * len(eos)
+    return Sample(ids, labels)
+
+
 def tokenize_records(
     records: Iterable[dict],
     tokenizer,
@@ -168,7 +214,10 @@ def tokenize_records(
         ``mask_prompt`` only ``response + eos`` are targets.
       * ``chat``: ``tokenizer.apply_chat_template``; with ``mask_prompt`` only assistant
         contents and the template's end-of-turn text (e.g. ``<|eot_id|>``) are targets.
-      * ``auto``: detected from the first record's keys.
+      * ``oig``: LAION OIG ``text`` with ``<human>:`` / ``<bot>:`` turns (one or many), ``bos + text +
+        eos``; with ``mask_prompt`` only the bot turns (up to the next ``<human>:``) and the closing eos
+        are targets.
+      * ``auto``: detected from the first record's keys (``text`` holding both markers is ``oig``).
     The first token of every sample is labelled -100 (see module docstring).
     """
     records = list(records)
@@ -176,8 +225,8 @@ def tokenize_records(
         raise DataError("no records to tokenize")
     if fmt == "auto":
         fmt = _detect_format(records[0], text_field, prompt_field, response_field, messages_field)
-    if fmt not in ("text", "instruction", "chat"):
-        raise DataError(f"unknown data format {fmt!r}; expected auto, text, instruction, chat or synthetic")
+    if fmt not in ("text", "instruction", "chat", "oig"):
+        raise DataError(f"unknown data format {fmt!r}; expected auto, text, instruction, chat, oig or synthetic")
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             "format 'chat' needs a tokenizer with a chat_template, but this tokenizer has none "
@@ -204,6 +253,9 @@ def tokenize_records(
             r_ids = _encode(tokenizer, response) + eos
             ids = p_ids + r_ids
             labels = ([IGNORE_INDEX] * len(p_ids) if mask_prompt else list(p_ids)) + list(r_ids)
+        elif fmt == "oig":
+            s = _oig_sample(tokenizer, _get_str(rec, text_field, idx, "oig text"), idx, mask_prompt, bos, eos)
+            ids, labels = s.input_ids, s.labels
         else:
             if messages_field not in rec:
                 raise DataError(f"record {idx} has no '{messages_field}' field; keys: {sorted(rec.keys())}")
