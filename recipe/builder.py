@@ -2,7 +2,9 @@
 
 The one builder every caller uses (the training entry point, and any other driver of the same
 model): no rank ever holds the full weights. ``build_model`` reads the ``[model]``, ``[lora]``,
-``[training]``, ``[parallelism]`` and ``[activation_checkpoint]`` sections and ``job.seed``.
+``[training]``, ``[parallelism]`` and ``[activation_checkpoint]`` sections and ``job.seed``;
+``resolve_attention`` checks, before anything is loaded, that the device has the compute dtype and the
+SDPA kernels the config asks for.
 """
 
 from __future__ import annotations
@@ -15,13 +17,36 @@ from models.dtypes import DTYPES
 from models.hf_reader import CheckpointReader
 from models.hub import parse_repo_spec, resolve_checkpoint
 from models.llama import LlamaForCausalLM, ModelArgs
+from models.sdpa import DeviceSupportError, SdpaChoice, check_compute_dtype, choose_sdpa_backends, compute_capability
 from parallel.distributed import DistInfo
 from parallel.materialize import materialize
 from parallel.parallelize import parallelize
 from recipe.config import ConfigError, JobConfig
 from recipe.logging import log
 
-__all__ = ["ensure_checkpoint", "build_model", "base_quant_name"]
+__all__ = ["ensure_checkpoint", "build_model", "base_quant_name", "resolve_attention"]
+
+
+def resolve_attention(cfg: JobConfig, dist_info: DistInfo) -> SdpaChoice:
+    """The SDPA kernels of this run (``models.sdpa``), logged; a compute dtype or a forced kernel the
+    device lacks is a ``ConfigError`` naming the key (exit code 2, before any loading)."""
+    t, device = cfg.training, dist_info.device
+    cap = compute_capability(device)
+    name = torch.cuda.get_device_name(device) if cap is not None else "the CPU"
+    dtype = DTYPES[t.mixed_precision_param]
+    try:
+        check_compute_dtype(dtype, cap, name)
+    except DeviceSupportError as e:
+        raise ConfigError(
+            f"training.mixed_precision_param = {t.mixed_precision_param!r}: {e} (--training.mixed_precision_param=..."
+            "; with the HF Trainer: --fp16 for float16, neither --fp16 nor --bf16 for float32)"
+        ) from None
+    try:
+        choice = choose_sdpa_backends(t.attention_backend, cap, dtype, cfg.job.deterministic)
+    except DeviceSupportError as e:
+        raise ConfigError(f"training.attention_backend = {t.attention_backend!r} on {name}: {e}") from None
+    log(f"attention: {choice.describe()}", dist_info.rank)
+    return choice
 
 
 def ensure_checkpoint(model_cfg, seed: int, dist_info: DistInfo) -> Path:

@@ -19,6 +19,7 @@ from typing import Any
 
 from models.dtypes import COMPUTE_DTYPES, DTYPES
 from models.llama import LORA_TARGETS
+from models.sdpa import SDPA_BACKENDS
 from models.shapes import SHAPES
 
 try:  # Python 3.11+
@@ -130,6 +131,15 @@ class Training:
         tuple(DTYPES),
     )
     device: str = _f("auto", "Device type; 'auto' picks cuda when available.", ("auto", "cpu", "cuda"))
+    attention_backend: str = _f(
+        "auto",
+        "SDPA kernels the attention may use (forward, recompute and backward). 'auto': those the GPU's compute "
+        "capability has (below 8.0, e.g. a T4: memory-efficient and math, never flash or cuDNN; from 8.0 on "
+        "torch's own choice; math in deterministic mode; torch's choice on CPU). A forced one ('efficient' "
+        "emulates a T4 on a newer GPU) that the device or dtype lacks stops the run before loading. The choice "
+        "is logged.",
+        SDPA_BACKENDS,
+    )
     compile: bool = _f(False, "torch.compile each transformer block.")
     loss_scale_init: float = _f(65536.0, "Initial loss scale (float16 only).")
     loss_scale_growth_interval: int = _f(2000, "Steps without overflow before the loss scale grows (float16 only).")

@@ -41,7 +41,8 @@ What the Trainer subclass overrides, and why (all documented override points of 
   rank normalises by its own count and the ranks are averaged, HF's meaning of the flag).
 * ``compute_loss``: the summed token loss of the micro-batch over that global count. No factor of the
   world size: FSDP sums gradients over ranks (``parallel/parallelize.py``), DDP would average them.
-* ``training_step``: backward (fp16: of the scaled loss); after the last micro-batch of a step
+* ``training_step``: forward and backward under the model's SDPA kernels (``resolve_attention``),
+  backward of the scaled loss in fp16; after the last micro-batch of a step
   (``accelerator.sync_gradients``) the fp16 unscale with the overflow flag all-reduced, the DTensor-aware
   clipping of ``parallel/grad_norm.py`` with ``max_grad_norm``, and the skip of a step whose gradients
   overflowed or are NaN/inf (the same decision on every rank: the gradients are dropped, so AdamW's step
@@ -81,9 +82,10 @@ from transformers.utils.quantization_config import QuantizationMethod
 from models.hf_reader import CheckpointReader
 from models.llama import IGNORE_INDEX, LORA_TARGETS, LlamaForCausalLM
 from models.quant import Weight4bit
+from models.sdpa import SdpaChoice, sdpa_context
 from parallel.distributed import all_reduce_sum, init_distributed
 from parallel.grad_norm import clip_grad_norm_
-from recipe.builder import build_model, ensure_checkpoint
+from recipe.builder import build_model, ensure_checkpoint, resolve_attention
 from recipe.config import ConfigError, JobConfig, validate
 from recipe.data import drop_trivial_masks, load_tokenizer
 from recipe.export import export_model_adapter
@@ -162,6 +164,10 @@ class RecipeModelArguments:
         default="float32",
         metadata={"help": "Gradient reduction dtype: float32, or float64 (exact, split-independent)."},
     )
+    attention_backend: str = field(
+        default="auto",
+        metadata={"help": "SDPA kernels: auto (what the GPU has), flash, efficient, math or cudnn (the recipe's key)."},
+    )
 
 
 def job_config_from(model_args: RecipeModelArguments, training_args=None) -> JobConfig:
@@ -191,6 +197,7 @@ def job_config_from(model_args: RecipeModelArguments, training_args=None) -> Job
     cfg.lora.dropout = float(model_args.lora_dropout)
     cfg.lora.target_modules = list(model_args.lora_target_modules)
     cfg.training.mixed_precision_reduce = model_args.mixed_precision_reduce
+    cfg.training.attention_backend = model_args.attention_backend
     cfg.parallelism.cpu_offload = bool(model_args.cpu_offload)
     cfg.parallelism.reshard_after_forward = bool(model_args.reshard_after_forward)
     cfg.parallelism.vocab_parallel_embedding = bool(model_args.vocab_parallel_embedding)
@@ -232,6 +239,7 @@ class HFLlamaForCausalLM(LlamaForCausalLM):
     # Set by build_hf_model.
     recipe_config: JobConfig
     recipe_dist: Any
+    recipe_sdpa: SdpaChoice
     base_checkpoint: Path
 
     def add_model_tags(self, tags) -> None:  # TRL tags its models (model cards)
@@ -289,6 +297,7 @@ def build_hf_model(model_args: RecipeModelArguments, training_args=None) -> HFLl
     cfg = job_config_from(model_args, training_args)
     p, t = cfg.parallelism, cfg.training
     dist_info = init_distributed(t.device, p.backend, -1, p.cpu_offload)
+    sdpa = resolve_attention(cfg, dist_info)
     path = ensure_checkpoint(cfg.model, cfg.job.seed, dist_info)
     reader = CheckpointReader(path)
     model = build_model(cfg, reader, dist_info, model_cls=HFLlamaForCausalLM)
@@ -301,6 +310,7 @@ def build_hf_model(model_args: RecipeModelArguments, training_args=None) -> HFLl
         model.generation_config = GenerationConfig.from_model_config(model.config)
     model.recipe_config = cfg
     model.recipe_dist = dist_info
+    model.recipe_sdpa = sdpa
     model.base_checkpoint = Path(os.path.abspath(path))
     model.name_or_path = str(model_args.model_name_or_path)
     model.register_load_state_dict_pre_hook(_shard_full_tensors)
@@ -563,9 +573,11 @@ class RecipeTrainerMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        self._scaler.scale_loss(loss).backward()
+        # The run's SDPA kernels for forward and backward (with the recomputed forward in it).
+        with sdpa_context(model.recipe_sdpa):
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            self._scaler.scale_loss(loss).backward()
         if self.accelerator.sync_gradients:
             self._finish_step()
         # Trainer logs the mean over ranks of what this returns: times the world size, that is the sum

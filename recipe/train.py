@@ -27,7 +27,6 @@ that check, and its read, off).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import re
@@ -40,9 +39,10 @@ from pathlib import Path
 import torch
 
 from models.hf_reader import CheckpointReader
+from models.sdpa import sdpa_context
 from parallel.distributed import all_reduce_sum, destroy, init_distributed
 from parallel.grad_norm import clip_grad_norm_
-from recipe.builder import base_quant_name, build_model, ensure_checkpoint
+from recipe.builder import base_quant_name, build_model, ensure_checkpoint, resolve_attention
 from recipe.checkpoint import Checkpointer, RunIdentity
 from recipe.config import JobConfig, config_to_dict, dump_toml, load_config
 from recipe.data import (
@@ -121,8 +121,10 @@ class Trainer:
             layout = f" (HSDP: {self.dist.dp_replicate} replicas x {self.dist.dp_shard} shards)"
         log(f"{world} rank(s){layout}, backend {torch.distributed.get_backend()}, device {self.device.type}", rank)
         self.dump = Path(cfg.job.dump_folder)
-        # Before anything is loaded: a wrong layout should not cost a model load.
+        # Before anything is loaded: a wrong layout, or a dtype or kernel the GPU lacks, should not cost a
+        # model load.
         self.global_batch = resolve_global_batch_size(t.global_batch_size, t.micro_batch_size, world)
+        self.sdpa = resolve_attention(cfg, self.dist)
 
         ckpt_dir = ensure_checkpoint(cfg.model, cfg.job.seed, self.dist)
         self.reader = CheckpointReader(ckpt_dir)
@@ -282,13 +284,9 @@ class Trainer:
         return loss_sum
 
     def _attention_backend(self):
-        """SDPA's math kernels in deterministic mode (forward, recompute and backward alike): the fused
-        kernels' backward passes accumulate with atomics."""
-        if not (self.cfg.job.deterministic and self.device.type == "cuda"):
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.MATH])
+        """The run's SDPA kernels (``recipe.builder.resolve_attention``), around forward, recompute and
+        backward alike."""
+        return sdpa_context(self.sdpa)
 
     def _nonfinite_ranks(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[int, ...]:
         """Ranks whose summed loss is NaN/inf (-1 stands for "the gradient norm" when no loss is),
