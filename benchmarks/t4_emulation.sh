@@ -5,9 +5,9 @@
 # (--training.attention_backend=efficient), the 8B shape (a synthetic nf4 checkpoint: no hub access),
 # and a local OIG-format JSONL written here.
 #
-#   STAGES="ckpt r1_10 r2_10" bash benchmarks/t4_emulation.sh OUTDIR     # then: offload, r1_60, report
+#   STAGES="ckpt r1_cmp r2_cmp" bash benchmarks/t4_emulation.sh OUTDIR     # then: offload, r1_60, report
 #
-# r1_10 / r2_10: 1 and 2 ranks, 10 steps (the per-step loss comparison); r1_60: 1 rank, 60 steps (no
+# r1_cmp / r2_cmp: 1 and 2 ranks, CMP_STEPS steps (the per-step loss comparison); r1_60: 1 rank, 60 steps (no
 # out-of-memory, fp16 skips counted); offload: 2 ranks, OFFLOAD_STEPS steps with --parallelism.cpu_offload;
 # report: per run the skipped steps, peak GPU memory per rank (load, train), host peak per rank and
 # their sum (Kaggle: 29 GiB for both), and max |loss(2 ranks) - loss(1 rank)|. Speed through gloo means
@@ -18,8 +18,9 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 CK8=${CK8:-/tmp/ck_llama3_1_8b_nf4}
 DATA=$OUT/oig.jsonl
+CMP_STEPS=${CMP_STEPS:-10}  # the issue asks for 10; at ~65 s per 2-rank step that is ~11 min: 8 fits one call
 OFFLOAD_STEPS=${OFFLOAD_STEPS:-3}
-TMO=${TMO:-580}
+TMO=${TMO:-590}
 SITE=${SITE:-$PWD/.whl/site}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GPU_MEM_CAP_GIB=15 PYTHONPATH="$SITE:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -38,7 +39,7 @@ run() {  # name nproc steps overrides...
   grep -E "Error|error|overflow" "$OUT/$name.log" | grep -v "^\[rank[1-9]\]" | tail -4
 }
 
-for st in ${STAGES:-ckpt r1_10 r2_10}; do
+for st in ${STAGES:-ckpt r1_cmp r2_cmp}; do
   case $st in
     ckpt)
       [[ -f "$CK8/config.json" ]] || $PY -m models.synthetic --shape llama3_1_8b --out "$CK8" --device cuda
@@ -55,8 +56,8 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"text": f"<human>: {q}?\n<bot>: {a}."}) + "\n")
 EOF
       ;;
-    r1_10) run r1_10 1 10 ;;
-    r2_10) run r2_10 2 10 ;;
+    r1_cmp) run r1_cmp 1 "$CMP_STEPS" ;;
+    r2_cmp) run r2_cmp 2 "$CMP_STEPS" ;;
     r1_60) run r1_60 1 60 ;;
     offload) run offload 2 "$OFFLOAD_STEPS" --parallelism.cpu_offload=true ;;
     report)
@@ -67,7 +68,7 @@ out = Path(sys.argv[1])
 def rows(n):
     p = out / f"{n}.metrics.jsonl"
     return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
-for n in ("r1_10", "r2_10", "r1_60", "offload"):
+for n in ("r1_cmp", "r2_cmp", "r1_60", "offload"):
     p = out / f"{n}.summary.json"
     if not p.exists():
         print(f"{n}: no summary"); continue
@@ -77,7 +78,7 @@ for n in ("r1_10", "r2_10", "r1_60", "offload"):
           + "; ".join(f"rank {r['rank']}: load {r['load_peak_gib']:.2f} / train {r['train_peak_gib']:.2f} GiB GPU, "
                       f"host {r['host_peak_rss_gib']:.2f} GiB" for r in rs)
           + f"; host all ranks {sum(r['host_peak_rss_gib'] for r in rs):.2f} GiB")
-a, b = rows("r1_10"), rows("r2_10")
+a, b = rows("r1_cmp"), rows("r2_cmp")
 if a and b:
     d = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
     print(f"max |loss(2 ranks) - loss(1 rank)| over {len(d)} steps: {max(d):.2e} (issue: within 2e-3)")
