@@ -10,9 +10,10 @@
 # micro-batch 2, accumulation 4 (16,384 tokens per step), bf16, full activation checkpointing.
 # RUNS picks and orders the runs (default below); each is one of
 #   eager compiled eager_offload compiled_offload   this recipe (--training.compile / --activation_checkpoint.offload)
+#   eager_lean compiled_lean                         the same with offload and --parallelism.host_embedding
 #   old_eager                                        the same from the tree in $OLD (e.g. git archive <commit>)
 #   hf_loop hf_trainer adapter                       HF + peft + bnb plain loop / HF Trainer / recipe.hf_trainer
-#   adapter2 recipe2 recipe2_offload                 2 ranks on the one GPU (gloo; memory only, speed means nothing)
+#   adapter2 recipe2 recipe2_lean                    2 ranks on the one GPU (gloo, 1 step; memory only, speed means nothing)
 #   unsloth                                          .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth)
 #   profile                                          benchmarks/profile_step.py on the eager recipe (top kernels)
 # STEPS optimizer steps per run (tokens/s: median after 3 warm-up steps), TMO seconds per run.
@@ -54,6 +55,7 @@ script() {  # name nproc script args...
   grep -E "Error|error:" "$OUT/$name.log" | grep -v "^\[rank[1-9]\]" | tail -4
 }
 two=(.whl/tools/one_gpu_ranks.py -m recipe.train)
+lean=(--activation_checkpoint.offload=true --parallelism.host_embedding=true)
 hfargs=(--checkpoint "$CK" --steps "$STEPS")
 for r in $RUNS; do
   case $r in
@@ -62,19 +64,21 @@ for r in $RUNS; do
     eager_offload) recipe eager_offload "$ROOT" 1 -m recipe.train "${common[@]}" --activation_checkpoint.offload=true ;;
     compiled_offload) recipe compiled_offload "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --activation_checkpoint.offload=true ;;
+    eager_lean) recipe eager_lean "$ROOT" 1 -m recipe.train "${common[@]}" "${lean[@]}" ;;
+    compiled_lean) recipe compiled_lean "$ROOT" 1 -m recipe.train "${common[@]}" "${lean[@]}" --training.compile=true ;;
     old_eager) recipe old_eager "$OLD" 1 -m recipe.train "${common[@]}" ;;
-    recipe2) recipe recipe2 "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=2 --parallelism.backend=gloo ;;
-    recipe2_offload) recipe recipe2_offload "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=2 \
-        --parallelism.backend=gloo --activation_checkpoint.offload=true ;;
+    recipe2) recipe recipe2 "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=1 --parallelism.backend=gloo ;;
+    recipe2_lean) recipe recipe2_lean "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=1 \
+        --parallelism.backend=gloo "${lean[@]}" ;;
     hf_loop) script hf_loop 1 benchmarks/hf_plain_loop.py --checkpoint "$CK" --steps "$STEPS" --out "$OUT/hf_loop.json" ;;
     hf_trainer) script hf_trainer 1 benchmarks/hf_trainer_fsdp.py "${hfargs[@]}" --out "$OUT/hf_trainer.json" ;;
     adapter) script adapter 1 benchmarks/hf_trainer_fsdp.py "${hfargs[@]}" --recipe --out "$OUT/adapter.json" ;;
     adapter2) script adapter2 2 .whl/tools/one_gpu_ranks.py benchmarks/hf_trainer_fsdp.py --checkpoint "$CK" \
-        --steps 2 --warmup 0 --recipe --ddp-backend gloo --out "$OUT/adapter2.json" ;;
+        --steps 1 --warmup 0 --recipe --ddp-backend gloo --out "$OUT/adapter2.json" ;;
     profile) script profile 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 --job.dump_folder="$OUT/profile" ;;
     unsloth)
       t=$SECONDS
-      OUT="$OUT/unsloth_logs" BENCH_ARGS="--steps $STEPS" timeout "$TMO" bash .whl/tools/unsloth/run.sh "$CK" \
+      OUT="$OUT/unsloth_logs" BENCH_ARGS="--steps $STEPS" timeout "${UTMO:-300}" bash .whl/tools/unsloth/run.sh "$CK" \
           >"$OUT/unsloth.log" 2>&1
       echo "[unsloth] rc=$? $((SECONDS - t))s"
       grep -E "^RESULT" "$OUT/unsloth.log" | tail -1 | sed 's/^RESULT //' >"$OUT/unsloth.json"
