@@ -401,7 +401,11 @@ class Trainer:
             return []
         seconds = clock.seconds([p[3] for p in pending])
         values = torch.stack(
-            [torch.stack([r.loss_sum.double(), r.n_global.double(), r.grad_norm_t.double()]) for _, r, _, _ in pending]
+            # With CPU offload the gradient norm lives on the host, the loss on the device.
+            [
+                torch.stack([t.double().to(self.device) for t in (r.loss_sum, r.n_global, r.grad_norm_t)])
+                for _, r, _, _ in pending
+            ]
         ).tolist()
         losses = []
         for (step, r, host, _), dt, (loss_sum, n_global, norm) in zip(pending, seconds, values, strict=True):
