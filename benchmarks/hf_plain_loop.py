@@ -40,6 +40,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16, device_map={"": 0})
     load_peak = torch.cuda.max_memory_allocated() / 2**30
     model.config.use_cache = False
+    model.train()  # HF checkpoints (and drops out) only in training mode
     if not args.no_ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0, target_modules=TARGETS))
