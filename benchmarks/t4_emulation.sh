@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Two Kaggle T4s emulated on ONE bigger GPU (issue 12's GPU checks): every rank on cuda:0 over gloo
-# (../shared/gpu/one_gpu_ranks.py), each capped at 15 GiB, train_configs/llama3_8b_qlora_t4.toml (fp16,
+# (${ONE_GPU_RANKS:-.whl/tools/one_gpu_ranks.py}), each capped at 15 GiB, train_configs/llama3_8b_qlora_t4.toml (fp16,
 # seq 2048, micro-batch 2, global batch 8, full AC) with the SDPA kernels a T4 has forced
 # (--training.attention_backend=efficient), the 8B shape (a synthetic nf4 checkpoint: no hub access),
 # and a local OIG-format JSONL written here.
@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 run() {  # name nproc steps overrides...
   local name=$1 n=$2 steps=$3; shift 3
   local t0=$SECONDS
-  timeout "$TMO" $PY -m torch.distributed.run --standalone --nproc_per_node "$n" ../shared/gpu/one_gpu_ranks.py \
+  timeout "$TMO" $PY -m torch.distributed.run --standalone --nproc_per_node "$n" ${ONE_GPU_RANKS:-.whl/tools/one_gpu_ranks.py} \
     -m recipe.train --job.config_file train_configs/llama3_8b_qlora_t4.toml --parallelism.backend=gloo \
     --training.attention_backend=efficient --model.checkpoint="$CK8" --model.synthetic_shape=llama3_1_8b \
     --data.path="$DATA" --training.steps="$steps" --checkpoint.enable=false --checkpoint.export_adapter=false \
