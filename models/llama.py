@@ -8,7 +8,8 @@ Shape of the module tree, chosen for the parallel code that wraps it:
   LlamaForCausalLM
     model: LlamaModel
       embed_tokens   nn.Embedding
-      layers         nn.ModuleList of DecoderLayer (indexable: pipeline stages slice it, FSDP wraps each)
+      layers         nn.ModuleList of DecoderLayer (indexable: FSDP wraps each; ``part`` slices it into
+                     pipeline stages, an nn.ModuleDict keyed by the block index so names do not change)
       norm           RMSNorm
       rotary_emb     RotaryEmbedding (a non-persistent buffer; recomputed after materialization)
     lm_head          nn.Linear (frozen, or the embedding matrix when tied)
@@ -31,7 +32,7 @@ from models.lora import QLoRALinear
 from models.quant import Weight4bit
 from models.shapes import LlamaShape
 
-__all__ = ["ModelArgs", "LlamaForCausalLM", "CausalLMOutput", "LORA_TARGETS", "IGNORE_INDEX"]
+__all__ = ["ModelArgs", "LlamaForCausalLM", "LlamaPart", "CausalLMOutput", "LORA_TARGETS", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -233,9 +234,13 @@ class LlamaModel(nn.Module):
             documents = (position_ids == 0).cumsum(-1)
         cos, sin = self.rotary_emb(position_ids, h.dtype)
         mask = _attention_mask(attention_mask, documents, t, h.device)
-        for layer in self.layers:
+        for layer in self.blocks():
             h = layer(h, cos, sin, mask)
-        return self.norm(h)
+        return self.norm(h) if self.norm is not None else h
+
+    def blocks(self) -> list[DecoderLayer]:
+        """The decoder blocks in order: all of them, or a part's (``LlamaForCausalLM.part``)."""
+        return list(self.layers.values()) if isinstance(self.layers, nn.ModuleDict) else list(self.layers)
 
 
 def _attention_mask(attention_mask, documents, t, device):
@@ -281,11 +286,63 @@ class LlamaForCausalLM(nn.Module):
         h = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h).float())
-        chunk = self.args.loss_chunk_tokens or max(256, 2**26 // self.args.shape.vocab_size)
-        loss_sum, n_tokens = chunked_cross_entropy(h, self.lm_head, labels, chunk)
+        loss_sum, n_tokens = chunked_cross_entropy(h, self.lm_head, labels, self.loss_chunk())
         denom = num_items_in_batch if num_items_in_batch is not None else n_tokens.clamp(min=1)
         logits = self.lm_head(h).float() if return_logits else None
         return CausalLMOutput(loss=loss_sum / denom, logits=logits, loss_sum=loss_sum, num_tokens=n_tokens)
+
+    def loss_chunk(self) -> int:
+        return self.args.loss_chunk_tokens or max(256, 2**26 // self.args.shape.vocab_size)
+
+    def part(self, layer_ids, *, first: bool, last: bool) -> LlamaPart:
+        """A contiguous slice of this model that shares its modules: the blocks ``layer_ids`` (kept under
+        their own indices, so parameter names stay the full model's), plus the embeddings when ``first``
+        and the final norm and lm_head when ``last``. With tied embeddings a last part that is not also
+        the first gets its own copy of the (frozen) embedding module to hold lm_head's weight, so that
+        two parts never share a parameter. Build it on the meta device, before any sharding."""
+        import copy
+
+        part = LlamaPart.__new__(LlamaPart)
+        nn.Module.__init__(part)
+        part.args, part.is_first, part.is_last = self.args, first, last
+        inner = LlamaModel.__new__(LlamaModel)
+        nn.Module.__init__(inner)
+        tied = self.args.shape.tie_word_embeddings
+        embed = self.model.embed_tokens
+        if last and tied and not first:
+            embed = copy.deepcopy(embed)
+        inner.embed_tokens = embed if first or (last and tied) else None
+        inner.layers = nn.ModuleDict({str(i): self.model.layers[i] for i in layer_ids})
+        inner.norm = self.model.norm if last else None
+        inner.rotary_emb = self.model.rotary_emb
+        part.model = inner
+        part.lm_head = None
+        if last:
+            part.lm_head = self.lm_head if not tied or first else copy.deepcopy(self.lm_head)
+            if tied:
+                part.lm_head.weight = inner.embed_tokens.weight
+        return part
+
+
+class LlamaPart(LlamaForCausalLM):
+    """A slice of the model (``LlamaForCausalLM.part``): what one pipeline stage runs.
+
+    ``forward(x, labels, attention_mask, position_ids)`` takes token ids in the first part and the
+    previous part's hidden states otherwise; it returns the hidden states, or in the last part the
+    summed token loss of ``chunked_cross_entropy`` (an fp32 tensor of shape (1,)), computed as
+    ``LlamaForCausalLM.forward`` computes it."""
+
+    is_first: bool
+    is_last: bool
+
+    def forward(self, x, labels=None, attention_mask=None, position_ids=None) -> torch.Tensor:
+        ids, embeds = (x, None) if self.is_first else (None, x)
+        h = self.model(ids, attention_mask, position_ids, embeds)
+        if not self.is_last:
+            return h
+        # (1,), not 0-dim: the schedule concatenates the last stage's outputs over micro-batches. Not a
+        # view (reshape would be): FSDP's pre-backward hook does not survive in-place use of a view output.
+        return torch.stack([chunked_cross_entropy(h, self.lm_head, labels, self.loss_chunk())[0]])
 
 
 def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int):

@@ -10,6 +10,12 @@ group, so with torchrun (which numbers the ranks of one node consecutively) and 
 to the processes per node, parameters are sharded within a node and replicated across nodes.
 ``fully_shard`` on a 2-D mesh shards on the last dim, replicates on the first and all-reduces the
 gradients over the replicas after the reduce-scatter.
+
+With ``parallelism.pipeline_parallel_degree = P`` > 1 a ``"pp"`` dim comes first: the world mesh is
+``("pp", "dp_shard")`` (or ``("pp", "dp_replicate", "dp_shard")``), rank ``r`` is pipeline rank
+``r // (world / P)`` and data-parallel rank ``r % (world / P)``, and ``DistInfo.mesh`` is the data-parallel
+submesh that each stage is sharded over. The ranks of one pipeline (same data-parallel rank) train the
+same micro-batches.
 """
 
 from __future__ import annotations
@@ -23,7 +29,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["DistInfo", "init_distributed", "resolve_dp_degrees", "LayoutError", "all_reduce_sum", "destroy"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "resolve_dp_degrees",
+    "resolve_pp_degree",
+    "LayoutError",
+    "all_reduce_sum",
+    "destroy",
+]
 
 
 class LayoutError(RuntimeError):
@@ -37,6 +51,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     mesh: DeviceMesh  # the data-parallel mesh given to fully_shard: ("dp_shard",) or ("dp_replicate", "dp_shard")
+    pp_mesh: DeviceMesh | None = None  # ("pp",): this rank's pipeline, or None without pipeline parallelism
 
     @property
     def is_main(self) -> bool:
@@ -54,6 +69,23 @@ class DistInfo:
     @property
     def dp_shard(self) -> int:
         return self.shard_mesh.size()
+
+    @property
+    def pp(self) -> int:
+        return self.pp_mesh.size() if self.pp_mesh is not None else 1
+
+    @property
+    def dp_world(self) -> int:
+        """Data-parallel ranks (each trains its own micro-batches): the world without the pipeline dim."""
+        return self.world_size // self.pp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank % self.dp_world
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.dp_world
 
 
 def _free_port() -> int:
@@ -103,18 +135,30 @@ def resolve_dp_degrees(world: int, dp_replicate: int = 1, dp_shard: int = -1) ->
     return dp_replicate, shard
 
 
+def resolve_pp_degree(world: int, pp: int) -> int:
+    """The data-parallel world (``world / pp``); raises ``LayoutError`` when ``pp`` does not divide ``world``."""
+    if pp < 1 or world % pp:
+        divisors = [d for d in range(1, world + 1) if world % d == 0]
+        raise LayoutError(
+            f"parallelism.pipeline_parallel_degree = {pp} does not divide the job's {world} rank(s): set it to "
+            f"one of {', '.join(map(str, divisors))}, or launch a multiple of {max(pp, 1)} ranks (NGPU)"
+        )
+    return world // pp
+
+
 def init_distributed(
     device_kind: str = "auto",
     backend: str = "auto",
     dp_shard: int = -1,
     cpu_offload: bool = False,
     dp_replicate: int = 1,
+    pp: int = 1,
 ) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_kind, local_rank)
-    replicate, shard = resolve_dp_degrees(world, dp_replicate, dp_shard)
+    replicate, shard = resolve_dp_degrees(resolve_pp_degree(world, pp), dp_replicate, dp_shard)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
@@ -133,11 +177,16 @@ def init_distributed(
         if device.type == "cuda":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
-    if replicate > 1:
-        mesh = init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
-    else:
-        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
+    dims = (("dp_replicate", replicate),) if replicate > 1 else ()
+    dims += (("dp_shard", shard),)
+    if pp > 1:
+        dims = (("pp", pp),) + dims
+    names = tuple(n for n, _ in dims)
+    full = init_device_mesh(device.type, tuple(d for _, d in dims), mesh_dim_names=names)
+    mesh, pp_mesh = full, None
+    if pp > 1:
+        mesh, pp_mesh = full[names[1:]], full["pp"]
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh, pp_mesh=pp_mesh)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -147,12 +147,13 @@ def _value(acc: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def exact_sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of squares of all gradient elements (summed over ranks for sharded DTensors) as a
-    0-dim fp64 tensor: the same bits for any split of the elements over ranks and parameters."""
-    if not grads:
+def exact_sum_of_squares(grads: list[torch.Tensor], pp_group=None, device=None) -> torch.Tensor:
+    """Sum of squares of all gradient elements (summed over ranks for sharded DTensors, and over the
+    pipeline ranks of ``pp_group``, which hold disjoint parameters) as a 0-dim fp64 tensor: the same
+    bits for any split of the elements over ranks and parameters."""
+    if not grads and pp_group is None:
         return torch.zeros((), dtype=torch.float64)
-    device = _local(grads[0]).device
+    device = _local(grads[0]).device if grads else device
     for g in grads:
         if g.dtype not in _EXACT_DTYPES:
             raise TypeError(f"exact gradient norm supports {_EXACT_DTYPES} gradients, got {g.dtype}")
@@ -167,25 +168,36 @@ def exact_sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
         if pg is not None:
             dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)  # int64: exact in any order
         acc += part
+    if pp_group is not None:
+        dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=pp_group)
     return _value(acc)
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float, *, exact: bool) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, *, exact: bool, pp_group=None, device=None) -> torch.Tensor:
     """Clip the gradients of ``params`` in place to total 2-norm ``max_norm`` (``<= 0``: no clipping)
     and return the norm before clipping: a 0-dim tensor on the gradients' device, in their dtype
-    (a replicated full value, not a DTensor). See the module docstring for ``exact``."""
+    (a replicated full value, not a DTensor). See the module docstring for ``exact``.
+
+    ``pp_group``: the pipeline ranks whose stages hold the other parameters; the norm is then over all
+    of them (squares summed over the group), so every stage clips by the same coefficient. ``device``
+    is where the norm lives on a rank without gradients."""
     params = [params] if isinstance(params, torch.Tensor) else list(params)
     max_norm = float(max_norm)
-    if not exact:
+    if not exact and pp_group is None:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
-
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())  # as torch: a CPU 0.0 when there is nothing to clip
-    norm64 = exact_sum_of_squares(grads).sqrt()
-    out_dtype = grads[0].dtype
+    if not exact:
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=device)
+        sq = (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=pp_group)
+        norm64 = sq.sqrt()
+    else:
+        if not grads and pp_group is None:
+            return torch.zeros(())  # as torch: a CPU 0.0 when there is nothing to clip
+        norm64 = exact_sum_of_squares(grads, pp_group, device).sqrt()
+    out_dtype = grads[0].dtype if grads else torch.float32
     if max_norm > 0:
         coef64 = (max_norm / (norm64 + 1e-6)).clamp(max=1.0)
         locals_by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}

@@ -48,8 +48,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
         raise ValueError(f"activation_checkpoint.mode must be none, full or selective, got {mode!r}")
     step = 1 if mode == "full" else every
     count = 0
-    for i, block in enumerate(model.model.layers):
-        if i % step == 0:
+    # Children are named by their block index in the full model, also in a pipeline stage's part.
+    for name, block in model.model.layers.named_children():
+        if int(name) % step == 0:
             inner = block.forward
             block.forward = functools.partial(_checkpointed_forward, inner)
             count += 1
@@ -60,21 +61,34 @@ def _checkpointed_forward(inner, *args, **kwargs):
     return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
 
-def parallelize(model: nn.Module, mesh, parallelism, activation_checkpoint, training, *, pin_memory: bool) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    mesh,
+    parallelism,
+    activation_checkpoint,
+    training,
+    *,
+    pin_memory: bool,
+    keep_unsharded: bool = False,
+) -> nn.Module:
     """Apply the recipe's parallelism to the meta ``model`` in place, and return it.
 
     ``parallelism``, ``activation_checkpoint`` and ``training`` are those config sections (any objects
     with their fields: ``reshard_after_forward``, ``cpu_offload``, ``vocab_parallel_embedding``;
     ``mode``, ``selective_every``; ``mixed_precision_param``, ``mixed_precision_reduce``, ``compile``).
-    ``pin_memory``: pin offloaded shards (only where CUDA exists).
+    ``pin_memory``: pin offloaded shards (only where CUDA exists). ``keep_unsharded``: blocks stay
+    gathered from forward to backward whatever ``reshard_after_forward`` says (a pipeline schedule
+    with a split backward needs it: see ``parallel.pipeline``).
     """
     param_dtype = DTYPES[training.mixed_precision_param]
     reduce_dtype = DTYPES[training.mixed_precision_reduce]
-    reshard_after_forward = parallelism.reshard_after_forward
+    reshard_after_forward = parallelism.reshard_after_forward and not keep_unsharded
     tied = model.args.shape.tie_word_embeddings
     shard_mesh = shard_submesh(mesh)
     # With HSDP the table is split over the shard group: each replica holds a whole table.
-    sharded_embedding = parallelism.vocab_parallel_embedding and shard_mesh.size() > 1 and not tied
+    # A pipeline stage (``LlamaForCausalLM.part``) may hold no embeddings.
+    has_embedding = model.model.embed_tokens is not None
+    sharded_embedding = parallelism.vocab_parallel_embedding and shard_mesh.size() > 1 and not tied and has_embedding
     if sharded_embedding:
         emb = model.model.embed_tokens
         model.model.embed_tokens = VocabShardedEmbedding(
@@ -87,12 +101,13 @@ def parallelize(model: nn.Module, mesh, parallelism, activation_checkpoint, trai
             key="model.embed_tokens.weight",
         )
     host_embedding = getattr(parallelism, "host_embedding", False)
+    if host_embedding and tied:
+        raise ValueError(
+            "parallelism.host_embedding: this checkpoint ties lm_head to the embedding table, which then "
+            "must stay on the GPU; set --parallelism.host_embedding=false"
+        )
+    host_embedding = host_embedding and has_embedding
     if host_embedding:
-        if tied:
-            raise ValueError(
-                "parallelism.host_embedding: this checkpoint ties lm_head to the embedding table, which then "
-                "must stay on the GPU; set --parallelism.host_embedding=false"
-            )
         emb = model.model.embed_tokens
         model.model.embed_tokens = HostEmbedding(
             emb.num_embeddings, emb.embedding_dim, dtype=emb.weight.dtype, key="model.embed_tokens.weight"
@@ -104,14 +119,14 @@ def parallelize(model: nn.Module, mesh, parallelism, activation_checkpoint, trai
         model.activation_offload = BlockInputOffload(model.args.shape.hidden_size)
         model.activation_offload.install(model)
     if training.compile:
-        for block in model.model.layers:
+        for block in model.model.blocks():
             block.compile(fullgraph=False)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     offload = CPUOffloadPolicy(pin_memory=pin_memory) if parallelism.cpu_offload else OffloadPolicy()
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
-    for block in model.model.layers:
+    for block in model.model.blocks():
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
-    if not tied and not sharded_embedding and not host_embedding:
+    if has_embedding and not tied and not sharded_embedding and not host_embedding:
         fully_shard(model.model.embed_tokens, reshard_after_forward=reshard_after_forward, **kw)
     # The root keeps norm and lm_head (and the embeddings when tied). It is needed again right at
     # the start of backward, so it stays gathered. (lm_head in a group of its own measured worse on

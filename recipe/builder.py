@@ -5,6 +5,7 @@ model): no rank ever holds the full weights. ``build_model`` reads the ``[model]
 ``[training]``, ``[parallelism]`` and ``[activation_checkpoint]`` sections and ``job.seed``;
 ``resolve_attention`` checks, before anything is loaded, that the device has the compute dtype and the
 SDPA kernels the config asks for.
+``build_pipeline_model`` does the same per pipeline stage.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from models.sdpa import DeviceSupportError, SdpaChoice, check_compute_dtype, cho
 from parallel.distributed import DistInfo
 from parallel.materialize import materialize
 from parallel.parallelize import parallelize
+from parallel.pipeline import PipelinePlan, cut_stages
 from recipe.config import ConfigError, JobConfig
 from recipe.logging import log
 
-__all__ = ["ensure_checkpoint", "build_model", "base_quant_name", "resolve_attention"]
+__all__ = ["ensure_checkpoint", "build_model", "build_pipeline_model", "base_quant_name", "resolve_attention"]
 
 
 def resolve_attention(cfg: JobConfig, dist_info: DistInfo) -> SdpaChoice:
@@ -100,6 +102,24 @@ def build_model(
 
     ``model_cls``: ``LlamaForCausalLM`` or a subclass that only adds attributes (``recipe.hf_trainer``'s
     HF-facing model); its parameters and modules must be the base class's."""
+    model = _meta_model(cfg, reader, model_cls)
+    _parallelize_and_load(model, cfg, reader, dist_info)
+    return model
+
+
+def build_pipeline_model(
+    cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo, plan: PipelinePlan
+) -> tuple[LlamaForCausalLM, list[LlamaForCausalLM]]:
+    """(rank_model, stages) of this pipeline rank (``parallel.pipeline.cut_stages``): each stage is
+    parallelized over the data-parallel mesh and loaded on its own, so a rank reads only its stages'
+    tensors (and with FSDP only its rows of them)."""
+    rank_model, stages = cut_stages(_meta_model(cfg, reader, LlamaForCausalLM), plan, dist_info.pp_rank)
+    for stage in stages:
+        _parallelize_and_load(stage, cfg, reader, dist_info, keep_unsharded=plan.keep_unsharded)
+    return rank_model, stages
+
+
+def _meta_model(cfg: JobConfig, reader: CheckpointReader, model_cls: type[LlamaForCausalLM]) -> LlamaForCausalLM:
     # A pre-quantized checkpoint's own scheme wins over model.quant_type (which quantizes dense ones).
     scheme = reader.quant_scheme(quantize_dense_as=cfg.model.quant_type)
     args = ModelArgs(
@@ -113,7 +133,12 @@ def build_model(
         dtype=DTYPES[cfg.training.mixed_precision_param],
     )
     with torch.device("meta"):
-        model = model_cls(args)
+        return model_cls(args)
+
+
+def _parallelize_and_load(
+    model, cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo, keep_unsharded: bool = False
+) -> None:
     offload = cfg.parallelism.cpu_offload
     parallelize(
         model,
@@ -122,6 +147,7 @@ def build_model(
         cfg.activation_checkpoint,
         cfg.training,
         pin_memory=offload and dist_info.device.type == "cuda",
+        keep_unsharded=keep_unsharded,
     )
     shard_device = torch.device("cpu") if offload else dist_info.device
     materialize(
@@ -132,4 +158,3 @@ def build_model(
         quant_device=dist_info.device,
         buffer_device=dist_info.device,
     )
-    return model

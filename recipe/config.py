@@ -196,6 +196,36 @@ class Parallelism:
         "the batch's rows (saves 1 GiB for Llama 3 8B; costs a short device->host wait for the token ids "
         "per micro-batch). Not with tied embeddings or vocab_parallel_embedding.",
     )
+    pipeline_parallel_degree: int = _f(
+        1,
+        "Pipeline stages' rank groups: the ranks form a pipeline x data-parallel mesh (pipeline outermost); "
+        "each stage's modules are sharded with FSDP2 over the data-parallel ranks. Must divide the number "
+        "of ranks. 1: no pipeline.",
+    )
+    pipeline_parallel_schedule: str = _f(
+        "ZBVZeroBubble",
+        "torch.distributed.pipelining schedule. ZBVZeroBubble and DualPipeV (V-shaped, exactly 2 stages per "
+        "rank) and InterleavedZeroBubble split backward into input (B) and weight (W) passes that fill the "
+        "bubble; Interleaved1F1B, 1F1B and GPipe are there for comparison.",
+        ("ZBVZeroBubble", "InterleavedZeroBubble", "DualPipeV", "Interleaved1F1B", "1F1B", "GPipe"),
+    )
+    pipeline_parallel_microbatch_size: int = _f(
+        1,
+        "Sequences per pipeline micro-batch; with pipeline_parallel_degree > 1 it takes the place of "
+        "training.micro_batch_size (the schedule runs global_batch_size / data-parallel ranks / this many "
+        "micro-batches per step).",
+    )
+    pipeline_parallel_layers_per_stage: int = _f(
+        -1,
+        "Transformer blocks per pipeline stage (the number of stages is then blocks / this); -1: the "
+        "schedule's stages per rank (1 for 1F1B and GPipe, 2 for the others) times the degree, blocks split "
+        "evenly. Ignored when pipeline_parallel_split_points is set.",
+    )
+    pipeline_parallel_split_points: list[int] = _f(
+        [],
+        "Explicit cut: the index of the first block of every stage after the first (increasing), e.g. 2,4,6 "
+        "for four stages of an 8-block model. Empty: see pipeline_parallel_layers_per_stage.",
+    )
 
 
 @dataclass
@@ -436,6 +466,9 @@ _RANGES: list[tuple[str, str, typing.Callable[[Any], bool], str]] = [
     ("lr_scheduler", "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("lr_scheduler", "warmup_steps", lambda v: v >= 0, ">= 0"),
     ("activation_checkpoint", "selective_every", lambda v: v >= 1, ">= 1"),
+    ("parallelism", "pipeline_parallel_degree", lambda v: v >= 1, ">= 1"),
+    ("parallelism", "pipeline_parallel_microbatch_size", lambda v: v >= 1, ">= 1"),
+    ("parallelism", "pipeline_parallel_layers_per_stage", lambda v: v == -1 or v >= 1, "-1 (automatic) or >= 1"),
     ("checkpoint", "interval", lambda v: v >= 1, ">= 1"),
     ("checkpoint", "keep_latest_k", lambda v: v >= 0, ">= 0"),
     ("metrics", "log_freq", lambda v: v >= 1, ">= 1"),

@@ -145,11 +145,13 @@ def export_model_adapter(
     dtype=torch.float32,
     is_main=True,
     verbose=True,
+    pp_group=None,
 ) -> Path | None:
     """Gather every trainable (LoRA) parameter with ``gather_rows`` (a collective: call it on every
     rank) and write the adapter on the main rank. Returns the directory on the main rank.
 
-    ``lora`` is the ``[lora]`` config section (rank, alpha, dropout, target_modules)."""
+    ``lora`` is the ``[lora]`` config section (rank, alpha, dropout, target_modules). ``pp_group``: the
+    pipeline ranks whose stages hold the other blocks; their tensors are gathered to the main rank."""
     tensors = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -157,8 +159,13 @@ def export_model_adapter(
         if ".lora_A." not in name and ".lora_B." not in name:
             raise ValueError(f"trainable parameter {name} is not a LoRA weight; cannot export it as an adapter")
         full = gather_rows(p.detach())
-        if is_main:
+        if is_main or pp_group is not None:
             tensors[name] = full.detach().cpu()
+    if pp_group is not None:
+        # Every pipeline (one per data-parallel rank) gathers to its first rank; the main rank writes.
+        parts = [None] * torch.distributed.get_world_size(pp_group)
+        torch.distributed.all_gather_object(parts, tensors, group=pp_group)
+        tensors = {k: v for part in parts for k, v in part.items()} if is_main else {}
     out = None
     if is_main:
         config = adapter_config(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules), base_model)

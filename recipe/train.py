@@ -42,7 +42,8 @@ from models.hf_reader import CheckpointReader
 from models.sdpa import sdpa_context
 from parallel.distributed import all_reduce_sum, destroy, init_distributed
 from parallel.grad_norm import clip_grad_norm_
-from recipe.builder import base_quant_name, build_model, ensure_checkpoint, resolve_attention
+from parallel.pipeline import PipelineRunner, format_bubble_table, plan_pipeline
+from recipe.builder import base_quant_name, build_model, build_pipeline_model, ensure_checkpoint, resolve_attention
 from recipe.checkpoint import Checkpointer, RunIdentity
 from recipe.config import JobConfig, config_to_dict, dump_toml, load_config
 from recipe.data import (
@@ -112,22 +113,41 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         p, t = cfg.parallelism, cfg.training
         self.dist = init_distributed(
-            t.device, p.backend, p.data_parallel_shard_degree, p.cpu_offload, p.data_parallel_replicate_degree
+            t.device,
+            p.backend,
+            p.data_parallel_shard_degree,
+            p.cpu_offload,
+            p.data_parallel_replicate_degree,
+            p.pipeline_parallel_degree,
         )
         self.device = self.dist.device
         rank, world = self.dist.rank, self.dist.world_size
         layout = ""
         if self.dist.dp_replicate > 1:
             layout = f" (HSDP: {self.dist.dp_replicate} replicas x {self.dist.dp_shard} shards)"
+        if self.dist.pp > 1:
+            layout += f" (pipeline {self.dist.pp} x data-parallel {self.dist.dp_world}, {p.pipeline_parallel_schedule})"
         log(f"{world} rank(s){layout}, backend {torch.distributed.get_backend()}, device {self.device.type}", rank)
         self.dump = Path(cfg.job.dump_folder)
         # Before anything is loaded: a wrong layout, or a dtype or kernel the GPU lacks, should not cost a
-        # model load.
-        self.global_batch = resolve_global_batch_size(t.global_batch_size, t.micro_batch_size, world)
+        # model load. The pipeline ranks of one data-parallel rank train the same micro-batches (the schedule's).
+        micro_size = p.pipeline_parallel_microbatch_size if self.dist.pp > 1 else t.micro_batch_size
+        self.global_batch = resolve_global_batch_size(t.global_batch_size, micro_size, self.dist.dp_world)
         self.sdpa = resolve_attention(cfg, self.dist)
 
         ckpt_dir = ensure_checkpoint(cfg.model, cfg.job.seed, self.dist)
         self.reader = CheckpointReader(ckpt_dir)
+        plan = None
+        if self.dist.pp > 1:  # before the data and the weights: the layout needs only the block count
+            plan = plan_pipeline(
+                self.dist.pp,
+                p.pipeline_parallel_schedule,
+                self.reader.shape.num_hidden_layers,
+                self.global_batch // (micro_size * self.dist.dp_world),
+                p.pipeline_parallel_layers_per_stage,
+                p.pipeline_parallel_split_points,
+                t.compile,
+            )
         # Data before weights: a wrong data path, format or tokenizer fails in seconds, not after
         # the model has been loaded.
         shape = self.reader.shape
@@ -135,13 +155,22 @@ class Trainer:
         if cfg.data.path and cfg.data.format != "synthetic":
             tokenizer = load_tokenizer(cfg.model.tokenizer or str(ckpt_dir))
         self.data = build_data(cfg.data, tokenizer, shape.vocab_size, cfg.job.seed)
-        self.loader = GlobalBatchLoader(self.data, self.global_batch, t.micro_batch_size, rank, world, cfg.job.seed)
+        self.loader = GlobalBatchLoader(
+            self.data, self.global_batch, micro_size, self.dist.dp_rank, self.dist.dp_world, cfg.job.seed
+        )
 
         warning = memory_warning(cfg, world, self.device)
         if warning:
             log(warning, rank)
         t0 = time.perf_counter()
-        self.model = build_model(cfg, self.reader, self.dist)
+        self.pipeline = None
+        if plan is None:
+            self.model = build_model(cfg, self.reader, self.dist)
+        else:
+            # self.model holds this rank's blocks under their full-model names (optimizer, checkpoints, export).
+            self.model, stages = build_pipeline_model(cfg, self.reader, self.dist, plan)
+            pp_group = self.dist.pp_mesh.get_group()
+            self.pipeline = PipelineRunner(stages, plan, self.dist.pp_rank, pp_group, self.device)
         self.load_time_s = time.perf_counter() - t0
         # Dropout draws from the global generator (LoRA initialisation has its own seeded generator).
         torch.manual_seed(rank_seed(cfg.job.seed, rank))
@@ -243,7 +272,8 @@ class Trainer:
         micro = self.loader.micro_batches(self.step)
         n_local = sum(count_targets(mb["labels"]) for mb in micro)
         n_global = all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64, device=self.device))
-        n_global = n_global.clamp(min=1.0)
+        # Every pipeline rank of a data-parallel rank counted the same batch (exact: integers in fp64).
+        n_global = (n_global / self.dist.pp).clamp(min=1.0)
         # fp32 like the loss sums (exact: token counts stay below 2**24); a device tensor, so that the
         # host never waits for the all-reduce.
         n32 = n_global.float()
@@ -273,6 +303,10 @@ class Trainer:
         )
 
     def _forward_backward(self, micro, n32, loss_sum, exact: bool) -> torch.Tensor:
+        if self.pipeline is not None:  # the schedule runs the micro-batches; it splits them again itself
+            batch = drop_trivial_masks({k: torch.cat([mb[k] for mb in micro]) for k in micro[0]})
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            return self.pipeline.step(batch, lambda s: self.scaler.scale_loss(s / n32), loss_sum)
         for i, mb in enumerate(micro):
             if exact:
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
@@ -306,7 +340,9 @@ class Trainer:
     def _clip(self) -> torch.Tensor:
         # Deterministic mode: a norm that does not depend on how the rows are split over ranks, so the
         # clip coefficient (and every update after it) is the same on any world size.
-        return clip_grad_norm_(self.params, self.cfg.training.max_norm, exact=self.cfg.job.deterministic)
+        pp_group = self.dist.pp_mesh.get_group() if self.pipeline is not None else None
+        max_norm, exact = self.cfg.training.max_norm, self.cfg.job.deterministic
+        return clip_grad_norm_(self.params, max_norm, exact=exact, pp_group=pp_group, device=self.device)
 
     def train(self) -> list[float]:
         cfg = self.cfg
@@ -316,6 +352,8 @@ class Trainer:
         clock = StepClock(self.device)
         log_freq = cfg.metrics.log_freq
         self.model.train()
+        if self.pipeline is not None:
+            self.pipeline.train()
         self.profiler.start(self.model, self.optimizer)
         while self.step < cfg.training.steps:
             lr = self.optimizer.param_groups[0]["lr"]
@@ -353,12 +391,22 @@ class Trainer:
                 losses += self._flush(pending, clock)
                 self._stop_preempted()
         losses += self._flush(pending, clock)
+        if self.pipeline is not None:
+            self.bubble = self._report_bubble()
         self.profiler.finish()  # collective: the per-rank memory report, gathered to rank 0
         self.checkpointer.maybe_save(self.step, force=True)
         self.checkpointer.wait()
         if cfg.checkpoint.export_adapter:
             self.export_adapter(self.dump / "adapter")
         return losses
+
+    def _report_bubble(self) -> list[dict]:
+        """Collective: every rank's action times (``parallel.pipeline.ActionTimer``), printed by rank 0."""
+        mine = dict(self.pipeline.timer.totals(), rank=self.dist.rank)
+        rows = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(rows, mine)
+        log(format_bubble_table(rows, self.cfg.parallelism.pipeline_parallel_schedule), self.dist.rank)
+        return rows
 
     def _on_nonfinite(self, r: StepResult, pending: list[tuple], clock: StepClock) -> None:
         self.nonfinite_in_a_row += 1
@@ -439,6 +487,7 @@ class Trainer:
             base_model=str(self.checkpointer.base_path),
             dtype=dtype,
             is_main=self.dist.is_main,
+            pp_group=self.dist.pp_mesh.get_group() if self.dist.pp_mesh is not None else None,
         )
 
     def close(self) -> None:
@@ -485,6 +534,8 @@ class Trainer:
             "step_times_s": self.step_times,
             "ranks": ranks,
         }
+        if getattr(self, "bubble", None):
+            summary["pipeline"] = {"schedule": self.cfg.parallelism.pipeline_parallel_schedule, "ranks": self.bubble}
         if self.dist.is_main:
             (self.dump / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
