@@ -218,8 +218,9 @@ def _check_unsharded(trainer, world: int) -> dict:
 
 def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
     """Run every job in order on one process group. A job is a dict with
-    ``name``, ``overrides`` (CLI strings), optional ``checks`` (shard / gather / spy checks) and
-    optional ``expect_exit`` (the Trainer must refuse the layout: record the message)."""
+    ``name``, ``overrides`` (CLI strings), optional ``checks`` (shard / gather / spy checks),
+    optional ``save`` / ``export`` (write the final checkpoint / the adapter) and optional
+    ``expect_exit`` (the Trainer must refuse the layout: record the message)."""
     import torch.distributed as dist
 
     import recipe.train
@@ -273,6 +274,11 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
                     r = trainer.train_step()
                     losses.append(r.loss)
                     norms.append(r.grad_norm)
+                if job.get("save"):  # the final checkpoint Trainer.train() would write
+                    trainer.checkpointer.maybe_save(trainer.step, force=True)
+                    trainer.checkpointer.wait()
+                if job.get("export"):  # the adapter Trainer.train() would write
+                    trainer.export_adapter(dump / "adapter")
                 rank_targets = [None] * world
                 dist.all_gather_object(rank_targets, targets)
                 local = {
