@@ -18,6 +18,12 @@ bf16 backward, a factor of the world size there would change the rounding of eve
 micro-batches (the loader's rank and world are the global ones), the token count is all-reduced over
 all ranks, and FSDP sums the gradients over the shard group and then over the replicas.
 
+Pipeline parallelism (``parallelism.pipeline_parallel_degree`` > 1, ``parallel/pipeline.py``): the
+model is this rank's stages, ``self.model`` holds their blocks under the full model's names (what the
+optimizer, checkpoints and export see), and the step's micro-batches go through the schedule instead of
+the forward/backward loop; the loader's rank and world are the data-parallel ones, and the token count
+is divided by the pipeline degree (each pipeline rank of a data-parallel rank counted the same batch).
+
 Host-device synchronisation: a step leaves its loss, token count and gradient norm on the device;
 they are read (with the step times, ``recipe.metrics.StepClock``) once per ``metrics.log_freq``
 steps. One flag per step is read at once, because skipping the optimizer step needs it: fp16's
