@@ -83,11 +83,16 @@ _1B = {
     "training.global_batch_size": 6,
     "training.mixed_precision_reduce": "float64",
 }
+_LEAN = {"activation_checkpoint.offload": True, "parallelism.host_embedding": True}
 CALIBRATION: list[tuple[str, dict, int, float, float]] = [
     ("8B, 1 GPU", {}, 1, 11.32, 6.27),
     ("8B, 2 GPUs", {}, 2, 8.04, 3.12),
     ("8B, 2 GPUs, vocab_parallel_embedding", {"parallelism.vocab_parallel_embedding": True}, 2, 7.39, 3.12),
     ("8B, 2 GPUs, cpu_offload", {"parallelism.cpu_offload": True}, 2, 4.47, 0.0),
+    # Measured after the two constants were fitted (BENCHMARKS.md, second session of 2026-12-01): the
+    # model of activation offload and the host embedding, not a fit.
+    ("8B, 1 GPU, activation offload + host embedding", _LEAN, 1, 9.35, 5.29),
+    ("8B, 2 GPUs, activation offload + host embedding", _LEAN, 2, 5.25, 2.63),
     ("1B det (seq 512, mb 1, fp64 reduce), 1 GPU", _1B, 1, 3.17, 1.17),
     ("1B det, 2 ranks on one GPU", _1B, 2, 2.41, 0.58),
     ("1B det, 3 ranks on one GPU", _1B, 3, 2.16, 0.39),
@@ -175,6 +180,7 @@ class _Job:
     ac_every: int
     reshard: bool
     vocab_parallel: bool
+    host_embedding: bool
 
 
 def _job(cfg: JobConfig, ngpu: int) -> _Job:
@@ -210,11 +216,12 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         accum=gb // (t.micro_batch_size * ngpu),
         offload=p.cpu_offload,
         # The lead's activation-offload key, when that section has it.
-        act_offload=bool(getattr(cfg.activation_checkpoint, "offload", False)),
+        act_offload=cfg.activation_checkpoint.offload,
         ac_mode=cfg.activation_checkpoint.mode,
         ac_every=cfg.activation_checkpoint.selective_every,
         reshard=p.reshard_after_forward,
         vocab_parallel=p.vocab_parallel_embedding and n > 1 and not shape.tie_word_embeddings,
+        host_embedding=p.host_embedding and not shape.tie_word_embeddings,
     )
 
 
@@ -244,9 +251,9 @@ def _block_base_bytes(j: _Job, shard: int) -> int:
 
 
 def _static_bytes(j: _Job) -> int:
-    """One rank's shards after load: base, embeddings, norms, LoRA (fp32)."""
+    """One rank's GPU shards after load: base, embeddings, norms, LoRA (fp32)."""
     s, n = j.shape, j.n
-    tables = 1 if s.tie_word_embeddings else 2
+    tables = 1 if s.tie_word_embeddings or j.host_embedding else 2
     norms = (2 * s.num_hidden_layers + 1) * _cdiv(s.hidden_size, n) * j.p
     return (
         s.num_hidden_layers * _block_base_bytes(j, n)
@@ -302,13 +309,14 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     head = v * h * j.p  # the root group stays gathered from forward to backward
     if j.offload:
         head += _cdiv(v, j.n) * h * j.p  # its shard, copied to the GPU for the all-gather
-    emb = 0 if (s.tie_word_embeddings or j.vocab_parallel) else v * h * j.p
+    emb = 0 if (s.tie_word_embeddings or j.vocab_parallel or j.host_embedding) else v * h * j.p
     block = _block_base_bytes(j, 1) + _lora_params(j, per_rank=False) // L * j.p
     gathered = (L if not j.reshard else 2) * block
     n_ck = {"full": L, "selective": math.ceil(L / j.ac_every), "none": 0}[j.ac_mode]
     ck_in = (2 if j.act_offload else n_ck) * T * h * j.p
     saved = ck_in + (L - n_ck) * _block_saved_bytes(j, T)
-    root_act = T * h * (4 + 2 * j.p)  # final norm: fp32 input + output
+    # Final norm: fp32 input + output (hidden-shaped: activation offload moves them to the host too).
+    root_act = 0 if j.act_offload else T * h * (4 + 2 * j.p)
     w, wl = _WORK_SCALE, _LOSS_SCALE
     # World > 1: FSDP copies each group's all-gather output into the parameters and, in forward, frees
     # that output only at the next group's copy-out, so the root's output, the embedding's output and
@@ -351,6 +359,11 @@ def host_gib(j: _Job, device: str) -> float:
     on_host = _HOST_MAPPED * shard
     if j.offload or device == "cpu":  # the shards, gradients and AdamW state live in host memory
         on_host += shard + 3 * lora
+    if j.act_offload:  # pinned copies of the checkpointed blocks' inputs of one micro-batch
+        n_ck = {"full": j.shape.num_hidden_layers, "selective": math.ceil(j.shape.num_hidden_layers / j.ac_every)}
+        on_host += n_ck.get(j.ac_mode, 0) * j.mb * j.seq * j.shape.hidden_size * j.p
+    if j.host_embedding:  # the whole table, pinned, on every rank
+        on_host += j.shape.vocab_size * j.shape.hidden_size * j.p
     return _HOST_BASE_GIB[device] + on_host / _GIB
 
 
