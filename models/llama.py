@@ -55,6 +55,10 @@ class ModelArgs:
     # Tokens per cross-entropy chunk (0: about 64 Mi logits per chunk, ~0.25 GiB in fp32): the
     # full-vocabulary logits of a whole batch (2 x 2048 x 128256 fp32 = 2 GiB for Llama 3) never exist.
     loss_chunk_tokens: int = 0
+    # Tokens per MLP chunk (0: the whole sequence at once). For long sequences: the MLP's (tokens x
+    # intermediate) tensors (four of them, 11 GiB at 100k tokens for Llama 3 8B) exist for one chunk at
+    # a time, each chunk recomputed in backward. The MLP is per token, so the result is the same.
+    mlp_chunk_tokens: int = 0
 
 
 @dataclass
@@ -174,9 +178,24 @@ class MLP(nn.Module):
         self.gate_proj = linear("gate_proj", h, i)
         self.up_proj = linear("up_proj", h, i)
         self.down_proj = linear("down_proj", i, h)
+        self.chunk_tokens = args.mlp_chunk_tokens
+
+    def _mlp(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        b, t, h = x.shape
+        chunk = self.chunk_tokens
+        if not chunk or b * t <= chunk:
+            return self._mlp(x)
+        flat = x.reshape(b * t, h)
+        # Each chunk's intermediates are dropped after its forward and rebuilt in its backward, also
+        # inside a checkpointed block's recompute (nested non-reentrant checkpoints).
+        parts = [
+            torch.utils.checkpoint.checkpoint(self._mlp, flat[i : i + chunk], use_reentrant=False)
+            for i in range(0, b * t, chunk)
+        ]
+        return torch.cat(parts).view(b, t, h)
 
 
 class DecoderLayer(nn.Module):

@@ -131,6 +131,7 @@ def _meta_model(cfg: JobConfig, reader: CheckpointReader, model_cls: type[LlamaF
         quant_type=scheme[0] if scheme else None,
         quant_blocksize=scheme[1] if scheme else 64,
         dtype=DTYPES[cfg.training.mixed_precision_param],
+        mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
     )
     with torch.device("meta"):
         return model_cls(args)

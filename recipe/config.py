@@ -78,6 +78,11 @@ class Model:
         ("nf4", "fp4", "none"),
     )
     tokenizer: str = _f("", "Tokenizer directory; empty means the checkpoint directory.")
+    mlp_chunk_tokens: int = _f(
+        0,
+        "Run each block's MLP over this many tokens at a time, each chunk recomputed in backward (for long "
+        "sequences: the (tokens x intermediate) activations then exist for one chunk only). 0: no chunking.",
+    )
 
 
 @dataclass
@@ -447,6 +452,7 @@ _RANGES: list[tuple[str, str, typing.Callable[[Any], bool], str]] = [
         f"non-empty: at least one of the seven projections ({', '.join(LORA_TARGETS)})",
     ),
     ("data", "seq_len", lambda v: v > 0, "> 0"),
+    ("model", "mlp_chunk_tokens", lambda v: v >= 0, ">= 0 (0: no chunking)"),
     ("training", "steps", lambda v: v >= 0, ">= 0"),
     ("training", "micro_batch_size", lambda v: v > 0, "> 0"),
     ("training", "global_batch_size", lambda v: v == -1 or v > 0, "-1 (micro_batch_size x ranks) or > 0"),

@@ -168,3 +168,26 @@ def test_host_embedding_refuses_tied_and_vocab_parallel(tmp_path, debug_tied_nf4
             Trainer(cfg)
     finally:
         destroy()  # the failed Trainer left its process group
+
+
+@pytest.mark.parametrize("mode", ["full", "none"])
+def test_chunked_mlp_matches(tmp_path, debug_nf4_ckpt, eager_full_ac, mode, monkeypatch):
+    """model.mlp_chunk_tokens: the MLP is per token, so chunks (here 24 of the 64 tokens of a
+    micro-batch, the last one shorter) give the unchunked losses, and LoRA gradients up to the order
+    in which their sums over tokens are added (fp32: within 1e-5, as 1 vs N ranks)."""
+    ref_losses, ref_grads, _ = eager_full_ac
+    if mode == "none":
+        ref_losses, ref_grads, _ = _run(tmp_path, debug_nf4_ckpt, "plain", "--activation_checkpoint.mode=none")
+    from models.llama import MLP
+
+    sizes = []
+    inner = MLP._mlp
+    monkeypatch.setattr(MLP, "_mlp", lambda self, x: sizes.append(x.shape[0]) or inner(self, x))
+    losses, grads, _ = _run(
+        tmp_path, debug_nf4_ckpt, "chunked", f"--activation_checkpoint.mode={mode}", "--model.mlp_chunk_tokens=24"
+    )
+    assert set(sizes) == {24, 16}  # 64 tokens per micro-batch: 24 + 24 + 16
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) < 1e-6, (losses, ref_losses)
+    for g, r in zip(grads, ref_grads, strict=True):
+        for n in r:
+            torch.testing.assert_close(g[n], r[n], atol=1e-5, rtol=0)
