@@ -181,6 +181,7 @@ class _Job:
     reshard: bool
     vocab_parallel: bool
     host_embedding: bool
+    mlp_chunk: int  # model.mlp_chunk_tokens (0: whole sequence)
 
 
 def _job(cfg: JobConfig, ngpu: int) -> _Job:
@@ -222,6 +223,7 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         reshard=p.reshard_after_forward,
         vocab_parallel=p.vocab_parallel_embedding and n > 1 and not shape.tie_word_embeddings,
         host_embedding=p.host_embedding and not shape.tie_word_embeddings,
+        mlp_chunk=cfg.model.mlp_chunk_tokens,
     )
 
 
@@ -266,10 +268,15 @@ def _static_bytes(j: _Job) -> int:
 def _block_saved_bytes(j: _Job, tokens: int) -> int:
     """Tensors autograd saves for one block's backward when it is not checkpointed (from models/llama.py):
     2 RMSNorms (fp32 input + the normalised value), q/k and their rotated halves, GQA-expanded k/v, the
-    attention output and its transposed copy, gate/up/silu/product of the MLP."""
+    attention output and its transposed copy, gate/up/silu/product of the MLP (of one chunk with
+    ``model.mlp_chunk_tokens``: the chunks are checkpointed)."""
     s, p = j.shape, j.p
     h, i, kv = s.hidden_size, s.intermediate_size, s.num_key_value_heads * s.head_dim
-    return tokens * (2 * (4 + p) * h + 2 * p * (h + kv) + 2 * p * h + 2 * p * h + 4 * p * i)
+    return tokens * (2 * (4 + p) * h + 2 * p * (h + kv) + 2 * p * h + 2 * p * h) + _mlp_tokens(j, tokens) * 4 * p * i
+
+
+def _mlp_tokens(j: _Job, tokens: int) -> int:
+    return min(tokens, j.mlp_chunk) if j.mlp_chunk else tokens
 
 
 def _block_work_bytes(j: _Job, tokens: int, backward: bool) -> int:
@@ -278,10 +285,11 @@ def _block_work_bytes(j: _Job, tokens: int, backward: bool) -> int:
     s, p = j.shape, j.p
     h, i = s.hidden_size, s.intermediate_size
     deq = i * h * p if j.quant else 0
+    t_mlp = _mlp_tokens(j, tokens)
     if not backward:
-        return tokens * 3 * p * i + deq
+        return t_mlp * 3 * p * i + deq
     block_lora = _lora_params(j, per_rank=False) // s.num_hidden_layers
-    return tokens * (3 * p * i + 2 * p * h) + deq + block_lora * (p + j.reduce)
+    return t_mlp * 3 * p * i + tokens * 2 * p * h + deq + block_lora * (p + j.reduce)
 
 
 def _loss_work_bytes(j: _Job, tokens: int, backward: bool) -> int:

@@ -121,6 +121,20 @@ def test_peaks_grow_with_tokens_and_shrink_with_ranks():
     assert E.estimate(_cfg(CFG_8B), 4).train_peak < base.train_peak
 
 
+def test_memory_options_lower_the_estimate():
+    """Each of the memory options takes off what it should: the host embedding the table (8B: 0.98 GiB
+    of bf16) at load, activation offload most of the saved block inputs, MLP chunks the MLP's
+    (tokens x intermediate) working set at long sequences."""
+    base = E.estimate(_cfg(CFG_8B), 1)
+    host = E.estimate(_cfg(CFG_8B, "--parallelism.host_embedding=true"), 1)
+    assert abs(base.load_peak - host.load_peak - 128256 * 4096 * 2 / 2**30) < 0.01
+    off = E.estimate(_cfg(CFG_8B, "--activation_checkpoint.offload=true"), 1)
+    assert off.train_peak < base.train_peak - 0.5 and off.host > base.host + 0.9
+    long = ["--data.seq_len=65536", "--training.micro_batch_size=1", "--training.global_batch_size=1"]
+    chunked = E.estimate(_cfg(CFG_8B, *long, "--model.mlp_chunk_tokens=4096"), 1)
+    assert chunked.train_peak < E.estimate(_cfg(CFG_8B, *long), 1).train_peak - 3
+
+
 def test_70b_config_parses_and_fits_two_24_gib_cards():
     cfg = load_config(["--job.config_file", CFG_70B])
     assert (cfg.model.synthetic_shape, cfg.data.seq_len, cfg.training.micro_batch_size) == ("llama3_1_70b", 2048, 1)
