@@ -501,6 +501,16 @@ class RecipeTrainerMixin:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._last_grad_norm: torch.Tensor | None = None
         self._resume_dir: str | None = None
+        if args.logging_nan_inf_filter and model.recipe_dist.device.type == "cuda":
+            # Trainer's filter reads every micro-batch's loss on the host (torch.isnan(...) in a
+            # Python `if`): a synchronisation per micro-batch, in a step bound by the host. A step
+            # whose gradient norm is NaN/inf is skipped by _finish_step instead (and logged).
+            args.logging_nan_inf_filter = False
+            log(
+                "hf_trainer: logging_nan_inf_filter off (a host sync per micro-batch); steps with a NaN/inf "
+                "gradient norm are skipped and logged instead",
+                model.recipe_dist.rank,
+            )
         super().__init__(model, args, *rest, **kwargs)
         self.add_callback(_RecipeStateCallback(self))
 
