@@ -1,11 +1,15 @@
 """Apply activation checkpointing, torch.compile and FSDP2 to the model, in this order.
 
 The order is torchtitan's and it matters:
-  0. optionally, the frozen embedding table becomes a vocabulary-sharded lookup (parallel/embedding.py)
-     that FSDP does not manage, split over the shard group; 4-bit weights get zero rows up to a
-     multiple of the shard degree (parallel/sharding.py), so that their packed shards are even;
+  0. optionally, the frozen embedding table becomes a vocabulary-sharded lookup split over the shard
+     group, or a lookup in host memory (parallel/embedding.py); FSDP manages neither. 4-bit weights
+     get zero rows up to a multiple of the shard degree (parallel/sharding.py), so that their packed
+     shards are even;
   1. activation checkpointing wraps each block's forward, so FSDP's hooks (added later, around the
      module call) stay outside the recomputed region and re-gather the block before its recompute;
+     with ``activation_checkpoint.offload`` the root module gets the saved-tensor hooks that keep the
+     checkpointed blocks' inputs on the host (parallel/activation_offload.py): on the root, which is
+     never compiled, they are active around the compiled blocks too;
   2. torch.compile compiles each block in place (names unchanged, so checkpoint keys still match);
   3. ``fully_shard`` on every block, then on the embeddings (unless tied to lm_head), then the root
      (norm + lm_head + whatever is left). 4-bit weights shard through ``Weight4bit``'s all-gather
