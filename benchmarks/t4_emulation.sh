@@ -7,7 +7,8 @@
 #
 #   STAGES="ckpt r1_cmp r2_cmp" bash benchmarks/t4_emulation.sh OUTDIR     # then: offload, r1_60, report
 #
-# r1_cmp / r2_cmp: 1 and 2 ranks, CMP_STEPS steps (the per-step loss comparison); r1_60: 1 rank, 60 steps (no
+# r1_cmp / r2_cmp: 1 and 2 ranks, CMP_STEPS steps (the per-step loss comparison; CMP_ARGS adds overrides to
+# both, e.g. "--data.seq_len=512" for 10 two-rank steps within one 10-minute call); r1_60: 1 rank, 60 steps (no
 # out-of-memory, fp16 skips counted); offload: 2 ranks, OFFLOAD_STEPS steps with --parallelism.cpu_offload;
 # report: per run the skipped steps, peak GPU memory per rank (load, train), host peak per rank and
 # their sum (Kaggle: 29 GiB for both), and max |loss(2 ranks) - loss(1 rank)|. Speed through gloo means
@@ -56,8 +57,8 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"text": f"<human>: {q}?\n<bot>: {a}."}) + "\n")
 EOF
       ;;
-    r1_cmp) run r1_cmp 1 "$CMP_STEPS" ;;
-    r2_cmp) run r2_cmp 2 "$CMP_STEPS" ;;
+    r1_cmp) run r1_cmp 1 "$CMP_STEPS" ${CMP_ARGS:-} ;;
+    r2_cmp) run r2_cmp 2 "$CMP_STEPS" ${CMP_ARGS:-} ;;
     r1_60) run r1_60 1 60 ;;
     offload) run offload 2 "$OFFLOAD_STEPS" --parallelism.cpu_offload=true ;;
     report)
