@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.lora import QLoRALinear
+from models.packed_attention import DocumentSegments, document_segments, segment_attention
 from models.quant import Weight4bit
 from models.shapes import LlamaShape
 
@@ -59,6 +60,9 @@ class ModelArgs:
     # intermediate) tensors (four of them, 11 GiB at 100k tokens for Llama 3 8B) exist for one chunk at
     # a time, each chunk recomputed in backward. The MLP is per token, so the result is the same.
     mlp_chunk_tokens: int = 0
+    # Packed rows: "mask" (a boolean (seq x seq) mask per row) or "segments" (causal attention per
+    # document, models/packed_attention.py: memory linear in the sequence).
+    packed_attention: str = "mask"
 
 
 @dataclass
@@ -155,7 +159,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         rep = self.n_heads // self.n_kv
-        if mask is None and q.is_cuda:
+        if isinstance(mask, DocumentSegments):
+            gqa = q.is_cuda and rep > 1  # on CPU expanded, as below
+            if rep > 1 and not gqa:
+                k = k[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, -1)
+                v = v[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, -1)
+            out = segment_attention(q, k, v, mask, gqa)
+        elif mask is None and q.is_cuda:
             # Grouped-query attention inside the kernel: the flash and cuDNN kernels read each kv
             # head for its `rep` query heads, with no (b, heads, t, head_dim) copies of K and V.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
@@ -240,6 +250,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(s.num_hidden_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps, args.dtype)
         self.rotary_emb = RotaryEmbedding(s)
+        self.packed_attention = args.packed_attention
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
         if (input_ids is None) == (inputs_embeds is None):
@@ -254,7 +265,11 @@ class LlamaModel(nn.Module):
             # token attends only within its own document (consistent with its restarted RoPE positions).
             documents = (position_ids == 0).cumsum(-1)
         cos, sin = self.rotary_emb(position_ids, h.dtype)
-        mask = _attention_mask(attention_mask, documents, t, h.device)
+        mask = None
+        if documents is not None and self.packed_attention == "segments":
+            mask = document_segments(position_ids, attention_mask)
+        if mask is None:
+            mask = _attention_mask(attention_mask, documents, t, h.device)
         for layer in self.blocks():
             h = layer(h, cos, sin, mask)
         return self.norm(h) if self.norm is not None else h
@@ -336,6 +351,7 @@ class LlamaForCausalLM(nn.Module):
         inner.layers = nn.ModuleDict({str(i): self.model.layers[i] for i in layer_ids})
         inner.norm = self.model.norm if last else None
         inner.rotary_emb = self.model.rotary_emb
+        inner.packed_attention = self.model.packed_attention
         part.model = inner
         part.lm_head = None
         if last:

@@ -132,6 +132,7 @@ def _meta_model(cfg: JobConfig, reader: CheckpointReader, model_cls: type[LlamaF
         quant_blocksize=scheme[1] if scheme else 64,
         dtype=DTYPES[cfg.training.mixed_precision_param],
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
+        packed_attention=cfg.model.packed_attention,
     )
     with torch.device("meta"):
         return model_cls(args)

@@ -83,6 +83,13 @@ class Model:
         "Run each block's MLP over this many tokens at a time, each chunk recomputed in backward (for long "
         "sequences: the (tokens x intermediate) activations then exist for one chunk only). 0: no chunking.",
     )
+    packed_attention: str = _f(
+        "mask",
+        "Attention over packed rows (documents separated by position ids restarting at 0): 'mask' builds a "
+        "(seq x seq) boolean mask per row; 'segments' runs causal attention per document, with memory "
+        "linear in seq_len (for long packed rows; not with training.compile).",
+        ("mask", "segments"),
+    )
 
 
 @dataclass
@@ -509,6 +516,11 @@ def validate(cfg: JobConfig) -> None:
             "parallelism.host_embedding and parallelism.vocab_parallel_embedding both place the embedding "
             "table: keep one of them (--parallelism.vocab_parallel_embedding=false or "
             "--parallelism.host_embedding=false)."
+        )
+    if cfg.model.packed_attention == "segments" and cfg.training.compile:
+        raise ConfigError(
+            "model.packed_attention = 'segments' loops over each row's documents, which torch.compile would "
+            "recompile for every new layout: set --training.compile=false or --model.packed_attention=mask."
         )
     if cfg.activation_checkpoint.offload and cfg.activation_checkpoint.mode == "none":
         raise ConfigError(

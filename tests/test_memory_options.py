@@ -191,3 +191,53 @@ def test_chunked_mlp_matches(tmp_path, debug_nf4_ckpt, eager_full_ac, mode, monk
     for g, r in zip(grads, ref_grads, strict=True):
         for n in r:
             torch.testing.assert_close(g[n], r[n], atol=1e-5, rtol=0)
+
+
+def test_document_segments_from_position_ids():
+    from models.packed_attention import document_segments
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [3, 4, 0, 1, 2, 3, 4, 5]])
+    assert document_segments(pos, None).rows == (((0, 3), (3, 5), (5, 8)), ((0, 2), (2, 8)))
+    right = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
+    assert document_segments(pos, right).rows == document_segments(pos, None).rows
+    left = torch.tensor([[1] * 8, [0] * 2 + [1] * 6])
+    assert document_segments(pos, left) is None  # not a suffix: the mask path
+
+
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_segment_attention_matches_the_mask(tmp_path, debug_nf4_ckpt, mode, monkeypatch):
+    """model.packed_attention = 'segments' on packed rows (several documents per row, a padded last
+    row) gives the mask path's losses and LoRA gradients (the first step's loss exactly; then within fp32
+    reordering, 1e-5, as 1 vs N ranks)."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    data = tmp_path / "instr.jsonl"
+    with open(data, "w") as f:
+        for i in range(40):
+            prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+            f.write(json.dumps({"instruction": prompt, "output": " ".join(words[: 1 + i % 7])}) + "\n")
+    common = [f"--data.path={data}", "--data.packing=true", "--data.seq_len=48", f"--activation_checkpoint.mode={mode}"]
+    common.append("--optimizer.lr=5e-3")  # at 1e-2 this data amplifies fp32 reordering (see test_fsdp padded_data)
+    ref_losses, ref_grads, _ = _run(tmp_path, debug_nf4_ckpt, "mask", *common)
+    import models.llama
+
+    docs = []
+    inner = models.llama.segment_attention
+    monkeypatch.setattr(
+        models.llama, "segment_attention", lambda q, k, v, seg, gqa: docs.append(seg) or inner(q, k, v, seg, gqa)
+    )
+    losses, grads, _ = _run(tmp_path, debug_nf4_ckpt, "seg", *common, "--model.packed_attention=segments")
+    assert docs and max(len(r) for seg in docs for r in seg.rows) > 1  # rows of several documents
+    assert abs(losses[0] - ref_losses[0]) < 1e-9
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) < 1e-5, (losses, ref_losses)
+    for g, r in zip(grads, ref_grads, strict=True):
+        for n in r:
+            torch.testing.assert_close(g[n], r[n], atol=1e-5, rtol=0)
+
+
+def test_segments_refuse_compile():
+    with pytest.raises(ConfigError, match="packed_attention"):
+        load_config(["--model.packed_attention=segments", "--training.compile=true"])
