@@ -18,7 +18,7 @@ import time
 
 import torch
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from models.llama import LORA_TARGETS
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     model.train()  # HF checkpoints (and drops out) only in training mode
     if not args.no_ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0, target_modules=list(LORA_TARGETS)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
     vocab = model.config.vocab_size

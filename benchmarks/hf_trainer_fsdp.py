@@ -98,7 +98,9 @@ def main() -> None:
         for m in model.modules():  # the CPU repacking pitfall (REFERENCE.md section 4)
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        from models.llama import LORA_TARGETS
+
+        targets = list(LORA_TARGETS)
         lora = LoraConfig(
             r=args.rank, lora_alpha=args.alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
         )

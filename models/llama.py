@@ -159,25 +159,20 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         rep = self.n_heads // self.n_kv
+        # Grouped-query attention inside the kernel where that kernel has it: flash and cuDNN on CUDA
+        # (causal rows, or one document at a time) read each kv head for its `rep` query heads, with no
+        # (b, heads, t, head_dim) copies of K and V. Otherwise expand: with a mask the memory-efficient
+        # kernel runs, which has no GQA (with enable_gqa SDPA would fall back to the math kernel and its
+        # (t x t) score matrices); on CPU, with enable_gqa 1 process and 2 or 3 processes (fewer threads
+        # each) gave bf16 gradient norms 1.8e-3 apart in tests/test_fsdp.py (expanded: within 1e-3).
+        gqa = rep > 1 and q.is_cuda and not isinstance(mask, torch.Tensor)
+        if rep > 1 and not gqa:
+            k = k[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, -1)
+            v = v[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, -1)
         if isinstance(mask, DocumentSegments):
-            gqa = q.is_cuda and rep > 1  # on CPU expanded, as below
-            if rep > 1 and not gqa:
-                k = k[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, -1)
-                v = v[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, -1)
             out = segment_attention(q, k, v, mask, gqa)
-        elif mask is None and q.is_cuda:
-            # Grouped-query attention inside the kernel: the flash and cuDNN kernels read each kv
-            # head for its `rep` query heads, with no (b, heads, t, head_dim) copies of K and V.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
         else:
-            # With a mask the memory-efficient kernel runs, which has no GQA: expand instead (with
-            # enable_gqa SDPA would fall back to the math kernel and its (t x t) score matrices).
-            # On CPU too: with enable_gqa there, 1 process and 2 or 3 processes (fewer threads each)
-            # gave bf16 gradient norms 1.8e-3 apart in tests/test_fsdp.py (expanded: within 1e-3).
-            if rep > 1:
-                k = k[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, -1)
-                v = v[:, :, None].expand(b, self.n_kv, rep, t, self.head_dim).reshape(b, self.n_heads, t, -1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

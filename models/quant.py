@@ -93,10 +93,15 @@ class Weight4bit(torch.Tensor):
     # -- compute -------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (n_rows, K) weight in ``dtype`` through bitsandbytes' own kernel."""
-        rows = min(self.n_rows, self.packed.shape[0])
+        dtype = dtype or self.dtype
         return _dequantize_rows(
-            self.packed, self.absmax, rows, self.shape[1], self.quant_type, self.blocksize, dtype or self.dtype
+            self.packed, self.absmax, self.real_rows, self.shape[1], self.quant_type, self.blocksize, dtype
         )
+
+    @property
+    def real_rows(self) -> int:
+        """Rows of this tensor that hold the real weight (the rest are padding rows)."""
+        return min(self.n_rows, self.packed.shape[0])
 
     def __repr__(self):
         return (
@@ -364,8 +369,7 @@ class _Linear4bitFn(torch.autograd.Function):
 
 
 def linear_4bit(x: torch.Tensor, weight: Weight4bit) -> torch.Tensor:
-    rows = min(weight.n_rows, weight.packed.shape[0])
-    args = (weight.packed, weight.absmax, rows, weight.quant_type, weight.blocksize)
+    args = (weight.packed, weight.absmax, weight.real_rows, weight.quant_type, weight.blocksize)
     if torch.compiler.is_compiling():
         return _linear_4bit_op(x, *args)
     return _Linear4bitFn.apply(x, *args)

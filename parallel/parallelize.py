@@ -78,8 +78,9 @@ def parallelize(
     """Apply the recipe's parallelism to the meta ``model`` in place, and return it.
 
     ``parallelism``, ``activation_checkpoint`` and ``training`` are those config sections (any objects
-    with their fields: ``reshard_after_forward``, ``cpu_offload``, ``vocab_parallel_embedding``;
-    ``mode``, ``selective_every``; ``mixed_precision_param``, ``mixed_precision_reduce``, ``compile``).
+    with their fields: ``reshard_after_forward``, ``cpu_offload``, ``vocab_parallel_embedding``,
+    ``host_embedding``; ``mode``, ``selective_every``, ``offload``; ``mixed_precision_param``,
+    ``mixed_precision_reduce``, ``compile``).
     ``pin_memory``: pin offloaded shards (only where CUDA exists). ``keep_unsharded``: blocks stay
     gathered from forward to backward whatever ``reshard_after_forward`` says (a pipeline schedule
     with a split backward needs it: see ``parallel.pipeline``).
@@ -104,7 +105,7 @@ def parallelize(
             group=shard_mesh.get_group(),
             key="model.embed_tokens.weight",
         )
-    host_embedding = getattr(parallelism, "host_embedding", False)
+    host_embedding = parallelism.host_embedding
     if host_embedding and tied:
         raise ValueError(
             "parallelism.host_embedding: this checkpoint ties lm_head to the embedding table, which then "
@@ -118,7 +119,7 @@ def parallelize(
         )
     pad_4bit_rows(model, shard_mesh.size())
     apply_activation_checkpointing(model, activation_checkpoint.mode, activation_checkpoint.selective_every)
-    if getattr(activation_checkpoint, "offload", False):
+    if activation_checkpoint.offload:
         # On the root module, which is never compiled: the hooks are active around compiled blocks.
         model.activation_offload = BlockInputOffload(model.args.shape.hidden_size)
         model.activation_offload.install(model)

@@ -302,6 +302,11 @@ def _loss_work_bytes(j: _Job, tokens: int, backward: bool) -> int:
     return chunk * v * (2 * j.p + 12) + tokens * j.shape.hidden_size * j.p
 
 
+def _checkpointed_blocks(j: _Job) -> int:
+    L = j.shape.num_hidden_layers
+    return {"full": L, "selective": math.ceil(L / j.ac_every), "none": 0}[j.ac_mode]
+
+
 def gpu_phases(j: _Job) -> dict[str, float]:
     """GiB per phase of the memory report, one rank."""
     s = j.shape
@@ -320,7 +325,7 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     emb = 0 if (s.tie_word_embeddings or j.vocab_parallel or j.host_embedding) else v * h * j.p
     block = _block_base_bytes(j, 1) + _lora_params(j, per_rank=False) // L * j.p
     gathered = (L if not j.reshard else 2) * block
-    n_ck = {"full": L, "selective": math.ceil(L / j.ac_every), "none": 0}[j.ac_mode]
+    n_ck = _checkpointed_blocks(j)
     ck_in = (2 if j.act_offload else n_ck) * T * h * j.p
     saved = ck_in + (L - n_ck) * _block_saved_bytes(j, T)
     # Final norm: fp32 input + output (hidden-shaped: activation offload moves them to the host too).
@@ -368,8 +373,7 @@ def host_gib(j: _Job, device: str) -> float:
     if j.offload or device == "cpu":  # the shards, gradients and AdamW state live in host memory
         on_host += shard + 3 * lora
     if j.act_offload:  # pinned copies of the checkpointed blocks' inputs of one micro-batch
-        n_ck = {"full": j.shape.num_hidden_layers, "selective": math.ceil(j.shape.num_hidden_layers / j.ac_every)}
-        on_host += n_ck.get(j.ac_mode, 0) * j.mb * j.seq * j.shape.hidden_size * j.p
+        on_host += _checkpointed_blocks(j) * j.mb * j.seq * j.shape.hidden_size * j.p
     if j.host_embedding:  # the whole table, pinned, on every rank
         on_host += j.shape.vocab_size * j.shape.hidden_size * j.p
     return _HOST_BASE_GIB[device] + on_host / _GIB
