@@ -53,7 +53,7 @@ class BlockInputOffload:
         # and prefetches the one before the block it restores. Weak: a graph that is dropped
         # without a backward takes its host copies with it.
         self._pending: list[weakref.ref] = []
-        self._seen: dict[int, list] = {}
+        self._seen: dict[int, tuple[weakref.ref, _Stored]] = {}
         self._hooks = None
         self.offloaded = 0
         self.restored = 0
@@ -80,11 +80,11 @@ class BlockInputOffload:
             return t
         # The same tensor saved twice (e.g. by two checkpointed regions) moves once. Keyed by the
         # tensor itself: a freed tensor's address is soon reused by another of the same shape.
-        for ref, stored in self._seen.get(id(t), ()):
-            if ref() is t:
-                return stored
-        stored = self._offload(t)
-        self._seen.setdefault(id(t), []).append((weakref.ref(t), stored))
+        # A live tensor's id is unique; the weak reference tells a freed tensor's reused id apart.
+        ref, stored = self._seen.get(id(t), (None, None))
+        if ref is None or ref() is not t:
+            stored = self._offload(t)
+            self._seen[id(t)] = (weakref.ref(t), stored)
         return stored
 
     def _offload(self, t: torch.Tensor) -> _Stored:
