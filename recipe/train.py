@@ -69,6 +69,7 @@ from recipe.optim import LossScaler, apply_hyperparameters, build_lr_scheduler, 
 from recipe.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from recipe.profiling import Profiler
 from recipe.seeding import rank_seed
+from recipe.versions import check_torch
 
 __all__ = ["Trainer", "main", "build_model"]
 
@@ -575,6 +576,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        check_torch()  # recipe/versions.py: exit code 2 below the supported torch range, a warning above it
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         trainer = Trainer(cfg)
     except _user_errors() as e:
