@@ -154,3 +154,10 @@ def test_driver_cuda_and_pins():
     assert versions.driver_cuda("") is None
     pins = read_pins(ROOT / "requirements.txt")
     assert pins["transformers"] == "5.17.0" and "tomli" not in pins
+
+
+def test_install_here_keeps_everything():
+    """install() on this machine (the suite's own environment, inside every range): no pip command runs."""
+    calls = []
+    notes = versions.install(ROOT / "requirements.txt", run=lambda *a, **k: calls.append(a))
+    assert calls == [] and len(notes) == len(SUPPORTED) + len(NOTEBOOK) and all(": kept" in n for n in notes), notes
