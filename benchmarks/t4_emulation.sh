@@ -97,6 +97,8 @@ out = Path(sys.argv[1])
 def rows(n):
     p = out / f"{n}.metrics.jsonl"
     return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
+def gib(x):
+    return "n/a" if x is None else f"{x:.2f}"  # no GPU peak on a CPU dry run
 def longest_skip_run(rs):
     best = cur = 0
     for r in rs:
@@ -111,8 +113,8 @@ for n in ("r1_cmp", "r2_cmp", "r1_60", "offload"):
     rs = s["ranks"]
     print(f"{n}: {s['world']} rank(s), {len(m)} steps logged (steps {m[0]['step']}-{m[-1]['step']}), "
           f"{sum(r['skipped'] for r in m)} fp16 skips (longest run {longest_skip_run(m)}); "
-          + "; ".join(f"rank {r['rank']}: load {r['load_peak_gib']:.2f} / train {r['train_peak_gib']:.2f} GiB GPU, "
-                      f"host {r['host_peak_rss_gib']:.2f} GiB" for r in rs)
+          + "; ".join(f"rank {r['rank']}: load {gib(r['load_peak_gib'])} / train {gib(r['train_peak_gib'])} GiB GPU, "
+                      f"host {gib(r['host_peak_rss_gib'])} GiB" for r in rs)
           + f"; host all ranks {sum(r['host_peak_rss_gib'] for r in rs):.2f} GiB")
 a, b = {r["step"]: r["loss"] for r in rows("r1_cmp")}, {r["step"]: r["loss"] for r in rows("r2_cmp")}
 if a and b:
