@@ -109,6 +109,7 @@ class Option:
     parts: dict[str, float]  # step seconds by cause
     traffic_gb: float  # bytes each rank sends + receives between GPUs per step (GB)
     fits: bool
+    gpu_fits: bool = True
 
 
 def _job_for(base, lay: Layout, accum: int):
@@ -235,11 +236,10 @@ def plan(cfg: JobConfig, ngpu: int, card: str, gpu_gib: float | None = None, hos
         peak = max(g[p] for p in list(g)[2:])
         host = host_of(j, "cuda")
         step, parts, traffic = step_time(j, card, ngpu)
-        fits = peak * (1 + MARGIN) + RESERVE_GIB <= gpu_gib and g["load"] * (1 + MARGIN) + RESERVE_GIB <= gpu_gib
-        if host_gib is not None:
-            fits = fits and host * ngpu <= host_gib
+        gpu_fits = peak * (1 + MARGIN) + RESERVE_GIB <= gpu_gib and g["load"] * (1 + MARGIN) + RESERVE_GIB <= gpu_gib
+        fits = gpu_fits and (host_gib is None or host * ngpu <= host_gib)
         tps = accum * lay.micro_batch * j.seq / step
-        options.append(Option(lay, peak, g["load"], host, tps, step, parts, traffic, fits))
+        options.append(Option(lay, peak, g["load"], host, tps, step, parts, traffic, fits, gpu_fits))
     # Fitting first, fastest first. Predictions within TIE of the fastest are not told apart (the model's
     # speed rows scatter by up to 12 %): among them the least GPU-to-GPU traffic, then the fewest switches
     # (CPU offload's speed is assumed, not measured), then the smaller peak wins.
@@ -272,7 +272,7 @@ def _why(a: Option, b: Option) -> str:
     )
 
 
-def format_plan(options: list[Option], ngpu: int, card: str, gpu_gib: float) -> str:
+def format_plan(options: list[Option], ngpu: int, card: str, gpu_gib: float, host_gib: float | None = None) -> str:
     fitting = [o for o in options if o.fits]
     head = (
         f"plan for {ngpu}x {card} ({gpu_gib:.1f} GiB each; fits = predicted peak x {1 + MARGIN:.2f} + "
@@ -291,10 +291,21 @@ def format_plan(options: list[Option], ngpu: int, card: str, gpu_gib: float) -> 
         shape = lambda o: (o.layout.replicate, o.layout.reshard, o.layout.cpu_offload, o.layout.ac_mode)  # noqa: E731
         runner = next((o for o in fitting[1:] if shape(o) != shape(fitting[0])), fitting[1])
         lines += [row("runner-up", runner), f"  why: {_why(fitting[0], runner)}"]
+    if host_gib is None:
+        lines.append("  host RAM not checked (add --host-gib, e.g. 29 for Kaggle's 2x T4)")
+    else:
+        lines.append(f"  host RAM: {fitting[0].host_gib * ngpu:.1f} of {host_gib:.0f} GiB for all ranks")
     return "\n".join(lines)
 
 
-def no_fit_message(options: list[Option], ngpu: int, card: str, gpu_gib: float) -> str:
+def no_fit_message(options: list[Option], ngpu: int, card: str, gpu_gib: float, host_gib: float | None = None) -> str:
+    on_gpu = [o for o in options if o.gpu_fits]
+    if on_gpu and host_gib is not None:
+        low = min(on_gpu, key=lambda o: o.host_gib)
+        return (
+            f"no layout fits {ngpu}x {card} with {host_gib:g} GiB of host RAM: the smallest host need, "
+            f"{low.layout.describe()}, is {low.host_gib * ngpu:.1f} GiB for all ranks; use more GPUs or more host RAM"
+        )
     low = min(options, key=lambda o: o.peak_gib)
     return (
         f"no layout fits {ngpu}x {card} ({gpu_gib:.1f} GiB): the smallest, {low.layout.describe()}, needs "
@@ -321,8 +332,8 @@ def best(cfg: JobConfig, ngpu: int, card: str, gpu_gib: float | None = None, hos
     gib = CARDS[card][1] if gpu_gib is None else gpu_gib
     options = plan(cfg, ngpu, card, gib, host_gib)
     if not options[0].fits:
-        raise ConfigError(no_fit_message(options, ngpu, card, gib))
-    return options, format_plan(options, ngpu, card, gib)
+        raise ConfigError(no_fit_message(options, ngpu, card, gib, host_gib))
+    return options, format_plan(options, ngpu, card, gib, host_gib)
 
 
 # ---------------------------------------------------------------------------
