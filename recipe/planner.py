@@ -21,7 +21,7 @@ the kernels skip the masked half) plus a host overhead ``L x C`` per micro-batch
 each block's kernels, not hidden behind a fast GPU), plus the exposed transfers: all-gathers of the
 4-bit base (two per micro-batch with resharding, one without, none at shard degree 1), the LoRA
 gradients' reduce-scatter / all-reduce once per step, activation offload's copies, and CPU offload's
-parameter copies and host AdamW. Constants and their rows are in ``SPEED_FIT``; what is assumed,
+parameter copies and host AdamW. Constants and their rows are in ``recipe.estimate.SPEED_FIT``; what is assumed,
 not measured, is said there.
 """
 
@@ -33,46 +33,25 @@ import sys
 from dataclasses import dataclass
 
 from recipe.config import ConfigError, JobConfig
-from recipe.metrics import PEAK_FLOPS, ac_fraction, model_flops_per_token
+from recipe.estimate import SPEED_FIT, step_time
 
-__all__ = ["Layout", "Option", "MARGIN", "RESERVE_GIB", "plan", "format_plan", "apply", "plan_for_run", "step_time"]
+__all__ = [
+    "Layout",
+    "Option",
+    "MARGIN",
+    "RESERVE_GIB",
+    "plan",
+    "format_plan",
+    "apply",
+    "plan_for_run",
+    "step_time",
+    "SPEED_FIT",
+]
 
 _GIB = 2**30
 MARGIN = 0.10
 RESERVE_GIB = 1.0
 TIE = 0.03
-
-# Per card: GPU-time efficiency factor against the H100/H200 fit (the clock a card sustains under load),
-# all-gather cost in seconds per GiB received by a rank (exposed: not hidden behind compute), host link in
-# GB/s (pinned copies: activation / CPU offload), and whether the host overhead hides behind the GPU.
-#  - h100 / h200 / a100: 0.023 s/GiB fitted to the 2- and 4-GPU H200 rows (0.020 and 0.026 each; NVLink,
-#    the gathers share the SMs with compute); host link 25 GB/s.
-#  - l4 / t4: PCIe without NVLink; Kaggle's T4s have no peer-to-peer, so every byte goes GPU -> host -> GPU
-#    (PCIe 3.0 x16, about 12 GB/s each way, both directions on one host): 5 GiB/s effective, not hidden
-#    (assumed, not measured). A T4 sustains about 0.75 of its boost clock under its 70 W cap (assumed,
-#    from the card's 585-1590 MHz range under tensor load; not measured here).
-_LINK = {
-    "h200": (1.0, 0.023, 25.0, False),
-    "h100": (1.0, 0.023, 25.0, False),
-    "a100": (1.0, 0.023, 25.0, False),
-    "l4": (0.9, 0.10, 20.0, True),
-    "t4": (0.75, 0.20, 10.0, True),
-}
-
-# Fitted to the 1-GPU rows of recipe.estimate.CALIBRATION (``python -m recipe.estimate --calibration``
-# prints predicted against measured): eager: the efficiencies E (dense matmul work) and E_attn (causal
-# attention) and the host seconds per block per micro-batch C solve the three H100 rows at 4,096 / 32,768 /
-# 65,536 tokens per micro-batch (6,329 / 4,867 / 3,611 tokens/s) exactly. compile: C taken as 0 (a
-# compiled block launches few kernels), E from the compiled rows (9,099 H200 / 9,664 H100).
-# Activation offload: seconds per GiB copied (both ways) from the lean rows (eager 6,764 vs
-# 6,909; compiled 8,054 / 7,623 vs 9,099 / 9,664), on a 25 GB/s host link.
-SPEED_FIT = {
-    "eager": {"E": 0.373, "E_attn": 0.475, "C": 0.00355, "offload_s_per_gib": 0.0064},
-    "compile": {"E": 0.46, "E_attn": 0.475, "C": 0.0, "offload_s_per_gib": 0.043},
-}
-# CPU offload (not measured on a GPU): the rank's parameter shards are copied to the GPU for every
-# all-gather, and AdamW runs on the host at about 1 G parameters/s (assumed).
-_HOST_ADAM_PARAMS_PER_S = 1e9
 
 
 @dataclass(frozen=True)
@@ -127,43 +106,6 @@ def _job_for(base, lay: Layout, accum: int):
         accum=accum,
         vocab_parallel=base.vocab_parallel and lay.shard > 1,
     )
-
-
-def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
-    """(seconds per optimizer step, seconds by cause, GB moved between GPUs per rank per step)."""
-    from recipe.estimate import CARDS, _block_base_bytes, _lora_params
-
-    s = j.shape
-    L, h = s.num_hidden_layers, s.hidden_size
-    T = j.mb * j.seq
-    clock, gather_s, host_gbps, hides = _LINK[card]
-    peak = dict(PEAK_FLOPS)[CARDS[card][0]]
-    fit = SPEED_FIT["compile" if j.compile else "eager"]
-    f = model_flops_per_token(s, j.seq, j.rank, j.targets, j.ac_mode, j.ac_every)
-    attn = 4 * L * j.seq * s.num_attention_heads * s.head_dim * (3 + ac_fraction(L, j.ac_mode, j.ac_every))
-    dense = f - attn
-    parts = {"compute": j.accum * T * (dense / fit["E"] + 0.5 * attn / fit["E_attn"]) / (peak * clock)}
-    # Python launching each block's kernels; on a slow card (t4, l4) they queue ahead of the GPU instead.
-    parts["host"] = 0.0 if hides else j.accum * L * fit["C"]
-    n, v = j.n, s.vocab_size
-    base = L * _block_base_bytes(j, 1)
-    emb = 0 if (s.tie_word_embeddings or j.host_embedding or j.vocab_parallel) else v * h * j.p
-    head = v * h * j.p
-    gathered_per_mb = ((2 if j.reshard else 1) * base + emb + head) * (n - 1) / n if n > 1 else 0.0
-    lora = 4 * _lora_params(j, per_rank=False)
-    grads = lora * (n - 1) / n + (2 * lora / n * (j.replicate - 1) / j.replicate if j.replicate > 1 else 0)
-    traffic = j.accum * gathered_per_mb * (2 if n > 1 else 0) / 2 + grads  # received + sent, per rank
-    parts["all-gather"] = j.accum * gathered_per_mb / _GIB * gather_s
-    parts["gradients"] = grads / _GIB * gather_s
-    if j.act_offload:
-        from recipe.estimate import _checkpointed_blocks
-
-        moved = 2 * _checkpointed_blocks(j) * T * h * j.p
-        parts["act. offload"] = j.accum * moved / _GIB * fit["offload_s_per_gib"] * 25.0 / host_gbps
-    if j.offload:
-        shard = (L * _block_base_bytes(j, n) + 2 * v * h * j.p / n) * (2 if j.reshard else 1)
-        parts["cpu offload"] = j.accum * shard / (host_gbps * 1e9) + _lora_params(j, True) / _HOST_ADAM_PARAMS_PER_S
-    return sum(parts.values()), parts, traffic / 1e9
 
 
 def _divisors(x: int) -> list[int]:

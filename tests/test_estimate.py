@@ -14,6 +14,7 @@ import torch
 
 from recipe import estimate as E
 from recipe.config import ConfigError, load_config
+from recipe.estimate import __main__ as CLI
 
 REPO = Path(__file__).resolve().parents[1]
 CFG_8B = str(REPO / "train_configs/llama3_8b_qlora.toml")
@@ -106,7 +107,7 @@ def test_cli_prints_phases_speed_and_fit():
 
 
 def test_help_lists_the_estimators_own_options(capsys):
-    assert E.main(["--help"]) == 0
+    assert CLI.main(["--help"]) == 0
     out = capsys.readouterr().out
     for opt in ("--ngpu", "--card", "--fit-gpu-gib", "--plan", "--host-gib", "--calibration"):
         assert opt in out
@@ -147,14 +148,14 @@ def test_hub_id_not_cached_offline_says_what_to_do(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     E._hub_config.cache_clear()
     args = ["--job.config_file", CFG_8B, "--model.synthetic_shape=", "--model.checkpoint=someone/not-cached"]
-    assert E.main(args) == 2
+    assert CLI.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "someone/not-cached" in err
     assert "hf download someone/not-cached config.json" in err and "--model.synthetic_shape" in err
     # a repo the configs name has a known shape: the T4 job's command works offline
     E._hub_config.cache_clear()
     t4 = ["--job.config_file", str(REPO / "train_configs/llama3_8b_qlora_t4.toml"), "--ngpu", "2", "--card", "t4"]
-    assert E.main(t4) == 0
+    assert CLI.main(t4) == 0
     assert "tokens/s per GPU on t4" in capsys.readouterr().out
 
 
@@ -167,7 +168,7 @@ def test_hub_unreachable_is_the_same_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(E, "_reachable", lambda: False)
     E._hub_config.cache_clear()
     args = ["--job.config_file", CFG_8B, "--model.synthetic_shape=", "--model.checkpoint=someone/not-cached"]
-    assert E.main(args) == 2
+    assert CLI.main(args) == 2
     assert "cannot be reached" in capsys.readouterr().err
 
 
@@ -182,7 +183,7 @@ def test_hub_unreachable_is_the_same_message(tmp_path, monkeypatch, capsys):
     ],
 )
 def test_cli_bad_input_exits_2_naming_the_fix(extra, needle, capsys):
-    assert E.main(["--job.config_file", CFG_8B, "--model.checkpoint=/nonexistent/estimate", *extra]) == 2
+    assert CLI.main(["--job.config_file", CFG_8B, "--model.checkpoint=/nonexistent/estimate", *extra]) == 2
     assert needle in capsys.readouterr().err
 
 

@@ -11,6 +11,7 @@ import pytest
 from recipe import estimate as E
 from recipe import planner as P
 from recipe.config import load_config
+from recipe.estimate import __main__ as CLI
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def test_cli_prints_plan_runner_up_and_why():
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = E.main(
+        code = CLI.main(
             ["--job.config_file", str(REPO / "train_configs/llama3_8b_qlora_t4.toml"), *T4[1:]]
             + ["--model.checkpoint=/nonexistent/p", "--ngpu", "2", "--card", "t4", "--plan", "--host-gib", "29"]
         )
@@ -91,13 +92,13 @@ def test_cli_prints_plan_runner_up_and_why():
 
 def test_impossible_request_exits_2_with_one_line(capsys):
     args = ["--job.config_file", str(REPO / "train_configs/llama3_70b_qlora_2gpu.toml"), "--ngpu", "1"]
-    assert E.main(args + ["--card", "t4", "--plan", "--host-gib", "29"]) == 2
+    assert CLI.main(args + ["--card", "t4", "--plan", "--host-gib", "29"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no layout fits 1x t4 with 29 GiB of host RAM" in err
-    assert E.main(args + ["--card", "t4", "--plan", "--data.seq_len=65536"]) == 2  # GPU memory alone
+    assert CLI.main(args + ["--card", "t4", "--plan", "--data.seq_len=65536"]) == 2  # GPU memory alone
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no layout fits 1x t4 (15.0 GiB)" in err
-    assert E.main(args + ["--plan"]) == 2 and "--plan needs the GPU" in capsys.readouterr().err
+    assert CLI.main(args + ["--plan"]) == 2 and "--plan needs the GPU" in capsys.readouterr().err
 
 
 def test_plan_auto_changes_the_runs_config(monkeypatch):

@@ -39,7 +39,6 @@ import io
 import json
 import math
 import socket
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,10 +47,10 @@ import torch
 from models.dtypes import DTYPES
 from models.shapes import LlamaShape, get_shape, shape_from_hf_config
 from recipe.config import ConfigError, JobConfig, load_config
-from recipe.metrics import model_flops_per_token
+from recipe.metrics import PEAK_FLOPS, ac_fraction, model_flops_per_token
 from recipe.profiling import PHASES
 
-__all__ = ["CARDS", "CALIBRATION", "Estimate", "estimate", "fit", "checkpoint_tensors", "main"]
+__all__ = ["CARDS", "CALIBRATION", "Estimate", "estimate", "fit", "checkpoint_tensors", "calibration_table"]
 
 _GIB = 2**30
 
@@ -560,6 +559,75 @@ def host_gib(j: _Job, device: str) -> float:
 
 
 # ---------------------------------------------------------------------------
+# Speed (the step-time model: see recipe/planner.py's docstring)
+
+# Per card: GPU-time efficiency factor against the H100/H200 fit (the clock a card sustains under load),
+# all-gather cost in seconds per GiB received by a rank (exposed: not hidden behind compute), host link in
+# GB/s (pinned copies: activation / CPU offload), and whether the host overhead hides behind the GPU.
+#  - h100 / h200 / a100: 0.023 s/GiB fitted to the 2- and 4-GPU H200 rows (0.020 and 0.026 each; NVLink,
+#    the gathers share the SMs with compute); host link 25 GB/s.
+#  - l4 / t4: PCIe without NVLink; Kaggle's T4s have no peer-to-peer, so every byte goes GPU -> host -> GPU
+#    (PCIe 3.0 x16, about 12 GB/s each way, both directions on one host): 5 GiB/s effective, not hidden
+#    (assumed, not measured). A T4 sustains about 0.75 of its boost clock under its 70 W cap (assumed,
+#    from the card's 585-1590 MHz range under tensor load; not measured here).
+_LINK = {
+    "h200": (1.0, 0.023, 25.0, False),
+    "h100": (1.0, 0.023, 25.0, False),
+    "a100": (1.0, 0.023, 25.0, False),
+    "l4": (0.9, 0.10, 20.0, True),
+    "t4": (0.75, 0.20, 10.0, True),
+}
+
+# Fitted to the 1-GPU rows of recipe.estimate.CALIBRATION (``python -m recipe.estimate --calibration``
+# prints predicted against measured): eager: the efficiencies E (dense matmul work) and E_attn (causal
+# attention) and the host seconds per block per micro-batch C solve the three H100 rows at 4,096 / 32,768 /
+# 65,536 tokens per micro-batch (6,329 / 4,867 / 3,611 tokens/s) exactly. compile: C taken as 0 (a
+# compiled block launches few kernels), E from the compiled rows (9,099 H200 / 9,664 H100).
+# Activation offload: seconds per GiB copied (both ways) from the lean rows (eager 6,764 vs
+# 6,909; compiled 8,054 / 7,623 vs 9,099 / 9,664), on a 25 GB/s host link.
+SPEED_FIT = {
+    "eager": {"E": 0.373, "E_attn": 0.475, "C": 0.00355, "offload_s_per_gib": 0.0064},
+    "compile": {"E": 0.46, "E_attn": 0.475, "C": 0.0, "offload_s_per_gib": 0.043},
+}
+# CPU offload (not measured on a GPU): the rank's parameter shards are copied to the GPU for every
+# all-gather, and AdamW runs on the host at about 1 G parameters/s (assumed).
+_HOST_ADAM_PARAMS_PER_S = 1e9
+
+
+def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
+    """(seconds per optimizer step, seconds by cause, GB moved between GPUs per rank per step)."""
+    s = j.shape
+    L, h = s.num_hidden_layers, s.hidden_size
+    T = j.mb * j.seq
+    clock, gather_s, host_gbps, hides = _LINK[card]
+    peak = dict(PEAK_FLOPS)[CARDS[card][0]]
+    fit = SPEED_FIT["compile" if j.compile else "eager"]
+    f = model_flops_per_token(s, j.seq, j.rank, j.targets, j.ac_mode, j.ac_every)
+    attn = 4 * L * j.seq * s.num_attention_heads * s.head_dim * (3 + ac_fraction(L, j.ac_mode, j.ac_every))
+    dense = f - attn
+    parts = {"compute": j.accum * T * (dense / fit["E"] + 0.5 * attn / fit["E_attn"]) / (peak * clock)}
+    # Python launching each block's kernels; on a slow card (t4, l4) they queue ahead of the GPU instead.
+    parts["host"] = 0.0 if hides else j.accum * L * fit["C"]
+    n, v = j.n, s.vocab_size
+    base = L * _block_base_bytes(j, 1)
+    emb = 0 if (s.tie_word_embeddings or j.host_embedding or j.vocab_parallel) else v * h * j.p
+    head = v * h * j.p
+    gathered_per_mb = ((2 if j.reshard else 1) * base + emb + head) * (n - 1) / n if n > 1 else 0.0
+    lora = 4 * _lora_params(j, per_rank=False)
+    grads = lora * (n - 1) / n + (2 * lora / n * (j.replicate - 1) / j.replicate if j.replicate > 1 else 0)
+    traffic = j.accum * gathered_per_mb * (2 if n > 1 else 0) / 2 + grads  # received + sent, per rank
+    parts["all-gather"] = j.accum * gathered_per_mb / _GIB * gather_s
+    parts["gradients"] = grads / _GIB * gather_s
+    if j.act_offload:
+        moved = 2 * _checkpointed_blocks(j) * T * h * j.p
+        parts["act. offload"] = j.accum * moved / _GIB * fit["offload_s_per_gib"] * 25.0 / host_gbps
+    if j.offload:
+        shard = (L * _block_base_bytes(j, n) + 2 * v * h * j.p / n) * (2 if j.reshard else 1)
+        parts["cpu offload"] = j.accum * shard / (host_gbps * 1e9) + _lora_params(j, True) / _HOST_ADAM_PARAMS_PER_S
+    return sum(parts.values()), parts, traffic / 1e9
+
+
+# ---------------------------------------------------------------------------
 # Checkpoint size
 
 
@@ -627,8 +695,6 @@ def estimate(cfg: JobConfig, ngpu: int, card: str | None = None, device: str = "
     )
     tps, card_gib, notes = None, None, []
     if card is not None:
-        from recipe.planner import step_time
-
         card_gib = CARDS[card][1]
         step, _, _ = step_time(j, card, ngpu)
         tps = j.accum * j.mb * j.seq / step
@@ -721,49 +787,9 @@ def warn_if_too_big(cfg: JobConfig, ngpu: int, device_gib: float) -> str | None:
     )
 
 
-def _pop(argv: list[str], name: str) -> str | None:
-    """Remove ``--name=V`` / ``--name V`` from argv; return V (the last occurrence)."""
-    value = None
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == name:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{name} needs a value")
-            value = argv.pop(i + 1)
-            argv.pop(i)
-        elif a.startswith(name + "="):
-            value = argv.pop(i).split("=", 1)[1]
-        else:
-            i += 1
-    return value
-
-
-USAGE = """usage: python -m recipe.estimate --job.config_file FILE [--section.key=value ...] [options]
-
-Predicts, from the config alone (no weights, no GPU), one rank's GPU memory per phase, host memory,
-the training checkpoint's size and tokens/s per GPU.
-
-options:
-  --ngpu N            ranks (GPUs) of the job (default 1)
-  --card NAME         the GPU: h200, h100, a100, l4, t4 (adds tokens/s and the fit against its memory)
-  --fit-gpu-gib G     also print the largest micro-batch and the largest seq_len under G GiB per GPU
-  --plan              choose the layout for --ngpu x --card (recipe.planner): the fastest that fits,
-                      with the runner-up and why; exit 2 when none fits (needs --card)
-  --gpu-gib G         with --plan: the GPU memory to plan for instead of the card's (e.g. a capped GPU)
-  --host-gib G        with --plan: host RAM of the machine (all ranks together), e.g. 29 on Kaggle
-  --calibration       predicted against every measured row (BENCHMARKS.md's estimator table)
-  -h, --help          this help; the job keys (--section.key) are those of `python -m recipe.train --help`
-
-The model's shape comes from model.checkpoint's config.json: a directory, or a hub repo id (the hub
-cache, else config.json alone is fetched when online), else model.synthetic_shape."""
-
-
 def calibration_table() -> str:
     """Markdown rows: every measured run of CALIBRATION against the estimate (memory and tokens/s)."""
-    from recipe.planner import step_time
-
-    root = Path(__file__).resolve().parents[1] / "train_configs"
+    root = Path(__file__).resolve().parents[2] / "train_configs"
     out = [
         "| run | card | N | fitted | train peak GiB: est. / measured | load GiB | tokens/s/GPU: est. / measured |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -787,55 +813,3 @@ def calibration_table() -> str:
         fitted = "memory" if r.fitted else "no"
         out.append(f"| {r.what} | {r.card} | {r.ngpu} | {fitted} | {pair(peak, r.train, '.2f')} | {load} | {speed} |")
     return "\n".join(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(USAGE)
-        return 0
-    try:
-        want_plan = "--plan" in argv
-        want_cal = "--calibration" in argv
-        argv = [a for a in argv if a not in ("--plan", "--calibration")]
-        ngpu_s, gib_s, card = _pop(argv, "--ngpu"), _pop(argv, "--fit-gpu-gib"), _pop(argv, "--card")
-        gpu_s, host_s = _pop(argv, "--gpu-gib"), _pop(argv, "--host-gib")
-        if want_cal:
-            print(calibration_table())
-            return 0
-        try:
-            ngpu = int(ngpu_s) if ngpu_s is not None else 1
-            gib = float(gib_s) if gib_s is not None else None
-            gpu_gib = float(gpu_s) if gpu_s is not None else None
-            host = float(host_s) if host_s is not None else None
-        except ValueError:
-            raise ConfigError(
-                f"--ngpu takes an integer and --fit-gpu-gib, --gpu-gib, --host-gib a number, got {ngpu_s!r} / "
-                f"{gib_s!r} / {gpu_s!r} / {host_s!r}"
-            ) from None
-        if card is not None:
-            card = card.lower()
-        if want_plan and card is None:
-            raise ConfigError("--plan needs the GPU: add --card (h200, h100, a100, l4, t4)")
-        cfg = load_config(argv)
-        e = estimate(cfg, ngpu, card)
-        print(format_estimate(e))
-        if gib is not None:
-            f = fit(cfg, ngpu, gib)
-            print(
-                f"fits under {gib:g} GiB: micro_batch_size <= {f['micro_batch_size']} at seq_len {cfg.data.seq_len}; "
-                f"seq_len <= {f['seq_len']:,} at micro_batch_size {cfg.training.micro_batch_size}"
-            )
-        if want_plan:
-            from recipe.planner import best
-
-            _, report = best(cfg, ngpu, card, gpu_gib, host)
-            print(report)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
