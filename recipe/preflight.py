@@ -9,7 +9,9 @@ Checks, in order (each a ``Check``: ok, warn, FAIL or skipped, with the reason):
 * estimate: ``recipe.estimate`` for this config on ``card`` x ``ngpu``: fits or not, and the time for
   the run's steps at the estimated tokens/s;
 * host RAM: available memory against the estimate's host memory per rank x ranks;
-* disk: free space where the model download and the checkpoints go against their sizes.
+* disk: free space where the model download and the checkpoints go against their sizes;
+* layout: ``recipe.planner``'s choice for ``ngpu`` x ``card`` (the fastest layout that fits, with the
+  runner-up and why in the report) next to the config's own.
 
 A FAIL stops the notebook (``raise SystemExit``: one message, no traceback); warn does not. Without a
 GPU the GPU check is skipped (CPU ranks, as in tests/test_notebook.py) unless this is a Kaggle session
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from recipe.versions import torch_message
 
-__all__ = ["Check", "check_disk", "check_gpus", "check_host_ram", "check_hub", "preflight"]
+__all__ = ["Check", "check_disk", "check_gpus", "check_host_ram", "check_hub", "check_layout", "preflight"]
 
 _GIB = 2**30
 T4_CAPABILITY = (7, 5)
@@ -88,13 +90,18 @@ def check_hub(
     return Check("hub", "ok", f"{model}: reachable, {size / 1e9:.2f} GB to download"), str(Path(config).parent), size
 
 
-def check_host_ram(need_gib: float, ngpu: int, per_rank: float, meminfo: str | None = None) -> Check:
+def available_ram_gib(meminfo: str | None = None) -> float | None:
+    """MemAvailable of /proc/meminfo in GiB; None where there is none (not Linux)."""
     if meminfo is None:
         meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
     kib = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in meminfo.splitlines() if ":" in ln)}
-    if "MemAvailable" not in kib:
+    return kib["MemAvailable"] / 2**20 if "MemAvailable" in kib else None
+
+
+def check_host_ram(need_gib: float, ngpu: int, per_rank: float, meminfo: str | None = None) -> Check:
+    have = available_ram_gib(meminfo)
+    if have is None:
         return Check("host RAM", "skipped", "/proc/meminfo has no MemAvailable (not Linux)")
-    have = kib["MemAvailable"] / 2**20
     status = "ok" if have >= need_gib else "FAIL"
     fix = "" if status == "ok" else "; lower data.seq_len or NGPU, or turn parallelism.cpu_offload off"
     return Check(
@@ -198,4 +205,33 @@ def preflight(
     )
     keep = max(cfg.checkpoint.keep_latest_k, 1) + 1 if cfg.checkpoint.enable else 0  # +1: the one being written
     checks.append(check_disk({cache: download, work: checkpointed_runs * keep * e.checkpoint_data_bytes + _GIB}))
-    return checks, format_estimate(e)
+    layout, plan_report = check_layout(cfg, ngpu, card, available_ram_gib())
+    checks.append(layout)
+    return checks, format_estimate(e) + ("\n" + plan_report if plan_report else "")
+
+
+def configured_layout(cfg, ngpu: int) -> str:
+    """The config's layout in the planner's words (recipe.planner.Layout.describe)."""
+    p, ac = cfg.parallelism, cfg.activation_checkpoint
+    parts = [f"shard {ngpu}", f"micro-batch {cfg.training.micro_batch_size}", f"AC {ac.mode}"]
+    parts += (["reshard" if p.reshard_after_forward else "no reshard"] if ngpu > 1 else []) + (
+        ["cpu offload"] if p.cpu_offload else []
+    )
+    return ", ".join(parts)
+
+
+def check_layout(cfg, ngpu: int, card: str, host_gib: float | None) -> tuple[Check, str]:
+    """recipe.planner's choice for ``ngpu`` x ``card`` next to the config's layout, and its report."""
+    from recipe.planner import best
+
+    try:
+        options, report = best(cfg, ngpu, card, None, host_gib)
+    except Exception as err:  # no layout fits, or the planner cannot run: the runs below still use the config
+        return Check("layout", "warn", f"recipe.planner: {str(err).splitlines()[0][:300]}"), ""
+    chosen = options[0].layout.describe()
+    mine = configured_layout(cfg, ngpu)
+    same = chosen == mine
+    detail = f"planned {chosen}; this config: {mine}" + (
+        "" if same else " (the runs below use the config's; OVERRIDES=['--parallelism.plan=auto'] takes the plan)"
+    )
+    return Check("layout", "ok", detail), report

@@ -112,6 +112,7 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path):
     assert re.search(r"^estimate +ok +2 x T4: training peak \S+ GiB per GPU of 15.0: fits; 3 steps x", out, re.M)
     assert re.search(r"^host RAM +ok +\S+ GiB available, the estimate needs 2 x", out, re.M)
     assert re.search(r"^disk +ok ", out, re.M) and "recipe.estimate for this config on 2 x T4" in out
+    assert re.search(r"^layout +ok +planned .+; this config: shard 2, micro-batch 2, AC full, reshard", out, re.M)
 
     runs = tmp_path / "runs"
     one = [json.loads(line)["loss"] for line in (runs / "one_gpu/metrics/metrics.jsonl").read_text().splitlines()]

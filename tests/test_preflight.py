@@ -60,7 +60,7 @@ def test_preflight_on_this_machine_prints_the_estimators_numbers(tmp_path):
     config = str(ROOT / "train_configs" / "llama3_8b_qlora_t4.toml")
     checks, report = preflight(config, str(tmp_path / "ckpt"), "llama3_1_8b", 2, [], str(tmp_path))
     by = {c.name: c for c in checks}
-    assert list(by) == ["torch", "GPUs", "hub", "estimate", "host RAM", "disk"]
+    assert list(by) == ["torch", "GPUs", "hub", "estimate", "host RAM", "disk", "layout"]
     assert by["hub"].status == "skipped" and by["torch"].status == "ok"
     cfg = load_config(["--job.config_file", config, "--model.synthetic_shape=llama3_1_8b"])
     e = estimate(cfg, 2, "t4", device="cuda" if torch.cuda.is_available() else "cpu")
@@ -72,3 +72,6 @@ def test_preflight_on_this_machine_prints_the_estimators_numbers(tmp_path):
     assert int(m.group(3).replace(",", "")) == round(2 * e.tokens_per_s)
     assert f"2 x {e.host:.2f}" in by["host RAM"].detail
     assert report.startswith("estimate for 2 rank(s)")
+    # The layout line names recipe.planner's choice, the one its report calls chosen.
+    (chosen,) = re.findall(r"^  chosen: (.+)$", report, re.M)
+    assert by["layout"].detail.startswith(f"planned {chosen}; this config: shard 2, micro-batch 2, AC full, reshard")
