@@ -58,11 +58,20 @@ def runs(ckpt, tmp_path_factory, single_thread):
     ]
     dump = tmp_path_factory.mktemp("oracle_runs")
     out = {}
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    graphs = []
+
+    def backend(gm, example_inputs):  # aot_eager, counting the graphs dynamo hands it
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
     with pytest.MonkeyPatch.context() as mp:
         compile_ = torch.nn.Module.compile
-        mp.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, **{**kw, "backend": "aot_eager"}))
+        mp.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, **{**kw, "backend": backend}))
         for v in [REFERENCE, *VARIANTS]:
+            graphs.clear()
             out[v.name] = run_variant(Trainer, argv, v, STEPS, dump)
+            out[v.name].graphs = len(graphs)
 
     def perturb(model):
         with torch.no_grad():
@@ -90,6 +99,8 @@ def test_fast_paths_pass_against_the_fp32_reference(runs):
         assert len(r.losses) == STEPS and all(math.isfinite(x) for x in r.losses), r.losses
         assert r.max_loss_diff < 1e-2, (r.name, r.loss_diffs)
     assert bf16.verdict == "baseline" and by["bf16_compiled"].verdict == "pass"
+    # The compiled variant did run compiled blocks, the others none.
+    assert runs["bf16_compiled"].graphs > 0 and runs["bf16_eager"].graphs == runs["fp32_eager"].graphs == 0
     # The reference trains: its losses are not one repeated number.
     assert len(set(ref.losses)) == STEPS, ref.losses
 
