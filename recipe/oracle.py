@@ -62,11 +62,13 @@ __all__ = [
     "Run",
     "Comparison",
     "available",
+    "set_lora_b_",
     "run_variant",
     "compare",
     "judge",
     "run_oracle",
     "format_table",
+    "write_json",
 ]
 
 LORA_B_INIT = 0.02
