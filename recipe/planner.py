@@ -207,9 +207,14 @@ def _why(a: Option, b: Option) -> str:
     diff = {k: b.parts.get(k, 0.0) - a.parts.get(k, 0.0) for k in set(a.parts) | set(b.parts)}
     k = max(diff, key=lambda x: abs(diff[x]))
     gain = a.tokens_per_s / b.tokens_per_s - 1
+    tie = ""
+    if gain < TIE:
+        tie = (
+            f" (closer than {TIE:.0%} counts as a tie, won by less GPU-to-GPU traffic: {a.traffic_gb:.2f} against "
+            f"{b.traffic_gb:.2f} GB, then fewer switches, then the smaller peak)"
+        )
     return (
-        f"{gain:+.1%} predicted tokens/s for the chosen (closer than {TIE:.0%} counts as a tie, won by less "
-        f"GPU-to-GPU traffic: {a.traffic_gb:.2f} against {b.traffic_gb:.2f} GB); the largest difference is {k} "
+        f"{gain:+.1%} predicted tokens/s for the chosen{tie}; the largest difference is {k} "
         f"({a.parts.get(k, 0.0):.2f} s against {b.parts.get(k, 0.0):.2f} s per step)"
     )
 
