@@ -13,7 +13,7 @@ OUT=${1:-/tmp/planner_grid}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 CK8=${CK8:-/tmp/ck_llama3_1_8b_nf4}
-CAP=${CAP:-24}
+CAP=${CAP-24}
 STEPS=${STEPS:-8}
 TMO=${TMO:-200}
 RANKS=${RANKS:-${ONE_GPU_RANKS:-.whl/tools/one_gpu_ranks.py}}
