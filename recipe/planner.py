@@ -301,7 +301,7 @@ def plan_for_run(cfg: JobConfig, devices=None) -> JobConfig:
     if cfg.parallelism.plan != "auto":
         return cfg
     ngpu = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = _detect() if devices is None else devices
+    dev = None if cfg.training.device == "cpu" else (_detect() if devices is None else devices)
     rank0 = os.environ.get("RANK", "0") == "0"
     if dev is None:
         if rank0:
