@@ -105,6 +105,7 @@ def _job_for(base, lay: Layout, accum: int):
         mb=lay.micro_batch,
         accum=accum,
         vocab_parallel=base.vocab_parallel and lay.shard > 1,
+        frozen_local=lay.shard == 1 and not lay.cpu_offload,
     )
 
 
