@@ -301,6 +301,11 @@ def plan_for_run(cfg: JobConfig, devices=None) -> JobConfig:
     (every rank computes the same plan; rank 0 prints it). Called by recipe.train before loading."""
     if cfg.parallelism.plan != "auto":
         return cfg
+    if cfg.parallelism.pipeline_parallel_degree > 1:
+        raise ConfigError(
+            "parallelism.plan=auto plans data-parallel layouts, not pipelines: set --parallelism.plan=off with "
+            "parallelism.pipeline_parallel_degree > 1"
+        )
     ngpu = int(os.environ.get("WORLD_SIZE", "1"))
     dev = None if cfg.training.device == "cpu" else (_detect() if devices is None else devices)
     rank0 = os.environ.get("RANK", "0") == "0"
