@@ -105,6 +105,7 @@ def _job_for(base, lay: Layout, accum: int):
         mb=lay.micro_batch,
         accum=accum,
         vocab_parallel=base.vocab_parallel and lay.shard > 1,
+        frozen_local=lay.shard == 1 and not lay.cpu_offload,
     )
 
 
@@ -207,9 +208,14 @@ def _why(a: Option, b: Option) -> str:
     diff = {k: b.parts.get(k, 0.0) - a.parts.get(k, 0.0) for k in set(a.parts) | set(b.parts)}
     k = max(diff, key=lambda x: abs(diff[x]))
     gain = a.tokens_per_s / b.tokens_per_s - 1
+    tie = ""
+    if gain < TIE:
+        tie = (
+            f" (closer than {TIE:.0%} counts as a tie, won by less GPU-to-GPU traffic: {a.traffic_gb:.2f} against "
+            f"{b.traffic_gb:.2f} GB, then fewer switches, then the smaller peak)"
+        )
     return (
-        f"{gain:+.1%} predicted tokens/s for the chosen (closer than {TIE:.0%} counts as a tie, won by less "
-        f"GPU-to-GPU traffic: {a.traffic_gb:.2f} against {b.traffic_gb:.2f} GB); the largest difference is {k} "
+        f"{gain:+.1%} predicted tokens/s for the chosen{tie}; the largest difference is {k} "
         f"({a.parts.get(k, 0.0):.2f} s against {b.parts.get(k, 0.0):.2f} s per step)"
     )
 
@@ -295,8 +301,13 @@ def plan_for_run(cfg: JobConfig, devices=None) -> JobConfig:
     (every rank computes the same plan; rank 0 prints it). Called by recipe.train before loading."""
     if cfg.parallelism.plan != "auto":
         return cfg
+    if cfg.parallelism.pipeline_parallel_degree > 1:
+        raise ConfigError(
+            "parallelism.plan=auto plans data-parallel layouts, not pipelines: set --parallelism.plan=off with "
+            "parallelism.pipeline_parallel_degree > 1"
+        )
     ngpu = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = _detect() if devices is None else devices
+    dev = None if cfg.training.device == "cpu" else (_detect() if devices is None else devices)
     rank0 = os.environ.get("RANK", "0") == "0"
     if dev is None:
         if rank0:

@@ -31,7 +31,7 @@ def test_within_10_percent_of_measured_gpu_peaks(row):
     # The oracle: peaks measured on H100 / H200 (shared/REFERENCE.md sections 0 and 0b, BENCHMARKS.md),
     # fitted rows and the others alike (long context, compile, the T4 job's fp16 runs).
     cfg = _cfg(str(REPO / "train_configs" / row.config), *(f"--{k}={v}" for k, v in row.overrides.items()))
-    g = E.gpu_phases(E._job(cfg, row.ngpu))
+    g = E.gpu_phases(E.measured_job(row, cfg))
     train = max(g[p] for p in E.PHASES[2:])
     assert abs(train - row.train) <= 0.1 * row.train, (train, row.train)
     if row.load is not None:
@@ -45,7 +45,7 @@ def test_long_context_grows_as_measured():
     peaks = []
     for r in rows:
         cfg = _cfg(CFG_8B, *(f"--{k}={v}" for k, v in r.overrides.items()))
-        peaks.append(E._peak(cfg, 1))
+        peaks.append(max(E.gpu_phases(E.measured_job(r, cfg)).values()))
     assert abs((peaks[1] - peaks[0]) - (rows[1].train - rows[0].train)) < 0.1 * (rows[1].train - rows[0].train)
 
 

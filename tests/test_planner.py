@@ -147,3 +147,11 @@ def test_card_names():
     assert (
         P.card_of("NVIDIA H200") == "h200" and P.card_of("NVIDIA L4") == "l4" and P.card_of("GeForce RTX 4090") is None
     )
+
+
+def test_plan_auto_refuses_pipelines():
+    from recipe.config import ConfigError
+
+    cfg = _cfg("debug_model.toml", "--parallelism.plan=auto", "--parallelism.pipeline_parallel_degree=2")
+    with pytest.raises(ConfigError, match="not pipelines"):
+        P.plan_for_run(cfg, devices=("h100", 79.6))

@@ -34,6 +34,7 @@ fitted constant, scales the working sets to the H200 measurements of BENCHMARKS.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -85,6 +86,9 @@ class Measured:
     fitted: bool  # one of the rows the constants were fitted to
     source: str
     config: str = "llama3_8b_qlora.toml"
+    # Measured before frozen weights left FSDP on one shard rank (main cb917b8, 2026-12-07): every row so
+    # far. Such rows are compared with the layout they ran (``measured_job``).
+    frozen_in_fsdp: bool = True
 
 
 _1B = {
@@ -346,6 +350,7 @@ class _Job:
     mlp_chunk: int  # model.mlp_chunk_tokens (0: whole sequence)
     replicate: int = 1  # HSDP replicas (parameters whole within a replica of n ranks)
     compile: bool = False
+    frozen_local: bool = False  # frozen weights outside FSDP (one shard rank, no CPU offload)
 
 
 def _job(cfg: JobConfig, ngpu: int) -> _Job:
@@ -390,6 +395,7 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         mlp_chunk=cfg.model.mlp_chunk_tokens,
         replicate=rep,
         compile=cfg.training.compile,
+        frozen_local=n == 1 and not p.cpu_offload,
     )
 
 
@@ -496,11 +502,15 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     exact = 8 * _lora_params(j, per_rank=False) if j.reduce == 8 else 0  # unsharded fp64 accumulators
     # Between steps; in a step also the gradients of earlier micro-batches.
     resident = static + adam + exact + (grads if j.accum > 1 else 0)
-    head = v * h * j.p  # the root group stays gathered from forward to backward
+    # One shard rank without CPU offload: frozen weights stay out of FSDP (parallel.parallelize.
+    # frozen_params_left_local) and are used in place: no gathered copy of lm_head, the embedding or a
+    # block's 4-bit bytes.
+    local = j.frozen_local
+    head = 0 if local else v * h * j.p  # the root group stays gathered from forward to backward
     if j.offload:
         head += _cdiv(v, j.n) * h * j.p  # its shard, copied to the GPU for the all-gather
-    emb = 0 if (s.tie_word_embeddings or j.vocab_parallel or j.host_embedding) else v * h * j.p
-    block = _block_base_bytes(j, 1) + _lora_params(j, per_rank=False) // L * j.p
+    emb = 0 if (s.tie_word_embeddings or j.vocab_parallel or j.host_embedding or local) else v * h * j.p
+    block = (0 if local else _block_base_bytes(j, 1)) + _lora_params(j, per_rank=False) // L * j.p
     gathered = (L if not j.reshard else 2) * block
     n_ck = _checkpointed_blocks(j)
     ck_in = (2 if j.act_offload else n_ck) * T * h * j.p
@@ -787,6 +797,12 @@ def warn_if_too_big(cfg: JobConfig, ngpu: int, device_gib: float) -> str | None:
     )
 
 
+def measured_job(r: Measured, cfg: JobConfig) -> _Job:
+    """The estimator's job for a measured row, in the layout of the tree that measured it."""
+    j = _job(cfg, r.ngpu)
+    return dataclasses.replace(j, frozen_local=False) if r.frozen_in_fsdp else j
+
+
 def calibration_table() -> str:
     """Markdown rows: every measured run of CALIBRATION against the estimate (memory and tokens/s)."""
     root = Path(__file__).resolve().parents[2] / "train_configs"
@@ -797,7 +813,7 @@ def calibration_table() -> str:
     for r in CALIBRATION:
         args = ["--job.config_file", str(root / r.config), "--model.checkpoint=/nonexistent/estimate"]
         cfg = load_config(args + [f"--{k}={v}" for k, v in r.overrides.items()])
-        j = _job(cfg, r.ngpu)
+        j = measured_job(r, cfg)
         g = gpu_phases(j)
         peak = max(g[p] for p in PHASES[2:])
         step, _, _ = step_time(j, r.card, r.ngpu)
