@@ -14,6 +14,7 @@
 #   STAGES="r2_cmp_b report" bash benchmarks/t4_emulation.sh OUTDIR  # resumed: steps 6-10; max |loss diff| over 10
 #   STAGES="r1_60 report" bash benchmarks/t4_emulation.sh OUTDIR   # 60 fp16 steps on 1 rank (OOM? overflow skips?)
 #   STAGES="offload report" bash benchmarks/t4_emulation.sh OUTDIR # 2 ranks, OFFLOAD_STEPS steps, CPU offload
+#   STAGES="r2_plan report" bash benchmarks/t4_emulation.sh OUTDIR  # 2 ranks, the planner's T4 layout, CMP_STEPS steps
 #
 # r1_cmp / r2_cmp: 1 and 2 ranks, CMP_STEPS (10) steps at the config's seq 2048 for the per-step loss
 # comparison (within 2e-3); the 2-rank run is split at CMP_SPLIT (5): the first part is stopped by SIGTERM
@@ -21,7 +22,10 @@
 # path the Kaggle notebook also uses), the second part is the same command, which resumes from that
 # checkpoint (exact: tests/test_checkpoint.py) and appends steps 6-10 to the same metrics.jsonl.
 # CMP_ARGS adds overrides to both runs. r1_60: 1 rank, 60 steps (no out-of-memory, fp16 skips counted
-# and the longest run of consecutive skips); offload: 2 ranks with --parallelism.cpu_offload.
+# and the longest run of consecutive skips); offload: 2 ranks with --parallelism.cpu_offload; r2_plan: 2 ranks
+# in the layout recipe.planner chooses for 2x T4 (HSDP 2x1, micro-batch 1: PLAN_ARGS; the notebook's 2-GPU
+# run takes it with --parallelism.plan=auto, which here would plan for the emulating GPU instead), its
+# memory per rank and its losses against r1_cmp (no 4-bit all-gather: faster than r2_cmp through gloo).
 # report: per run the skipped steps, peak GPU memory per rank (load, train), host peak per rank and their
 # sum (Kaggle: 29 GiB for both), and max |loss(2 ranks) - loss(1 rank)|.
 set -u
@@ -65,6 +69,7 @@ run() {  # name nproc steps overrides...; PART=a|b names the log of a split run,
 # The split 2-rank comparison run: a checkpoint kept only for the resume (large interval: saved on SIGTERM).
 SPLIT=(--checkpoint.enable=true --checkpoint.interval=1000 --checkpoint.keep_latest_k=1)
 CMP_SPLIT=${CMP_SPLIT:-5}
+PLAN_ARGS=${PLAN_ARGS:---parallelism.data_parallel_replicate_degree=2 --training.micro_batch_size=1}
 
 for st in ${STAGES:-ckpt r1_cmp r2_cmp}; do
   case $st in
@@ -89,6 +94,7 @@ EOF
     r2_cmp_b) PART=b run r2_cmp 2 "$CMP_STEPS" "${SPLIT[@]}" ${CMP_ARGS:-} ;;
     r1_60) run r1_60 1 60 ;;
     offload) run offload 2 "$OFFLOAD_STEPS" --parallelism.cpu_offload=true ;;
+    r2_plan) run r2_plan 2 "$CMP_STEPS" $PLAN_ARGS ${CMP_ARGS:-} ;;
     report)
       $PY - "$OUT" <<'EOF'
 import json, sys
@@ -105,7 +111,7 @@ def longest_skip_run(rs):
         cur = cur + 1 if r["skipped"] else 0
         best = max(best, cur)
     return best
-for n in ("r1_cmp", "r2_cmp", "r1_60", "offload"):
+for n in ("r1_cmp", "r2_cmp", "r2_plan", "r1_60", "offload"):
     p = out / f"{n}.summary.json"
     if not p.exists():
         print(f"{n}: no summary"); continue
@@ -116,12 +122,14 @@ for n in ("r1_cmp", "r2_cmp", "r1_60", "offload"):
           + "; ".join(f"rank {r['rank']}: load {gib(r['load_peak_gib'])} / train {gib(r['train_peak_gib'])} GiB GPU, "
                       f"host {gib(r['host_peak_rss_gib'])} GiB" for r in rs)
           + f"; host all ranks {sum(r['host_peak_rss_gib'] for r in rs):.2f} GiB")
-a, b = {r["step"]: r["loss"] for r in rows("r1_cmp")}, {r["step"]: r["loss"] for r in rows("r2_cmp")}
-if a and b:
-    if sorted(a) != sorted(b):
-        print(f"steps differ: 1 rank {sorted(a)}, 2 ranks {sorted(b)}")
-    d = [abs(a[k] - b[k]) for k in sorted(set(a) & set(b))]
-    print(f"max |loss(2 ranks) - loss(1 rank)| over {len(d)} steps: {max(d):.2e} (issue: within 2e-3)")
+a = {r["step"]: r["loss"] for r in rows("r1_cmp")}
+for n in ("r2_cmp", "r2_plan"):
+    b = {r["step"]: r["loss"] for r in rows(n)}
+    if a and b:
+        if sorted(a) != sorted(b):
+            print(f"steps differ: 1 rank {sorted(a)}, {n} {sorted(b)}")
+        d = [abs(a[k] - b[k]) for k in sorted(set(a) & set(b))]
+        print(f"max |loss({n}, 2 ranks) - loss(1 rank)| over {len(d)} steps: {max(d):.2e} (issue: within 2e-3)")
 EOF
       ;;
   esac
