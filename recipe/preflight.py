@@ -232,6 +232,6 @@ def check_layout(cfg, ngpu: int, card: str, host_gib: float | None) -> tuple[Che
     mine = configured_layout(cfg, ngpu)
     same = chosen == mine
     detail = f"planned {chosen}; this config: {mine}" + (
-        "" if same else " (the runs below use the config's; OVERRIDES=['--parallelism.plan=auto'] takes the plan)"
+        "" if same else " (--parallelism.plan=auto takes the plan; the notebook's 2-GPU run passes it)"
     )
     return Check("layout", "ok", detail), report
