@@ -309,6 +309,11 @@ class Metrics:
         "(optional package: pip install tensorboard).",
     )
     save_folder: str = _f("metrics", "Metrics output folder, relative to job.dump_folder.")
+    plots: bool = _f(
+        True,
+        "At the end of a run, write loss / speed / memory PNGs to <dump_folder>/<save_folder>/plots "
+        "(recipe.plot; only when matplotlib is installed, else the end-of-run report says how to get them).",
+    )
     peak_tflops: float = _f(
         0.0,
         "Peak dense bf16 TFLOP/s of one GPU, for MFU; 0 looks the GPU up in recipe.metrics.PEAK_FLOPS "
