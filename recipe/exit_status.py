@@ -23,12 +23,12 @@ Printing: under ``run_train.sh`` (``RECIPE_EXIT_STATUS_DIR`` set) no rank prints
 launcher prints it once from the records, below everything else, so a failure reads as one line.
 Without it (a bare ``torchrun`` or ``python -m recipe.train``) the one-line ``error (Type): message``
 goes to stderr from rank 0 only (every rank hits the same config error; N copies said nothing more).
-The rank is the caller's, else the process group's,
-else torchrun's ``RANK`` (a config that fails to parse has no process group yet), else 0. So that
-rank 0 is not killed before it prints -- a peer that fails first would otherwise make torchrun stop
-it -- the other ranks, after recording, wait for rank 0's record (rank 0 prints before recording) for
-at most ``RANK0_WAIT_S``. That bound only costs time when the bad input is seen by some ranks and not
-by rank 0; it is a file poll, not a barrier, because the error may come before any process group.
+The rank is the caller's, else the process group's, else torchrun's ``RANK`` (a config that fails to
+parse has no process group yet), else 0. So that rank 0's record (the one ``run_train.sh`` prints) is
+written before torchrun stops rank 0 -- a peer that fails first would otherwise make torchrun kill it
+-- the other ranks, after recording, wait for rank 0's record for at most ``RANK0_WAIT_S``. That
+bound only costs time when the bad input is seen by some ranks and not by rank 0; it is a file poll,
+not a barrier, because the error may come before any process group.
 On a multi-node job every node's run_train.sh has its own directory: ranks on the nodes without rank 0
 do not wait (rank 0's record never appears there), and their run_train.sh repeats their own record.
 Without ``RECIPE_EXIT_STATUS_DIR`` (a bare ``torchrun``), nothing is recorded and no rank waits:

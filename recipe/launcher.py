@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_args(argv))
     except ChildFailedError as e:
         handler.flush()
-        write(e.format_msg())
+        write(f"torchrun: {type(e).__name__}: {e.name} failed\n{e.format_msg()}")
         return 1
     except SignalException as e:
         handler.flush()

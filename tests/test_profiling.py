@@ -572,3 +572,16 @@ def test_snapshot_window_past_the_last_step_is_still_dumped(tmp_path, monkeypatc
     dumps = [c[1] for c in calls if c[0] == "dump"]
     assert len(dumps) == 1 and "step4" in dumps[0], calls
     assert any("step4" in str(p) for p in prof.written)
+
+
+def test_host_rss_peak_is_never_below_the_current_rss():
+    """Linux raises ru_maxrss only when the RSS is about to shrink: after a growth with no unmap since,
+    it lagged the current RSS and the memory table printed "RSS now" above "peak"."""
+    from recipe.metrics import host_rss_gib
+
+    held = [torch.ones(8_000_000)]  # 32 MB, then freed: the high-water mark is set once
+    del held[0]
+    for _ in range(4):
+        held.append(torch.ones(16_000_000))  # 64 MB more each time, nothing freed in between
+        now, peak = host_rss_gib(), host_rss_gib(peak=True)
+        assert peak >= now, (now, peak)
