@@ -202,6 +202,9 @@ class RunGuard:
     # ---------------------------------------------------------------- watchdog
 
     def start_watchdog(self) -> None:
+        # The parent now: torchrun, or whatever started us. Not "is it init (pid 1)": in a container the
+        # launcher itself may be pid 1. A launcher that died before this point took the process group's
+        # store with it, so the rank fails in its next collective anyway.
         parent = os.getppid()
         launcher = os.environ.get(LAUNCHER_ENV)
         watched = [("parent", parent, _start_time(parent))]

@@ -147,3 +147,55 @@ def test_nodes_of_one_job_share_a_folder_and_only_the_taker_removes_the_lock(tmp
     taker = run_guard.RunGuard(tmp_path / "dump", "job", created=True, created_folder=True)
     taker.release()
     assert not (tmp_path / "dump").exists()  # it made the folder and nothing else was written there
+
+
+# ------------------------------------------------------------------------------------ the watchdog
+
+_ORPHAN = """
+import os, signal, sys, time
+from recipe.run_guard import RunGuard
+if sys.argv[1] == "handler":  # the train loop's SIGTERM handler: finish, save, exit 75
+    signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[2], "w").write("saved"), os._exit(75)))
+RunGuard(None, "x", created=False, created_folder=False).start_watchdog()
+open(sys.argv[2] + ".ready", "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("mode", ["handler", "loading"])
+def test_an_orphaned_rank_stops_within_seconds(tmp_path, mode):
+    """A middle process (the launcher) starts a rank in a session of its own, as torchrun does, and dies
+    with SIGKILL: the rank notices its parent is gone and stops, through its SIGTERM handler when it
+    has one (the train loop's: save, exit 75), else at once (still loading)."""
+    marker = tmp_path / "saved"
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', *sys.argv[1:]],"
+            " start_new_session=True); print(p.pid, flush=True); time.sleep(60)",
+            _ORPHAN,
+            mode,
+            str(marker),
+        ],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    rank = int(launcher.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60.0
+        while not Path(f"{marker}.ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the watchdog runs
+        assert _alive(rank)
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 10.0
+        while _alive(rank) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(rank), "the orphaned rank is still running 10 s after its launcher died"
+        assert marker.exists() == (mode == "handler")
+    finally:
+        if _alive(rank):
+            os.kill(rank, signal.SIGKILL)
