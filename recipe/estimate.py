@@ -182,6 +182,7 @@ class _Job:
     vocab_parallel: bool
     host_embedding: bool
     mlp_chunk: int  # model.mlp_chunk_tokens (0: whole sequence)
+    fused: bool = False  # model.fuse_projections: gate and up dequantize as one matrix
 
 
 def _job(cfg: JobConfig, ngpu: int) -> _Job:
@@ -224,6 +225,7 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         vocab_parallel=p.vocab_parallel_embedding and n > 1 and not shape.tie_word_embeddings,
         host_embedding=p.host_embedding and not shape.tie_word_embeddings,
         mlp_chunk=cfg.model.mlp_chunk_tokens,
+        fused=cfg.model.fuse_projections,
     )
 
 
@@ -281,10 +283,11 @@ def _mlp_tokens(j: _Job, tokens: int) -> int:
 
 def _block_work_bytes(j: _Job, tokens: int, backward: bool) -> int:
     """Transient memory inside one block: MLP intermediates (gate, up, silu(gate) and their gradients in
-    backward), the dequantized weight of the largest projection, the block's gradient in and out."""
+    backward), the dequantized weight of the largest projection (gate and up together when fused), the
+    block's gradient in and out."""
     s, p = j.shape, j.p
     h, i = s.hidden_size, s.intermediate_size
-    deq = i * h * p if j.quant else 0
+    deq = (2 if j.fused else 1) * i * h * p if j.quant else 0
     t_mlp = _mlp_tokens(j, tokens)
     if not backward:
         return t_mlp * 3 * p * i + deq
