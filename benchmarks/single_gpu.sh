@@ -11,12 +11,14 @@
 # RUNS picks and orders the runs (default below); each is one of
 #   eager compiled eager_offload compiled_offload   this recipe (--training.compile / --activation_checkpoint.offload)
 #   eager_lean compiled_lean                         the same with offload and --parallelism.host_embedding
+#   fused_eager fused_compiled                       eager / compiled with --model.fuse_projections=true (q/k/v, gate/up fused)
 #   old_eager                                        the same from the tree in $OLD (e.g. git archive <commit>)
 #   hf_loop hf_trainer adapter                       HF + peft + bnb plain loop / HF Trainer / recipe.hf_trainer
 #   adapter2 recipe2 recipe2_lean                    2 ranks on the one GPU (gloo, 1 step; memory only, speed means nothing)
 #   unsloth                                          .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth)
 #   profile                                          benchmarks/profile_step.py on the eager recipe (top kernels)
 #   compile_check                                    benchmarks/compile_vs_eager.py: first-step LoRA gradients
+#   fused_check                                      the same with --model.fuse_projections=true
 # STEPS optimizer steps per run (tokens/s: median after 3 warm-up steps), TMO seconds per run.
 set -u
 OUT=${1:-/tmp/single_gpu}
@@ -57,6 +59,7 @@ script() {  # name nproc script args...
 }
 two=(.whl/tools/one_gpu_ranks.py -m recipe.train)
 lean=(--activation_checkpoint.offload=true --parallelism.host_embedding=true)
+fused=(--model.fuse_projections=true)
 hfargs=(--checkpoint "$CK" --steps "$STEPS")
 for r in $RUNS; do
   case $r in
@@ -66,6 +69,8 @@ for r in $RUNS; do
     compiled_offload) recipe compiled_offload "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --activation_checkpoint.offload=true ;;
     eager_lean) recipe eager_lean "$ROOT" 1 -m recipe.train "${common[@]}" "${lean[@]}" ;;
+    fused_eager) recipe fused_eager "$ROOT" 1 -m recipe.train "${common[@]}" "${fused[@]}" ;;
+    fused_compiled) recipe fused_compiled "$ROOT" 1 -m recipe.train "${common[@]}" "${fused[@]}" --training.compile=true ;;
     compiled_lean) recipe compiled_lean "$ROOT" 1 -m recipe.train "${common[@]}" "${lean[@]}" --training.compile=true ;;
     old_eager) recipe old_eager "$OLD" 1 -m recipe.train "${common[@]}" ;;
     recipe2) recipe recipe2 "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=1 --parallelism.backend=gloo ;;
@@ -77,6 +82,8 @@ for r in $RUNS; do
     adapter2) script adapter2 2 .whl/tools/one_gpu_ranks.py benchmarks/hf_trainer_fsdp.py --checkpoint "$CK" \
         --steps 1 --warmup 0 --recipe --ddp-backend gloo --out "$OUT/adapter2.json" ;;
     compile_check) script compile_check 1 benchmarks/compile_vs_eager.py "${common[@]}" --job.dump_folder="$OUT/cve" ;;
+    fused_check) script fused_check 1 benchmarks/compile_vs_eager.py "${common[@]}" "${fused[@]}" \
+        --job.dump_folder="$OUT/cve_fused" ;;
     profile) script profile 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 --job.dump_folder="$OUT/profile" ;;
     unsloth)
       t=$SECONDS
