@@ -13,7 +13,7 @@ read the same input (q/k/v, gate/up) as one matrix, rows concatenated: one dequa
 instead of one per projection. Their adapters stay ``QLoRALinear`` modules without a base weight, under
 their own names (``self_attn.q_proj.lora_A.weight``), so checkpoints, resumption, the optimizer state
 and the exported adapter are those of the unfused model; the forward concatenates their A matrices
-(one small copy of r x in per projection) to run one A GEMM, and applies each B to its slice of the
+(one small copy, r x in per projection, each forward) to run one A GEMM, and applies each B to its slice of the
 rank dimension. Why per-projection parameters and not one concatenated A parameter: a concatenated
 parameter would need a name mapping at every place that names parameters (LoRA init by name, DCP
 checkpoints and their resumption across the switch, export, the optimizer state), and its FSDP shard
@@ -46,7 +46,8 @@ class QLoRALinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        # None: an adapter only; its base rows live in a FusedQLoRALinear (which calls ``lora``).
+        # None: an adapter only; its base rows live in a FusedQLoRALinear, which calls ``lora_input``
+        # and ``lora_up``.
         self.weight = nn.Parameter(weight, requires_grad=False) if weight is not None else None
         self.rank = rank
         if rank > 0:
@@ -56,6 +57,8 @@ class QLoRALinear(nn.Module):
             self.scaling = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            raise RuntimeError("an adapter without a base weight runs through its FusedQLoRALinear")
         y = base_linear(x, self.weight)
         if self.rank > 0:
             # The scale multiplies the rank-r intermediate, not the (tokens x out_features) output:

@@ -73,7 +73,7 @@ def materialize(
                 continue
             rank, world = _rank_world(param)
             local_meta = param.to_local() if isinstance(param, DTensor) else param
-            sources = _sources(mod_name, module, pname, local_meta)
+            sources = _sources(mod_name, module, pname)
             new_local = _load_local(
                 name, local_meta, param.shape, rank, world, reader, device, lora_seed, quant_device, sources
             )
@@ -91,7 +91,7 @@ def materialize(
             module.load_shard(reader, buffer_device)
 
 
-def _sources(mod_name: str, module: nn.Module, pname: str, local_meta) -> list[tuple[str, int]] | None:
+def _sources(mod_name: str, module: nn.Module, pname: str) -> list[tuple[str, int]] | None:
     """(checkpoint key prefix, rows) of each part of a fused frozen weight, in row order; None otherwise."""
     if not isinstance(module, FusedQLoRALinear) or pname != "weight":
         return None
