@@ -90,6 +90,12 @@ class Model:
         "linear in seq_len (for long packed rows; not with training.compile).",
         ("mask", "segments"),
     )
+    fuse_projections: bool = _f(
+        False,
+        "Hold q/k/v and gate/up each as one frozen (4-bit) matrix: one dequantization and one GEMM per group "
+        "and one GEMM for their LoRA A matrices. Read from and exported under the HF/PEFT names; checkpoints "
+        "resume either way.",
+    )
 
 
 @dataclass
