@@ -11,6 +11,7 @@
 # RUNS picks and orders the runs (default below); each is one of
 #   eager compiled eager_offload compiled_offload   this recipe (--training.compile / --activation_checkpoint.offload)
 #   eager_lean compiled_lean                         the same with offload and --parallelism.host_embedding
+#   fused_eager fused_compiled                       eager / compiled with --model.fuse_projections=true (q/k/v, gate/up fused)
 #   compiled_host                                    compiled with --parallelism.host_embedding only
 #   old_eager old_compiled                           the same from the tree in $OLD (e.g. git archive <commit>)
 #   hf_loop hf_trainer adapter                       HF + peft + bnb plain loop / HF Trainer / recipe.hf_trainer
@@ -61,6 +62,7 @@ script() {  # name nproc script args...
 }
 two=(.whl/tools/one_gpu_ranks.py -m recipe.train)
 lean=(--activation_checkpoint.offload=true --parallelism.host_embedding=true)
+fused=(--model.fuse_projections=true)
 hfargs=(--checkpoint "$CK" --steps "$STEPS")
 for r in $RUNS; do
   case $r in
@@ -70,6 +72,8 @@ for r in $RUNS; do
     compiled_offload) recipe compiled_offload "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --activation_checkpoint.offload=true ;;
     eager_lean) recipe eager_lean "$ROOT" 1 -m recipe.train "${common[@]}" "${lean[@]}" ;;
+    fused_eager) recipe fused_eager "$ROOT" 1 -m recipe.train "${common[@]}" "${fused[@]}" ;;
+    fused_compiled) recipe fused_compiled "$ROOT" 1 -m recipe.train "${common[@]}" "${fused[@]}" --training.compile=true ;;
     compiled_host) recipe compiled_host "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --parallelism.host_embedding=true ;;
     compiled_lean) recipe compiled_lean "$ROOT" 1 -m recipe.train "${common[@]}" "${lean[@]}" --training.compile=true ;;

@@ -65,6 +65,17 @@ def missing_directory_error(path: Path) -> CheckpointError:
     )
 
 
+_NOTED: set[str] = set()
+
+
+def _note_once(msg: str) -> None:
+    """Print ``msg`` once per process, from rank 0 only (torchrun's ``RANK``; models/ has no process group)."""
+    if msg in _NOTED or os.environ.get("RANK", "0") != "0":
+        return
+    _NOTED.add(msg)
+    print(msg, flush=True)
+
+
 @dataclass
 class Rows4bit:
     packed: torch.Tensor  # uint8 (rows, K/2)
@@ -100,6 +111,9 @@ class CheckpointReader:
             )
         self._handles: dict[str, object] = {}  # before the weight map: a single-file checkpoint opens its file
         self.weight_map = self._read_weight_map()
+        self.notes = self._skip_module_notes(qc.get("llm_int8_skip_modules") or [])
+        for note in self.notes:
+            _note_once(note)
 
     # -- files -------------------------------------------------------------------------------------
     def _read_weight_map(self) -> dict[str, str]:
@@ -118,6 +132,22 @@ class CheckpointReader:
             if not (self.path / fname).is_file():
                 raise CheckpointError(f"{self.path / fname} is listed in model.safetensors.index.json but missing")
         return weight_map
+
+    def _skip_module_notes(self, skip: list[str]) -> list[str]:
+        """What ``llm_int8_skip_modules`` says against what the checkpoint holds. The tensors decide: a
+        layer stored in 4-bit is read as 4-bit whatever the list says, and a listed name the checkpoint
+        holds dense is simply dense. The first case is said (once per entry), not silently ignored."""
+        four_bit = sorted(k.removesuffix(".weight.absmax") for k in self.weight_map if k.endswith(".weight.absmax"))
+        notes = []
+        for entry in skip if isinstance(skip, list) else [skip]:
+            hits = [p for p in four_bit if f".{entry}." in f".{p}."]
+            if hits:
+                notes.append(
+                    f"note: {self.path / 'config.json'}: quantization_config.llm_int8_skip_modules lists {entry!r}, "
+                    f"but the checkpoint holds {len(hits)} such layer(s) in 4-bit (e.g. {hits[0]}): they are used "
+                    "as stored, in 4-bit (the list only tells a quantizer what to leave dense)"
+                )
+        return notes
 
     def _open(self, fname: str):
         h = self._handles.get(fname)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.lora import QLoRALinear
+from models.lora import FusedQLoRALinear, QLoRALinear
 from models.packed_attention import DocumentSegments, document_segments, segment_attention
 from models.quant import Weight4bit
 from models.shapes import LlamaShape
@@ -63,6 +63,9 @@ class ModelArgs:
     # Packed rows: "mask" (a boolean (seq x seq) mask per row) or "segments" (causal attention per
     # document, models/packed_attention.py: memory linear in the sequence).
     packed_attention: str = "mask"
+    # q/k/v and gate/up each as one frozen matrix (models/lora.py FusedQLoRALinear): one dequantization
+    # and one GEMM per group; LoRA parameters keep their per-projection names.
+    fuse_projections: bool = False
 
 
 @dataclass
@@ -147,16 +150,24 @@ class Attention(nn.Module):
         super().__init__()
         s = args.shape
         self.n_heads, self.n_kv, self.head_dim = s.num_attention_heads, s.num_key_value_heads, s.head_dim
-        self.q_proj = linear("q_proj", s.hidden_size, self.n_heads * self.head_dim)
-        self.k_proj = linear("k_proj", s.hidden_size, self.n_kv * self.head_dim)
-        self.v_proj = linear("v_proj", s.hidden_size, self.n_kv * self.head_dim)
-        self.o_proj = linear("o_proj", self.n_heads * self.head_dim, s.hidden_size)
+        q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        # Fused: the frozen rows in qkv_proj; q_proj/k_proj/v_proj hold only their adapters.
+        self.qkv_proj = _make_fused(args, s.hidden_size, (("q_proj", q), ("k_proj", kv), ("v_proj", kv)))
+        part = _part_factory(args, linear, self.qkv_proj)
+        self.q_proj = part("q_proj", s.hidden_size, q)
+        self.k_proj = part("k_proj", s.hidden_size, kv)
+        self.v_proj = part("v_proj", s.hidden_size, kv)
+        self.o_proj = linear("o_proj", q, s.hidden_size)
 
     def forward(self, x, cos, sin, mask):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x, (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         rep = self.n_heads // self.n_kv
         # Grouped-query attention inside the kernel where that kernel has it: flash and cuDNN on CUDA
@@ -180,12 +191,17 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs, linear):
         super().__init__()
         h, i = args.shape.hidden_size, args.shape.intermediate_size
-        self.gate_proj = linear("gate_proj", h, i)
-        self.up_proj = linear("up_proj", h, i)
+        self.gate_up_proj = _make_fused(args, h, (("gate_proj", i), ("up_proj", i)))
+        part = _part_factory(args, linear, self.gate_up_proj)
+        self.gate_proj = part("gate_proj", h, i)
+        self.up_proj = part("up_proj", h, i)
         self.down_proj = linear("down_proj", i, h)
         self.chunk_tokens = args.mlp_chunk_tokens
 
     def _mlp(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x, (self.gate_proj, self.up_proj))
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x):
@@ -218,22 +234,44 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _make_linear(args: ModelArgs, name: str, in_features: int, out_features: int) -> QLoRALinear:
+def _frozen_weight(args: ModelArgs, in_features: int, out_features: int) -> torch.Tensor:
     if args.quant_type is None:
-        weight = torch.empty(out_features, in_features, dtype=args.dtype)
-    else:
-        weight = Weight4bit.empty(
-            out_features,
-            in_features,
-            quant_type=args.quant_type,
-            blocksize=args.quant_blocksize,
-            dtype=args.dtype,
-            device=torch.get_default_device(),
-        )
+        return torch.empty(out_features, in_features, dtype=args.dtype)
+    return Weight4bit.empty(
+        out_features,
+        in_features,
+        quant_type=args.quant_type,
+        blocksize=args.quant_blocksize,
+        dtype=args.dtype,
+        device=torch.get_default_device(),
+    )
+
+
+def _make_linear(args: ModelArgs, name: str, in_features: int, out_features: int, base: bool = True) -> QLoRALinear:
+    """A projection with its frozen weight, or (``base=False``) only its adapter, when its rows live in
+    a fused matrix."""
+    weight = _frozen_weight(args, in_features, out_features) if base else None
     rank = args.lora_rank if name in args.lora_targets else 0
     return QLoRALinear(
         in_features, out_features, rank=rank, alpha=args.lora_alpha, dropout=args.lora_dropout, weight=weight
     )
+
+
+def _part_factory(args: ModelArgs, linear, fused: FusedQLoRALinear | None):
+    """What builds the projections of a fusable group: ``linear``, or adapters only (no frozen weight)
+    when ``fused`` holds their rows."""
+    if fused is None:
+        return linear
+    return lambda name, i, o: _make_linear(args, name, i, o, base=False)
+
+
+def _make_fused(args: ModelArgs, in_features: int, parts) -> FusedQLoRALinear | None:
+    """The frozen weights of ``parts`` ((name, out_features), sharing the input) as one matrix, or None
+    when ``args.fuse_projections`` is off."""
+    if not args.fuse_projections:
+        return None
+    weight = _frozen_weight(args, in_features, sum(n for _, n in parts))
+    return FusedQLoRALinear(in_features, parts, weight=weight)
 
 
 class LlamaModel(nn.Module):

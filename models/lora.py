@@ -7,6 +7,17 @@ or a dense frozen tensor (plain checkpoints loaded without quantization, and the
 A and B are ``nn.Linear`` modules named ``lora_A`` / ``lora_B`` so the adapter maps one-to-one onto
 PEFT's ``...q_proj.lora_A.weight`` keys. Initialisation follows PEFT: A Kaiming-uniform with
 a=sqrt(5) (nn.Linear's default), B zeros, so the adapted model starts equal to the base model.
+
+``FusedQLoRALinear`` (``model.fuse_projections``) holds the frozen weights of several projections that
+read the same input (q/k/v, gate/up) as one matrix, rows concatenated: one dequantization and one GEMM
+instead of one per projection. Their adapters stay ``QLoRALinear`` modules without a base weight, under
+their own names (``self_attn.q_proj.lora_A.weight``), so checkpoints, resumption, the optimizer state
+and the exported adapter are those of the unfused model; the forward concatenates their A matrices
+(one small copy, r x in per projection, each forward) to run one A GEMM, and applies each B to its slice of the
+rank dimension. Why per-projection parameters and not one concatenated A parameter: a concatenated
+parameter would need a name mapping at every place that names parameters (LoRA init by name, DCP
+checkpoints and their resumption across the switch, export, the optimizer state), and its FSDP shard
+would straddle projections; the concatenation costs one kernel per forward (its backward is a view).
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from torch import nn
 
 from models.quant import Weight4bit, linear_4bit
 
-__all__ = ["QLoRALinear", "init_lora_", "lora_init_tensor"]
+__all__ = ["QLoRALinear", "FusedQLoRALinear", "init_lora_", "lora_init_tensor"]
 
 
 class QLoRALinear(nn.Module):
@@ -30,12 +41,14 @@ class QLoRALinear(nn.Module):
         rank: int = 0,
         alpha: float = 1.0,
         dropout: float = 0.0,
-        weight: torch.Tensor,
+        weight: torch.Tensor | None,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        # None: an adapter only; its base rows live in a FusedQLoRALinear, which calls ``lora_input``
+        # and ``lora_up``.
+        self.weight = nn.Parameter(weight, requires_grad=False) if weight is not None else None
         self.rank = rank
         if rank > 0:
             self.lora_A = nn.Linear(in_features, rank, bias=False)
@@ -44,24 +57,88 @@ class QLoRALinear(nn.Module):
             self.scaling = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if isinstance(w, Weight4bit):
-            y = linear_4bit(x, w)
-        else:
-            y = nn.functional.linear(x, w.to(x.dtype))
+        if self.weight is None:
+            raise RuntimeError("an adapter without a base weight runs through its FusedQLoRALinear")
+        y = base_linear(x, self.weight)
         if self.rank > 0:
-            # The adapter runs in its own parameters' dtype (fp32 master weights when no FSDP
-            # mixed-precision policy casts them; then a no-op), its output in the base output's dtype.
             # The scale multiplies the rank-r intermediate, not the (tokens x out_features) output:
             # r/out as many elements (1/224 for gate/up of Llama 3 8B at r=64), same product.
-            xa = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-            y = y + self.lora_B(self.lora_A(xa) * self.scaling).to(y.dtype)
+            y = self.lora_up(self.lora_A(self.lora_input(x)) * self.scaling, y)
         return y
+
+    def lora_input(self, x: torch.Tensor) -> torch.Tensor:
+        # The adapter runs in its own parameters' dtype (fp32 master weights when no FSDP
+        # mixed-precision policy casts them; then a no-op), its output in the base output's dtype.
+        return self.lora_dropout(x).to(self.lora_A.weight.dtype)
+
+    def lora_up(self, xa: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + B(xa) for the scaled rank-r intermediate ``xa``, in y's dtype."""
+        return y + self.lora_B(xa).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        w = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
+        kind = "none (fused)" if w is None else "4bit" if isinstance(w, Weight4bit) else str(w.dtype)
+        return f"in={self.in_features}, out={self.out_features}, base={kind}, rank={self.rank}"
+
+
+def base_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for a frozen 4-bit or dense weight."""
+    if isinstance(w, Weight4bit):
+        return linear_4bit(x, w)
+    return nn.functional.linear(x, w.to(x.dtype))
+
+
+class FusedQLoRALinear(nn.Module):
+    """The frozen weights of projections that share their input, as one (sum of out_features, in) matrix.
+
+    ``parts``: (name, out_features) of each projection in row order, e.g. (("q_proj", 4096),
+    ("k_proj", 1024), ("v_proj", 1024)): the weight's rows are read from the checkpoint tensors of
+    those sibling names (parallel/materialize.py), and ``forward`` returns one output per part, each
+    with its adapter (a weightless ``QLoRALinear`` passed in by the owner) added.
+
+    Adapters: one GEMM for the A matrices of all adapted parts (concatenated along the rank dim),
+    then each part's B on its slice of the rank dim, added to its slice of the base output. Not one
+    block-diagonal B GEMM: building the block-diagonal matrix costs a zero fill plus a copy per part
+    each forward (the kernels the loop would save) and multiplies the B FLOPs of forward and of both
+    backward GEMMs by the number of parts; the outputs are consumed per part anyway (q/k/v; silu(gate)
+    * up). Under torch.compile the loop's casts and adds fuse into neighbours. With LoRA dropout each
+    adapter keeps its own mask (as PEFT and the unfused model draw them, in the same order), so A runs
+    per part then.
+    """
+
+    def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], *, weight: torch.Tensor):
+        super().__init__()
+        self.in_features = in_features
+        self.parts = tuple(parts)
+        self.sizes = [n for _, n in self.parts]
+        self.out_features = sum(self.sizes)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, adapters) -> tuple[torch.Tensor, ...]:
+        # split's backward is one concatenation of the parts' gradients.
+        outs = list(base_linear(x, self.weight).split(self.sizes, dim=-1))
+        live = [(i, a) for i, a in enumerate(adapters) if a.rank > 0]
+        if not live:
+            return tuple(outs)
+        if any(not isinstance(a.lora_dropout, nn.Identity) for _, a in live):
+            xas = [a.lora_A(a.lora_input(x)) * a.scaling for _, a in live]
+        else:
+            first = live[0][1]
+            a_cat = torch.cat([a.lora_A.weight for _, a in live])
+            xa = nn.functional.linear(first.lora_input(x), a_cat)
+            if all(a.scaling == first.scaling for _, a in live):
+                xas = (xa * first.scaling).split([a.rank for _, a in live], dim=-1)
+            else:
+                xas = [p * a.scaling for p, (_, a) in zip(xa.split([a.rank for _, a in live], -1), live, strict=True)]
+        for (i, a), xa_i in zip(live, xas, strict=True):
+            outs[i] = a.lora_up(xa_i, outs[i])
+        return tuple(outs)
 
     def extra_repr(self) -> str:
         w = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
         kind = "4bit" if isinstance(w, Weight4bit) else str(w.dtype)
-        return f"in={self.in_features}, out={self.out_features}, base={kind}, rank={self.rank}"
+        parts = "+".join(f"{n}({o})" for n, o in self.parts)
+        return f"in={self.in_features}, out={parts}, base={kind}"
 
 
 def lora_init_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -9,6 +9,10 @@ rank and world are those of the shard group.
 
 Frozen dense weights (embeddings, norms, lm_head) are cast to the model's compute dtype; LoRA
 parameters are fp32 master weights initialised from (seed, name), identical on any world size.
+
+A fused frozen weight (``models.lora.FusedQLoRALinear``, e.g. ``self_attn.qkv_proj.weight``) has no
+checkpoint key of its own: its rows are those of its parts' tensors (``q_proj``, ``k_proj``, ``v_proj``)
+one after the other, and a rank's row range may straddle parts; each part is read for its overlap only.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from models.hf_reader import CheckpointError, CheckpointReader, quantize_rows
-from models.lora import lora_init_tensor
+from models.lora import FusedQLoRALinear, lora_init_tensor
 from models.quant import Weight4bit
 from parallel.sharding import row_shard_dim, shard_rows
 
@@ -69,7 +73,10 @@ def materialize(
                 continue
             rank, world = _rank_world(param)
             local_meta = param.to_local() if isinstance(param, DTensor) else param
-            new_local = _load_local(name, local_meta, param.shape, rank, world, reader, device, lora_seed, quant_device)
+            sources = _sources(mod_name, module, pname)
+            new_local = _load_local(
+                name, local_meta, param.shape, rank, world, reader, device, lora_seed, quant_device, sources
+            )
             if isinstance(param, DTensor):
                 new = DTensor(new_local, param._spec, requires_grad=False)
             else:
@@ -84,7 +91,25 @@ def materialize(
             module.load_shard(reader, buffer_device)
 
 
-def _load_local(name, local_meta, global_shape, rank, world, reader, device, lora_seed, quant_device):
+def _sources(mod_name: str, module: nn.Module, pname: str) -> list[tuple[str, int]] | None:
+    """(checkpoint key prefix, rows) of each part of a fused frozen weight, in row order; None otherwise."""
+    if not isinstance(module, FusedQLoRALinear) or pname != "weight":
+        return None
+    parent = mod_name.rpartition(".")[0]
+    return [(f"{parent}.{part}" if parent else part, rows) for part, rows in module.parts]
+
+
+def _pieces(sources, start: int, end: int):
+    """(key prefix, part rows, start, end within the part) of rows [start, end) of the concatenation."""
+    offset = 0
+    for prefix, rows in sources:
+        lo, hi = max(start, offset), min(end, offset + rows)
+        if lo < hi:
+            yield prefix, rows, lo - offset, hi - offset
+        offset += rows
+
+
+def _load_local(name, local_meta, global_shape, rank, world, reader, device, lora_seed, quant_device, sources=None):
     n_rows = global_shape[0]
     if ".lora_" in name:
         start, end = shard_rows(n_rows, rank, world)
@@ -94,13 +119,20 @@ def _load_local(name, local_meta, global_shape, rank, world, reader, device, lor
         return full[start:end].to(device=device, dtype=local_meta.dtype, copy=True)
 
     if isinstance(local_meta, Weight4bit):
-        return _load_4bit(name, local_meta, global_shape, rank, world, reader, device, quant_device)
+        return _load_4bit(name, local_meta, global_shape, rank, world, reader, device, quant_device, sources)
 
     start, end = shard_rows(n_rows, rank, world)
-    return reader.dense_rows(name, tuple(global_shape), start, end, local_meta.dtype).to(device)
+    if sources is None:
+        return reader.dense_rows(name, tuple(global_shape), start, end, local_meta.dtype).to(device)
+    k = global_shape[1]
+    parts = [
+        reader.dense_rows(f"{p}.weight", (rows, k), lo, hi, local_meta.dtype)
+        for p, rows, lo, hi in _pieces(sources, start, end)
+    ]
+    return (torch.cat(parts) if parts else torch.empty(0, k, dtype=local_meta.dtype)).to(device)
 
 
-def _load_4bit(name, local_meta: Weight4bit, global_shape, rank, world, reader, device, quant_device):
+def _load_4bit(name, local_meta: Weight4bit, global_shape, rank, world, reader, device, quant_device, sources=None):
     prefix = name.removesuffix(".weight")
     padded, k = global_shape
     n_rows = local_meta.n_rows
@@ -120,18 +152,34 @@ def _load_4bit(name, local_meta: Weight4bit, global_shape, rank, world, reader, 
     )
     # A rank past the last real row (tiny weights, many ranks) still reads one row for the code book.
     lo, hi = (start, real_end) if real_end > start else (0, 1)
+    at = 0
+    for part, part_rows, a, b in _pieces(sources or [(prefix, n_rows)], lo, hi):
+        rows = _rows_4bit(reader, part, part_rows, k, a, b, local_meta, quant_device)
+        if at == 0:
+            local.code.copy_(rows.code)
+        elif not torch.equal(local.code, rows.code.to(local.code.device)):
+            # One matrix dequantizes through one code book.
+            raise CheckpointError(
+                f"{part}: its 4-bit code book differs from the other parts of the fused {name}; "
+                "set model.fuse_projections=false for this checkpoint"
+            )
+        n = min(b - a, max(real_end - start - at, 0))
+        local.packed[at : at + n].copy_(rows.packed[:n])
+        local.absmax[at : at + n].copy_(rows.absmax[:n])
+        at += b - a
+    return local
+
+
+def _rows_4bit(reader, prefix, n_rows, k, lo, hi, local_meta: Weight4bit, quant_device):
+    """Rows [lo, hi) of one checkpoint projection as 4-bit rows of the model's scheme."""
     if reader.is_4bit(prefix):
         rows = reader.rows_4bit(prefix, n_rows, k, lo, hi)
     else:
-        dense = reader.dense_rows(name, (n_rows, k), lo, hi, torch.float32)
+        dense = reader.dense_rows(f"{prefix}.weight", (n_rows, k), lo, hi, torch.float32)
         rows = quantize_rows(dense.to(quant_device), local_meta.quant_type, local_meta.blocksize)
     if (rows.quant_type, rows.blocksize) != (local_meta.quant_type, local_meta.blocksize):
         raise CheckpointError(
             f"{prefix}: checkpoint is {rows.quant_type}/blocksize {rows.blocksize}, model was built for "
             f"{local_meta.quant_type}/{local_meta.blocksize}"
         )
-    n = max(real_end - start, 0)
-    local.packed[:n].copy_(rows.packed[:n])
-    local.absmax[:n].copy_(rows.absmax[:n])
-    local.code.copy_(rows.code)
-    return local
+    return rows

@@ -133,6 +133,7 @@ def _meta_model(cfg: JobConfig, reader: CheckpointReader, model_cls: type[LlamaF
         dtype=DTYPES[cfg.training.mixed_precision_param],
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
         packed_attention=cfg.model.packed_attention,
+        fuse_projections=cfg.model.fuse_projections,
     )
     with torch.device("meta"):
         return model_cls(args)

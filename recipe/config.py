@@ -90,6 +90,12 @@ class Model:
         "linear in seq_len (for long packed rows; not with training.compile).",
         ("mask", "segments"),
     )
+    fuse_projections: bool = _f(
+        False,
+        "Hold q/k/v and gate/up each as one frozen (4-bit) matrix: one dequantization and one GEMM per group "
+        "and one GEMM for their LoRA A matrices. Read from and exported under the HF/PEFT names; checkpoints "
+        "resume either way.",
+    )
 
 
 @dataclass
@@ -317,6 +323,11 @@ class Metrics:
         "(optional package: pip install tensorboard).",
     )
     save_folder: str = _f("metrics", "Metrics output folder, relative to job.dump_folder.")
+    plots: bool = _f(
+        True,
+        "At the end of a run, write loss / speed / memory PNGs to <dump_folder>/<save_folder>/plots "
+        "(recipe.plot; only when matplotlib is installed, else the end-of-run report says how to get them).",
+    )
     peak_tflops: float = _f(
         0.0,
         "Peak dense bf16 TFLOP/s of one GPU, for MFU; 0 looks the GPU up in recipe.metrics.PEAK_FLOPS "

@@ -8,8 +8,8 @@ A rank stopped by bad input writes ``<dir>/rank<R>``::
     2
     Type: message
 
-and ``run_train.sh`` exits with 2 and repeats the message when any complete record exists (rank 0's
-when there is one).
+and ``run_train.sh`` exits with 2 and prints the message, once, when any complete record exists (rank
+0's when there is one), naming the log file that holds torchrun's own report (``recipe/launcher.py``).
 
 Why one file per rank, written by rename: once the first rank exits, torchrun sends SIGTERM to the
 others, which may be anywhere -- still importing torch, or halfway through their own write. With one
@@ -19,13 +19,16 @@ before refilling it (exit 1, no message). Here each rank writes a temp file in t
 absent, never another rank's touched. The first rank to exit has recorded before it returned, so some
 record always exists; a rank killed before main() ran (still importing) simply has none.
 
-Printing: the one-line ``error (Type): message`` goes to stderr from rank 0 only (every rank hits the
-same config error; N copies said nothing more). The rank is the caller's, else the process group's,
-else torchrun's ``RANK`` (a config that fails to parse has no process group yet), else 0. So that
-rank 0 is not killed before it prints -- a peer that fails first would otherwise make torchrun stop
-it -- the other ranks, after recording, wait for rank 0's record (rank 0 prints before recording) for
-at most ``RANK0_WAIT_S``. That bound only costs time when the bad input is seen by some ranks and not
-by rank 0; it is a file poll, not a barrier, because the error may come before any process group.
+Printing: under ``run_train.sh`` (``RECIPE_EXIT_STATUS_DIR`` set) no rank prints the message: the
+launcher prints it once from the records, below everything else, so a failure reads as one line.
+Without it (a bare ``torchrun`` or ``python -m recipe.train``) the one-line ``error (Type): message``
+goes to stderr from rank 0 only (every rank hits the same config error; N copies said nothing more).
+The rank is the caller's, else the process group's, else torchrun's ``RANK`` (a config that fails to
+parse has no process group yet), else 0. So that rank 0's record (the one ``run_train.sh`` prints) is
+written before torchrun stops rank 0 -- a peer that fails first would otherwise make torchrun kill it
+-- the other ranks, after recording, wait for rank 0's record for at most ``RANK0_WAIT_S``. That
+bound only costs time when the bad input is seen by some ranks and not by rank 0; it is a file poll,
+not a barrier, because the error may come before any process group.
 On a multi-node job every node's run_train.sh has its own directory: ranks on the nodes without rank 0
 do not wait (rank 0's record never appears there), and their run_train.sh repeats their own record.
 Without ``RECIPE_EXIT_STATUS_DIR`` (a bare ``torchrun``), nothing is recorded and no rank waits:
@@ -40,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["ENV", "RANK0_WAIT_S", "BAD_INPUT", "report_bad_input", "record_exit", "write_record"]
+__all__ = ["ENV", "RANK0_WAIT_S", "BAD_INPUT", "report_bad_input", "report_failure", "record_exit", "write_record"]
 
 ENV = "RECIPE_EXIT_STATUS_DIR"
 BAD_INPUT = 2
@@ -104,20 +107,30 @@ def record_exit(code: int, text: str, rank: int | None = None) -> int:
     return code
 
 
+def report_failure(exc: BaseException, code: int, rank: int | None = None) -> int:
+    """Report ``exc`` once (``run_train.sh`` prints it from the record; without it rank 0 prints it) and
+    record ``code`` for ``run_train.sh``; returns ``code``. Every rank of such a stop calls it."""
+    rank = _resolve_rank(rank)
+    text = f"{type(exc).__name__}: {exc}"
+    directory = os.environ.get(ENV)
+    if not directory:
+        if rank == 0:
+            print(f"error ({type(exc).__name__}): {exc}", file=sys.stderr, flush=True)
+        return code
+    try:
+        write_record(directory, rank, code, text)
+    except OSError as e:  # the directory vanished (launcher gone): say it here, the exit code still holds
+        print(f"error ({type(exc).__name__}): {exc}", file=sys.stderr, flush=True)
+        print(f"warning: could not record exit status in {directory}: {e}", file=sys.stderr, flush=True)
+    return code
+
+
 def report_bad_input(exc: BaseException, rank: int | None = None) -> int:
     """Report ``exc`` (bad input) once and record exit code 2 for ``run_train.sh``; returns 2."""
     rank = _resolve_rank(rank)
-    text = f"{type(exc).__name__}: {exc}"
-    if rank == 0:
-        # Before the record: a peer waiting on rank 0's record may exit (and get rank 0 killed) once it exists.
-        print(f"error ({type(exc).__name__}): {exc}", file=sys.stderr, flush=True)
+    report_failure(exc, BAD_INPUT, rank)
     directory = os.environ.get(ENV)
     if not directory:
-        return BAD_INPUT
-    try:
-        write_record(directory, rank, BAD_INPUT, text)
-    except OSError as e:  # the directory vanished (launcher gone): the exit code still says 2
-        print(f"warning: could not record exit status in {directory}: {e}", file=sys.stderr, flush=True)
         return BAD_INPUT
     if rank != 0 and _rank0_on_this_node(rank):
         deadline = time.monotonic() + RANK0_WAIT_S

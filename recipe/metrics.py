@@ -140,8 +140,27 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def host_rss_gib(peak: bool = False) -> float:
-    if peak:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """This process's resident memory (GiB) now, or its peak. The peak is never below the current value:
+    Linux updates its high-water mark (``ru_maxrss``) only when the RSS is about to shrink, so after a
+    growth with no unmap since, ``ru_maxrss`` lags the current RSS; ``/proc/self/status``'s VmHWM takes
+    the current RSS into account, and the max with the current value covers systems without it."""
+    now = _current_rss_gib()
+    if not peak:
+        return now
+    hwm = float("nan")
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) / 2**20  # kB
+                    break
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return max(v for v in (hwm, maxrss, now) if v == v)  # nan-free max
+
+
+def _current_rss_gib() -> float:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30

@@ -49,6 +49,7 @@ from models.sdpa import sdpa_context
 from parallel.distributed import all_reduce_sum, destroy, init_distributed
 from parallel.grad_norm import clip_grad_norm_
 from parallel.pipeline import PipelineRunner, format_bubble_table, plan_pipeline
+from recipe import run_guard
 from recipe.builder import base_quant_name, build_model, build_pipeline_model, ensure_checkpoint, resolve_attention
 from recipe.checkpoint import Checkpointer, RunIdentity
 from recipe.config import JobConfig, config_to_dict, dump_toml, load_config
@@ -61,7 +62,7 @@ from recipe.data import (
     resolve_global_batch_size,
 )
 from recipe.estimate import warn_if_too_big
-from recipe.exit_status import record_exit, report_bad_input
+from recipe.exit_status import record_exit, report_bad_input, report_failure
 from recipe.export import export_model_adapter
 from recipe.logging import log
 from recipe.metrics import MetricsLogger, StepClock, host_rss_gib, model_flops_per_token, peak_flops, peak_memory_gib
@@ -69,6 +70,7 @@ from recipe.optim import LossScaler, apply_hyperparameters, build_lr_scheduler, 
 from recipe.planner import plan_for_run
 from recipe.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from recipe.profiling import Profiler
+from recipe.run_report import report_results
 from recipe.seeding import rank_seed
 from recipe.versions import check_torch
 
@@ -137,6 +139,8 @@ class Trainer:
             layout += f" (pipeline {self.dist.pp} x data-parallel {self.dist.dp_world}, {p.pipeline_parallel_schedule})"
         log(f"{world} rank(s){layout}, backend {torch.distributed.get_backend()}, device {self.device.type}", rank)
         self.dump = Path(cfg.job.dump_folder)
+        # Before anything is loaded: one live run per dump folder; no rank outlives its launcher.
+        run_guard.acquire(self.dump, rank, world)
         # Before anything is loaded: a wrong layout, or a dtype or kernel the GPU lacks, should not cost a
         # model load. The pipeline ranks of one data-parallel rank train the same micro-batches (the schedule's).
         micro_size = p.pipeline_parallel_microbatch_size if self.dist.pp > 1 else t.micro_batch_size
@@ -513,6 +517,7 @@ class Trainer:
             self.__dict__.pop(name, None)
         gc.collect()
         destroy()
+        run_guard.release()
 
     def write_summary(self, losses: list[float], warmup_steps: int = 3) -> dict:
         """Per-rank memory and speed, gathered to rank 0 into <dump>/summary.json (benchmarks read it)."""
@@ -585,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         # No Trainer holds a rank here: report_bad_input takes the process group's, else torchrun's.
         code = report_bad_input(e, rank=None)
         destroy()
+        run_guard.release()
         return code
     rank = trainer.dist.rank
     try:
@@ -594,12 +600,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.distributed.barrier()
             return record_exit(PREEMPTED_EXIT_CODE, f"Preempted: {e}; rerun the same command to resume", rank)
         except TrainingDivergedError as e:
-            if rank == 0:
-                print(f"error (TrainingDivergedError): {e}", file=sys.stderr, flush=True)
-            return record_exit(DIVERGED_EXIT_CODE, f"TrainingDivergedError: {e}", rank)
+            return report_failure(e, DIVERGED_EXIT_CODE, rank)
         except _user_errors() as e:  # a checkpoint save that failed (full disk, unwritable folder)
             return report_bad_input(e, rank)
         trainer.write_summary(losses)
+        report_results(cfg, rank)
         # Tear down together: a rank that destroys its gloo group while a peer is still in its last
         # collective makes the peer's transport threads abort ("terminate called without an active
         # exception", seen on CPU CI). Only on success: after an error on one rank, a barrier would

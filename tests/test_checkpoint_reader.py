@@ -851,3 +851,23 @@ def test_kernels_warning_filter_drops_only_the_missing_package(caplog):
         logger.warning("another bitsandbytes CPU warning")
     got = [r.getMessage() for r in caplog.records]
     assert len(got) == 2 and "too old" in got[0] and got[1] == "another bitsandbytes CPU warning", got
+
+
+def test_skip_modules_naming_a_4bit_layer_is_said_once(broken_nf4, monkeypatch, capsys):
+    """llm_int8_skip_modules lists down_proj (held in 4-bit here) and lm_head (held dense): the reader
+    follows the tensors, and says once that the down_proj entry does not apply; lm_head is not mentioned."""
+    monkeypatch.delenv("RANK", raising=False)
+    cfg_file = broken_nf4 / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["quantization_config"]["llm_int8_skip_modules"] = ["lm_head", "down_proj"]
+    cfg_file.write_text(json.dumps(cfg))
+    reader = CheckpointReader(broken_nf4)
+    # The oracle: the checkpoint's own keys (block scales of every down_proj, none for lm_head).
+    four_bit = [k for k in reader.weight_map if k.endswith("down_proj.weight.absmax")]
+    assert len(four_bit) == reader.shape.num_hidden_layers and not reader.has("lm_head.weight.absmax")
+    CheckpointReader(broken_nf4)  # a second reader in the same process says nothing more
+    out = capsys.readouterr().out
+    assert out.count("llm_int8_skip_modules") == 1, out
+    assert f"lists 'down_proj', but the checkpoint holds {len(four_bit)} such layer(s) in 4-bit" in out
+    assert "'lm_head'" not in out
+    assert reader.is_4bit("model.layers.0.mlp.down_proj")  # used as stored

@@ -284,6 +284,20 @@ def test_read_records_jsonl(tmp_path):
         read_records(str(tmp_path / "missing.jsonl"))
 
 
+def test_malformed_jsonl_line_names_its_column(tmp_path):
+    """The message keeps json's column (the line's own, 1-based), as path:line:column and in words."""
+    line = '{"text": "ok", "label": oops}'
+    try:
+        json.loads(line)
+    except json.JSONDecodeError as e:
+        col = e.colno  # the oracle: json's own position of the error on this line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n' + line + "\n")
+    with pytest.raises(DataError) as ei:
+        read_records(str(bad))
+    assert col == 25 and f"{bad}:2:{col}: line 2, column {col} is not valid JSON" in str(ei.value), str(ei.value)
+
+
 def test_read_records_jsonl_unicode_line_breaks(tmp_path):
     # json.dumps(ensure_ascii=False) writes these raw inside strings; str.splitlines() would split on them.
     weird = "a\u2028b\u2029c\x85d\x1ce\x1df\x1eg\x0bh\x0ci"

@@ -8,6 +8,7 @@ code and message survive through per-rank status records (recipe/exit_status.py)
 
 from __future__ import annotations
 
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,16 +35,21 @@ def _run(tmp: Path, ngpu: int, *overrides: str, checkpoint: Path | None = None) 
 
 
 def _check_bad_input(p: subprocess.CompletedProcess, kind: str, msg: str) -> str | None:
-    """None when ``p`` exited 2 with the message exactly once from rank 0 and once from run_train.sh."""
+    """None when ``p`` exited 2 with one message: run_train.sh's last line, naming the log file that holds
+    torchrun's report; no other line of the message, no torchrun report, no traceback."""
     out = p.stdout + p.stderr
-    printed = p.stderr.count(f"error ({kind}): {msg}")
-    stopped = p.stderr.count("run_train.sh: stopped on bad input:")
     lines = p.stderr.strip().splitlines()
     last = lines[-1] if lines else ""
-    if (p.returncode, printed, stopped, out.count(f"error ({kind})")) != (2, 1, 1, 1):
-        return f"rc={p.returncode} printed={printed} stopped={stopped}\n{p.stderr[-3000:]}"
+    if (p.returncode, out.count(msg), out.count(f"{kind}:")) != (2, 1, 1):
+        return f"rc={p.returncode} message {out.count(msg)} times\n{p.stderr[-3000:]}"
+    for noise in ("Traceback", "ChildFailedError", "error (", "FAILED", "Root Cause"):
+        if noise in out:
+            return f"{noise!r} printed:\n{p.stderr[-3000:]}"
     if not last.startswith(f"run_train.sh: stopped on bad input: {kind}: {msg}"):
         return f"last stderr line: {last!r}"
+    m = re.search(r"\[torchrun's report: (\S+)\]$", last)
+    if m is None or "ChildFailedError" not in Path(m.group(1)).read_text():
+        return f"the line names no log file with torchrun's report: {last!r}"
     return None
 
 
@@ -72,14 +78,14 @@ def test_bad_checkpoint_after_process_group_exits_2_and_says_so_once(tmp_path):
 # ------------------------------------------------------------------------ exit_status in process
 
 
-def test_only_rank_0_prints_and_every_rank_records_atomically(tmp_path, monkeypatch, capsys):
+def test_under_run_train_sh_no_rank_prints_and_every_rank_records_atomically(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(exit_status.ENV, str(tmp_path))
     monkeypatch.setattr(exit_status, "RANK0_WAIT_S", 0.2)  # rank 0's record is not coming here
     monkeypatch.setenv("RANK", "3")
     assert exit_status.report_bad_input(ValueError("bad value"), rank=None) == 2
     assert capsys.readouterr().err == ""
     assert exit_status.report_bad_input(ValueError("bad value"), rank=0) == 2
-    assert capsys.readouterr().err == "error (ValueError): bad value\n"
+    assert capsys.readouterr().err == ""  # run_train.sh prints it once, from the record
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank3"]  # no temp files left
     assert (tmp_path / "rank3").read_text() == "2\nValueError: bad value\n"
 

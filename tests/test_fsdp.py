@@ -61,6 +61,8 @@ VARIANTS = {
     "tied": ([], 1e-5),
     # fp64 accumulation, reduced once per step: exact sums, hence bit-identical gradients (below).
     "bf16_exact": (["--training.mixed_precision_param=bfloat16", "--training.mixed_precision_reduce=float64"], 1e-3),
+    # q/k/v and gate/up as one 4-bit matrix each: 3 ranks' shards straddle the parts (512 and 1280 rows).
+    "fused": (["--model.fuse_projections=true"], 1e-5),
 }
 
 
@@ -109,6 +111,23 @@ def _jobs(env, world: int) -> list[dict]:
             jobs.append({"name": f"no_accum_m{m}", "overrides": _overrides(env, "no_accum", m)})
         return jobs
     jobs = [{"name": v, "overrides": _overrides(env, v, _micro(v, world)), "checks": v == "fp32"} for v in VARIANTS]
+    if world == 2:
+        # An unfused checkpoint of step 2 resumed with fused projections to step 4; both the resumed
+        # run and the uninterrupted unfused run (fp32) export their adapters.
+        jobs[0]["export"] = True
+        ckpt = ["--checkpoint.enable=true", "--checkpoint.export_adapter=false"]
+        dump = str(env["root"] / "fused_resume")
+        jobs.append(
+            {
+                "name": "unfused_saved",
+                "dump": dump,
+                "save": True,
+                "overrides": _overrides(env, "fp32", 1) + ckpt + ["--training.steps=2"],
+            }
+        )
+        jobs.append(
+            {"name": "fused_resumed", "dump": dump, "export": True, "overrides": _overrides(env, "fused", 1) + ckpt}
+        )
     # A global batch that is not a multiple of micro batch 2 x ranks: refused, in the already running
     # process group, before the checkpoint is written or read (it does not exist).
     bad = _overrides(env, "fp32", 2, gbs=_bad_gbs(world))
@@ -228,6 +247,41 @@ def test_matches_single_process(results, variant, world):
     assert grad_diff <= tol, f"{variant}, {world} ranks: LoRA gradients differ by {grad_diff:.3e}"
     for a, b in zip(ref["grad_norms"], got["grad_norms"], strict=True):
         assert abs(a - b) <= tol * max(1.0, abs(a))
+
+
+@pytest.mark.parametrize("world", (1,) + WORLDS)
+def test_fused_matches_unfused(results, world):
+    """model.fuse_projections on N ranks against the unfused 1-process run: the same losses and LoRA
+    gradients (tests/test_fused.py checks the fused rows themselves)."""
+    ref, got = _load_run(results, 1, "fp32"), _load_run(results, world, "fused")
+    loss_diff = max(abs(a - b) for a, b in zip(ref["losses"], got["losses"], strict=True))
+    grad_diff = max(
+        float((gr[n] - gg[n]).abs().max()) for gr, gg in zip(ref["grads"], got["grads"], strict=True) for n in gr
+    )
+    print(f"\n[diff] fused world={world} vs unfused 1 process: loss {loss_diff:.3e}, LoRA grad {grad_diff:.3e}")
+    assert all(gr.keys() == gg.keys() for gr, gg in zip(ref["grads"], got["grads"], strict=True))
+    assert loss_diff <= 1e-5 and grad_diff <= 1e-5
+
+
+def test_unfused_checkpoint_resumes_fused_and_exports_the_same_adapter(results, env):
+    """The checkpoint holds the per-projection LoRA names either way: an unfused run's step-2 checkpoint
+    resumes with fused projections, continues as the uninterrupted unfused run does, and the adapter it
+    exports equals that run's (same keys, values within fp32 summation order)."""
+    from safetensors.torch import load_file
+
+    ref, got = _load_run(results, 2, "fp32"), _load_run(results, 2, "fused_resumed")
+    assert got["start_step"] == 2 and len(got["losses"]) == STEPS - 2
+    loss_diff = max(abs(a - b) for a, b in zip(ref["losses"][2:], got["losses"], strict=True))
+    grad_diff = max(
+        float((gr[n] - gg[n]).abs().max()) for gr, gg in zip(ref["grads"][2:], got["grads"], strict=True) for n in gr
+    )
+    a = load_file(results(2) / "dump" / "fp32_w2" / "adapter" / "adapter_model.safetensors")
+    b = load_file(env["root"] / "fused_resume" / "adapter" / "adapter_model.safetensors")
+    adapter_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"\n[resume unfused -> fused] loss {loss_diff:.3e}, LoRA grad {grad_diff:.3e}, adapter {adapter_diff:.3e}")
+    assert loss_diff <= 1e-5 and grad_diff <= 1e-5
+    assert a.keys() == b.keys() and len(a) == 56
+    assert adapter_diff <= 1e-5
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -148,8 +148,12 @@ def _check_preempted(run: Run, rc: int) -> int:
     """Exit 75 with the launcher's line, one complete step-N checkpoint; returns N."""
     assert rc == PREEMPTED_EXIT_CODE, run.text()
     assert not run.group_alive(), "a rank outlived run_train.sh"
-    last = "".join(run.err).strip().splitlines()[-1]
+    err = "".join(run.err)
+    last = err.strip().splitlines()[-1]
     assert last.startswith("run_train.sh: preempted: Preempted: preempted after step"), last
+    # A clean stop: no traceback, no torchrun report (torchrun's own lines go to the launcher log).
+    for noise in ("Traceback", "SignalException", "ChildFailedError", "Sending process"):
+        assert noise not in err + "".join(run.out), err
     n = _stopped_step(run)
     # Every rank saw the signal and said so (torchrun forwards it as SIGTERM).
     for r in (0, 1):

@@ -63,6 +63,7 @@ def debug_run(tmp_path_factory):
         # smaller than the config (1 micro-batch of 64 tokens per step) to keep the test fast on busy CPUs
         "--data.seq_len=64",
         "--training.global_batch_size=1",
+        "--checkpoint.export_adapter=true",  # so that the end-of-run report names an adapter too
     ]
     out = _Tee(sys.stdout)
     with contextlib.redirect_stdout(out):
@@ -572,3 +573,44 @@ def test_snapshot_window_past_the_last_step_is_still_dumped(tmp_path, monkeypatc
     dumps = [c[1] for c in calls if c[0] == "dump"]
     assert len(dumps) == 1 and "step4" in dumps[0], calls
     assert any("step4" in str(p) for p in prof.written)
+
+
+def test_host_rss_peak_is_never_below_the_current_rss():
+    """Linux raises ru_maxrss only when the RSS is about to shrink: after a growth with no unmap since,
+    it lagged the current RSS and the memory table printed "RSS now" above "peak"."""
+    from recipe.metrics import host_rss_gib
+
+    held = [torch.ones(8_000_000)]  # 32 MB, then freed: the high-water mark is set once
+    del held[0]
+    for _ in range(4):
+        held.append(torch.ones(16_000_000))  # 64 MB more each time, nothing freed in between
+        now, peak = host_rss_gib(), host_rss_gib(peak=True)
+        assert peak >= now, (now, peak)
+
+
+def test_the_end_of_a_run_names_where_everything_is(debug_run):
+    """The run's last lines list each result with its path; every listed path exists; the PNGs were
+    written (matplotlib is installed for the tests); ``metrics.plots = false`` writes and lists none."""
+    from recipe.config import load_config
+    from recipe.run_report import report_results
+
+    dump, out = debug_run
+    block = out[out.index(f"results in {dump}:") :].splitlines()[1:]
+    listed = {line.split()[-1] for line in block if line.startswith("  ") and not line.startswith("  (")}
+    want = [
+        dump / "metrics" / "metrics.jsonl",
+        dump / "summary.json",
+        dump / "config.toml",
+        dump / "adapter",
+        dump / "metrics" / "memory_report.json",
+    ]
+    pngs = sorted((dump / "metrics" / "plots").glob("*.png"))
+    assert {p.name for p in pngs} >= {"loss.png", "tokens_per_s.png", "memory.png"}
+    assert listed >= {str(p) for p in want + pngs}, block
+    assert all(Path(p).exists() for p in listed) and "(missing)" not in out
+
+    cfg = load_config(["--job.config_file", str(dump / "config.toml"), "--metrics.plots=false"])
+    for p in pngs:
+        p.unlink()
+    rows = report_results(cfg, rank=0)
+    assert not any("plot" in what for what, _ in rows) and not list((dump / "metrics" / "plots").glob("*.png"))

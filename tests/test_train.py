@@ -94,7 +94,7 @@ def test_run_train_sh_paths_are_the_callers_and_bad_input_exits_2(tmp_path):
     )
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
     assert "unknown config key 'training.stps'" in p.stderr and "Did you mean 'training.steps'" in p.stderr
-    last = p.stderr.strip().splitlines()[-1]  # the cause is repeated below torchrun's report
+    last = p.stderr.strip().splitlines()[-1]  # the one message: run_train.sh's, from rank 0's record
     assert last.startswith("run_train.sh: stopped on bad input: ConfigError: unknown config key 'training.stps'"), last
 
 

@@ -59,7 +59,10 @@ def read_records(path: str) -> list[dict]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: line {lineno} is not valid JSON: {e.msg}") from e
+                    # e.colno counts from 1 on this line (one line per json.loads): where the editor's cursor goes.
+                    raise DataError(
+                        f"{path}:{lineno}:{e.colno}: line {lineno}, column {e.colno} is not valid JSON: {e.msg}"
+                    ) from e
                 if not isinstance(obj, dict):
                     raise DataError(
                         f"{path}:{lineno}: line {lineno} is a JSON {type(obj).__name__}, expected a JSON object"

@@ -351,6 +351,7 @@ class _Job:
     replicate: int = 1  # HSDP replicas (parameters whole within a replica of n ranks)
     compile: bool = False
     frozen_local: bool = False  # frozen weights outside FSDP (one shard rank, no CPU offload)
+    fused: bool = False  # model.fuse_projections: gate and up dequantize as one matrix
 
 
 def _job(cfg: JobConfig, ngpu: int) -> _Job:
@@ -396,6 +397,7 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         replicate=rep,
         compile=cfg.training.compile,
         frozen_local=n == 1 and not p.cpu_offload,
+        fused=cfg.model.fuse_projections,
     )
 
 
@@ -456,10 +458,11 @@ def _mlp_tokens(j: _Job, tokens: int) -> int:
 
 def _block_work_bytes(j: _Job, tokens: int, backward: bool) -> int:
     """Transient memory inside one block: MLP intermediates (gate, up, silu(gate) and their gradients in
-    backward), the dequantized weight of the largest projection, the block's gradient in and out."""
+    backward), the dequantized weight of the largest projection (gate and up together when fused), the
+    block's gradient in and out."""
     s, p = j.shape, j.p
     h, i = s.hidden_size, s.intermediate_size
-    deq = i * h * p if j.quant else 0
+    deq = (2 if j.fused else 1) * i * h * p if j.quant else 0
     t_mlp = _mlp_tokens(j, tokens)
     if not backward:
         return t_mlp * 3 * p * i + deq
