@@ -46,7 +46,7 @@ from recipe.config import ConfigError, JobConfig, load_config
 from recipe.metrics import PEAK_FLOPS, model_flops_per_token
 from recipe.profiling import PHASES
 
-__all__ = ["CARDS", "CALIBRATION", "Estimate", "estimate", "fit", "checkpoint_tensors", "main"]
+__all__ = ["CARDS", "CALIBRATION", "Estimate", "estimate", "fit", "checkpoint_tensors", "main", "memory_warning"]
 
 _GIB = 2**30
 
@@ -588,3 +588,20 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def device_memory_gib(device) -> float:
+    """What this process may allocate on a CUDA device: its memory x the per-process memory fraction
+    (``torch.cuda.set_per_process_memory_fraction``, which a job sharing one GPU between ranks sets)."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return total * (get_fraction(device) if get_fraction else 1.0)
+
+
+def memory_warning(cfg: JobConfig, world: int, device) -> str | None:
+    """The estimator's warning before loading (CUDA only: on CPU nothing is allocated on a device)."""
+    if device.type != "cuda":
+        return None
+    return warn_if_too_big(cfg, world, device_memory_gib(device))

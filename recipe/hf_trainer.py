@@ -16,9 +16,13 @@ and launches it with ``torchrun --nproc-per-node N`` (or plain ``python`` for on
 ``RecipeSFTTrainer`` is the same for TRL's ``SFTTrainer`` / ``SFTConfig`` (TRL is optional and imported
 only when that name is used).
 
-``build_hf_model`` is ``recipe.builder.build_model`` behind HF's arguments: per-rank loading, sharded
-4-bit weights, FSDP2 mixed precision, CPU offload, activation checkpointing (``gradient_checkpointing``)
-and per-block compile (``torch_compile``) are applied when the model is built, before any Trainer exists.
+``build_hf_model`` is ``recipe.builder.build_model`` behind HF's arguments, with the recipe's plan
+(``recipe.plan``): per-rank loading, sharded 4-bit weights, FSDP2 mixed precision, CPU offload,
+activation checkpointing (``gradient_checkpointing``) and per-block compile (``--compile``, default
+``auto`` as in the recipe; ``torch_compile`` is ``true``) are applied when the model is built, before any
+Trainer exists. ``RecipeModelArguments`` are generated from the recipe's config fields (help, choices,
+defaults); the model carries what was decided as one object, ``model.recipe`` (``RecipeRuntime``), and
+HF's calling convention in its ``forward`` (``HFLlamaForCausalLM``).
 
 What the Trainer subclass overrides, and why (all documented override points of ``transformers.Trainer``
 5.17, or public methods; nothing of transformers, accelerate or torch is patched):
@@ -43,11 +47,14 @@ What the Trainer subclass overrides, and why (all documented override points of 
   world size: FSDP sums gradients over ranks (``parallel/parallelize.py``), DDP would average them.
 * ``training_step``: forward and backward under the model's SDPA kernels (``resolve_attention``),
   backward of the scaled loss in fp16; after the last micro-batch of a step
-  (``accelerator.sync_gradients``) the fp16 unscale with the overflow flag all-reduced, the DTensor-aware
-  clipping of ``parallel/grad_norm.py`` with ``max_grad_norm``, and the skip of a step whose gradients
-  overflowed or are NaN/inf (the same decision on every rank: the gradients are dropped, so AdamW's step
-  is a no-op; the schedule advances, as in the recipe loop). It returns the loss times the world size,
-  so that the mean over ranks which ``Trainer`` logs is the true mean over the global batch's targets.
+  (``accelerator.sync_gradients``) the recipe loop's own step rules (``recipe.step``): the fp16 unscale
+  with the overflow flag all-reduced, the DTensor-aware clipping of ``parallel/grad_norm.py`` with
+  ``max_grad_norm``, the non-finite check of every rank's loss and the gradient norm, and the skip of a
+  step that overflowed or is NaN/inf (the same decision on every rank: the gradients are dropped, so
+  AdamW's step is a no-op; the schedule advances, as in the recipe loop); ``max_nonfinite_steps`` such
+  steps in a row raise ``TrainingDivergedError``, as in the recipe loop. It returns the loss times the
+  world size, so that the mean over ranks which ``Trainer`` logs is the true mean over the global
+  batch's targets.
 * ``train``: hands HF's loop ``max_grad_norm = 0`` for the duration of the call (the recipe clipped
   already; HF's clip would clip again), and resumes the sharded optimizer and loss scaler state from a
   ``resume_from_checkpoint`` directory (``_RecipeStateCallback``).
@@ -87,6 +94,7 @@ from models.sdpa import SdpaChoice, sdpa_context
 from parallel.distributed import DistInfo, init_distributed
 from parallel.plan import ParallelPlan
 from recipe.builder import build_model, ensure_checkpoint, resolve_attention
+from recipe.checkpoint import TrainableState
 from recipe.config import ConfigError, JobConfig, config_field, validate
 from recipe.data import drop_trivial_masks, load_tokenizer
 from recipe.export import export_model_adapter
@@ -549,7 +557,7 @@ class RecipeTrainerMixin:
         cfg = model.recipe.config
         self._recipe_cfg = cfg
         self._recipe_dist = model.recipe.dist
-        self._scaler = LossScaler(cfg.training.mixed_precision_param == "float16")
+        self._scaler = LossScaler(model.recipe.plan.param_dtype == torch.float16)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         dist_info = model.recipe.dist
         # The recipe loop's step rules (recipe.step): token count, loss scale, unscale, clip, non-finite policy.
@@ -745,11 +753,9 @@ class RecipeTrainerMixin:
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def _state_dicts(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        opts = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
-        return {"optim": get_optimizer_state_dict(self.model, self._inner_optimizer(), options=opts)}
+    def _trainable_state(self) -> TrainableState:
+        # The LoRA weights go to HF's model.safetensors (HF's resume loads them); recipe_state/ has the rest.
+        return TrainableState(self.model, self._inner_optimizer(), include_model=False)
 
     def _inner_optimizer(self):
         opt = self.optimizer
@@ -763,7 +769,7 @@ class RecipeTrainerMixin:
         from safetensors.torch import save_file
 
         lora = _lora_state_dict(self.model)
-        sd = self._state_dicts()
+        sd = self._trainable_state().state_dict()
         sd["scaler"] = json.dumps(self._scaler.state_dict())
         dcp.save(sd, checkpoint_id=str(ckpt / STATE_DIR))
         if self._recipe_dist.is_main:
@@ -779,15 +785,14 @@ class RecipeTrainerMixin:
     def _load_recipe_state(self, ckpt: Path) -> None:
         """Collective: the optimizer and loss scaler of ``ckpt`` (HF has loaded the LoRA weights by now)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        sd = self._state_dicts()
+        state = self._trainable_state()
+        sd = state.state_dict()
         sd["scaler"] = ""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(sd, checkpoint_id=str(ckpt / STATE_DIR))
-        opts = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False)
-        set_optimizer_state_dict(self.model, self._inner_optimizer(), sd["optim"], options=opts)
+        state.load_state_dict({"optim": sd["optim"]})
         self._scaler.load_state_dict(json.loads(sd["scaler"]))
         sched = ckpt / SCHEDULER_NAME
         if sched.is_file():  # HF loads it only together with optimizer.pt, which recipe_state/ replaces

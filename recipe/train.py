@@ -34,6 +34,7 @@ that check, and its read, off).
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 import sys
@@ -41,6 +42,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -49,7 +51,7 @@ from models.sdpa import sdpa_context
 from parallel.distributed import all_reduce_sum, destroy, init_distributed
 from parallel.pipeline import PipelineRunner, format_bubble_table, plan_pipeline
 from recipe.builder import base_quant_name, build_model, build_pipeline_model, ensure_checkpoint, resolve_attention
-from recipe.checkpoint import Checkpointer, RunIdentity
+from recipe.checkpoint import Checkpointer, RunIdentity, TrainableState, schedule_changes
 from recipe.config import JobConfig, config_to_dict, dump_toml, load_config
 from recipe.data import (
     GlobalBatchLoader,
@@ -58,11 +60,21 @@ from recipe.data import (
     load_tokenizer,
     resolve_global_batch_size,
 )
-from recipe.estimate import warn_if_too_big
+from recipe.estimate import memory_warning
 from recipe.exit_status import record_exit, report_bad_input
 from recipe.export import export_model_adapter
 from recipe.logging import log
-from recipe.metrics import MetricsLogger, StepClock, host_rss_gib, model_flops_per_token, peak_flops, peak_memory_gib
+from recipe.metrics import (
+    MetricsLogger,
+    StepClock,
+    describe_speed,
+    gather_bubble,
+    host_rss_gib,
+    model_flops_per_token,
+    peak_flops,
+    peak_memory_gib,
+    run_summary,
+)
 from recipe.optim import LossScaler, apply_hyperparameters, build_lr_scheduler, build_optimizer
 from recipe.plan import resolve_plan
 from recipe.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
@@ -70,7 +82,7 @@ from recipe.profiling import Profiler
 from recipe.seeding import rank_seed
 from recipe.step import DIVERGED_EXIT_CODE, NonfiniteGuard, StepOutcome, StepRules, TrainingDivergedError
 
-__all__ = ["Trainer", "main", "build_model", "TrainingDivergedError", "DIVERGED_EXIT_CODE"]
+__all__ = ["Trainer", "main", "build_model", "memory_warning", "TrainingDivergedError", "DIVERGED_EXIT_CODE"]
 
 
 class Preempted(Exception):
@@ -111,6 +123,15 @@ class StepResult:
         return float(self.grad_norm_t)
 
 
+class PendingStep(NamedTuple):
+    """A step whose device values are not read yet (``Trainer._flush`` reads them in one go)."""
+
+    step: int
+    result: StepResult
+    host: dict  # host-side values taken right after the step
+    marks: tuple  # the StepClock marks around the step
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -131,12 +152,7 @@ class Trainer:
         )
         self.device = self.dist.device
         rank, world = self.dist.rank, self.dist.world_size
-        layout = ""
-        if self.dist.dp_replicate > 1:
-            layout = f" (HSDP: {self.dist.dp_replicate} replicas x {self.dist.dp_shard} shards)"
-        if self.dist.pp > 1:
-            layout += f" (pipeline {self.dist.pp} x data-parallel {self.dist.dp_world}, {p.pipeline_parallel_schedule})"
-        log(f"{world} rank(s){layout}, backend {torch.distributed.get_backend()}, device {self.device.type}", rank)
+        self._log_layout()
         self.dump = Path(cfg.job.dump_folder)
         # Before anything is loaded: a wrong layout, or a dtype or kernel the GPU lacks, should not cost a
         # model load. The pipeline ranks of one data-parallel rank train the same micro-batches (the schedule's).
@@ -174,14 +190,7 @@ class Trainer:
         if warning:
             log(warning, rank)
         t0 = time.perf_counter()
-        self.pipeline = None
-        if pipeline_plan is None:
-            self.model = build_model(cfg, self.reader, self.dist, self.plan)
-        else:
-            # self.model holds this rank's blocks under their full-model names (optimizer, checkpoints, export).
-            self.model, stages = build_pipeline_model(cfg, self.reader, self.dist, self.plan, pipeline_plan)
-            pp_group = self.dist.pp_mesh.get_group()
-            self.pipeline = PipelineRunner(stages, pipeline_plan, self.dist.pp_rank, pp_group, self.device)
+        self.model, self.pipeline = self._build_model(pipeline_plan)
         self.load_time_s = time.perf_counter() - t0
         # Dropout draws from the global generator (LoRA initialisation has its own seeded generator).
         torch.manual_seed(rank_seed(cfg.job.seed, rank))
@@ -211,7 +220,9 @@ class Trainer:
                 f"{t.steps}: the lr never reaches optimizer.lr",
                 rank,
             )
-        self.scaler = LossScaler(t.mixed_precision_param == "float16", t.loss_scale_init, t.loss_scale_growth_interval)
+        self.scaler = LossScaler(
+            self.plan.param_dtype == torch.float16, t.loss_scale_init, t.loss_scale_growth_interval
+        )
         self.rules = StepRules(
             self.params,
             self.scaler,
@@ -225,40 +236,17 @@ class Trainer:
         )
         self.nonfinite = NonfiniteGuard(t.max_nonfinite_steps, rank)
         self.step = 0  # optimizer steps completed
-        self.metrics = MetricsLogger(
-            self.dump / cfg.metrics.save_folder,
-            t.steps,
-            rank,
-            cfg.metrics.log_freq,
-            cfg.metrics.enable_jsonl,
-            flops_per_token=model_flops_per_token(
-                shape,
-                cfg.data.seq_len,
-                cfg.lora.rank,
-                cfg.lora.target_modules,
-                cfg.activation_checkpoint.mode,
-                cfg.activation_checkpoint.selective_every,
-            ),
-            peak_flops=peak_flops(self.device, cfg.metrics.peak_tflops),
-            world_size=world,
-            enable_tensorboard=cfg.metrics.enable_tensorboard,
-        )
+        self.metrics = self._metrics_logger()
+        self.step_times: list[float] = []  # seconds of every step this process ran (summary.json)
+        self.bubble: list[dict] = []  # pipeline: every rank's action times, after training
         if self.dist.is_main:
             self.dump.mkdir(parents=True, exist_ok=True)
-        self.checkpointer = Checkpointer(
-            cfg.checkpoint,
-            self.dump / cfg.checkpoint.folder,
-            model=self.model,
-            optimizer=self.optimizer,
-            stateful={"scheduler": self.scheduler, "scaler": self.scaler, "loader": self.loader},
-            identity=self._identity(),
-            total_steps=t.steps,
-            rank=rank,
-            world=world,
-            device=self.device,
-        )
+        self.checkpointer = self._make_checkpointer()
         self.step = self.checkpointer.maybe_resume()  # raises CheckpointLoadError before any training
         if self.checkpointer.resumed_from is not None:
+            moved = schedule_changes(self.checkpointer.resumed_meta.get("config"), config_to_dict(cfg))
+            if moved:
+                log(f"checkpoint: the lr schedule follows the config from step {self.step}: {', '.join(moved)}", rank)
             changed = apply_hyperparameters(self.optimizer, self.scheduler, cfg.optimizer)
             if changed:
                 log(f"checkpoint: optimizer settings from the config, not the checkpoint: {', '.join(changed)}", rank)
@@ -269,6 +257,63 @@ class Trainer:
             tmp = self.dump / f".config.toml.tmp-{os.getpid()}"
             tmp.write_text(dump_toml(cfg))
             tmp.replace(self.dump / "config.toml")
+
+    def _log_layout(self) -> None:
+        d, schedule = self.dist, self.cfg.parallelism.pipeline_parallel_schedule
+        layout = f" (HSDP: {d.dp_replicate} replicas x {d.dp_shard} shards)" if d.dp_replicate > 1 else ""
+        if d.pp > 1:
+            layout += f" (pipeline {d.pp} x data-parallel {d.dp_world}, {schedule})"
+        backend = torch.distributed.get_backend()
+        log(f"{d.world_size} rank(s){layout}, backend {backend}, device {self.device.type}", d.rank)
+
+    def _build_model(self, pipeline_plan) -> tuple[torch.nn.Module, PipelineRunner | None]:
+        """(the model, the pipeline runner or None). With a pipeline the model holds this rank's blocks
+        under their full-model names (what the optimizer, checkpoints and export see)."""
+        if pipeline_plan is None:
+            return build_model(self.cfg, self.reader, self.dist, self.plan), None
+        model, stages = build_pipeline_model(self.cfg, self.reader, self.dist, self.plan, pipeline_plan)
+        pp_group = self.dist.pp_mesh.get_group()
+        return model, PipelineRunner(stages, pipeline_plan, self.dist.pp_rank, pp_group, self.device)
+
+    def _make_checkpointer(self) -> Checkpointer:
+        cfg = self.cfg
+        return Checkpointer(
+            cfg.checkpoint,
+            self.dump / cfg.checkpoint.folder,
+            # Restored in this order: the LoRA weights and optimizer state, then the small states.
+            states={
+                "trainable": TrainableState(self.model, self.optimizer),
+                "scheduler": self.scheduler,
+                "scaler": self.scaler,
+                "loader": self.loader,
+            },
+            identity=self._identity(),
+            total_steps=cfg.training.steps,
+            rank=self.dist.rank,
+            world=self.dist.world_size,
+            device=self.device,
+        )
+
+    def _metrics_logger(self) -> MetricsLogger:
+        cfg = self.cfg
+        return MetricsLogger(
+            self.dump / cfg.metrics.save_folder,
+            cfg.training.steps,
+            self.dist.rank,
+            cfg.metrics.log_freq,
+            cfg.metrics.enable_jsonl,
+            flops_per_token=model_flops_per_token(
+                self.reader.shape,
+                cfg.data.seq_len,
+                cfg.lora.rank,
+                cfg.lora.target_modules,
+                cfg.activation_checkpoint.mode,
+                cfg.activation_checkpoint.selective_every,
+            ),
+            peak_flops=peak_flops(self.device, cfg.metrics.peak_tflops),
+            world_size=self.dist.world_size,
+            enable_tensorboard=cfg.metrics.enable_tensorboard,
+        )
 
     def _identity(self) -> RunIdentity:
         cfg = self.cfg
@@ -285,6 +330,8 @@ class Trainer:
             quant_type=cfg.model.quant_type,
             seed=cfg.job.seed,
             config=config_to_dict(cfg),
+            data_order=self.loader.state_dict(),
+            trainable={n: list(p.shape) for n, p in self.model.named_parameters() if p.requires_grad},
         )
 
     def num_trainable(self) -> int:
@@ -299,7 +346,7 @@ class Trainer:
         # Exact mode: gradients of all micro-batches are summed locally in fp64 (exact for bf16/fp32
         # addends) and reduced once, so the result does not depend on how the batch was split; the
         # reported loss is summed in fp64 too, for the same reason.
-        exact = self.cfg.training.mixed_precision_reduce == "float64"
+        exact = self.plan.reduce_dtype == torch.float64
         loss_sum = torch.zeros((), dtype=torch.float64 if exact else torch.float32, device=self.device)
         with self._attention_backend():
             loss_sum = self._forward_backward(micro, n32, loss_sum, exact)
@@ -345,8 +392,8 @@ class Trainer:
     def train(self) -> list[float]:
         cfg = self.cfg
         losses: list[float] = []
-        self.step_times: list[float] = []
-        pending: list[tuple] = []  # steps whose device values are not read yet
+        self.step_times.clear()
+        pending: list[PendingStep] = []
         clock = StepClock(self.device)
         log_freq = cfg.metrics.log_freq
         self.model.train()
@@ -371,7 +418,7 @@ class Trainer:
                 "nonfinite": bool(r.nonfinite_ranks),
                 "loss_scale": self.scaler.scale,
             }
-            pending.append((self.step, r, host, (start, end)))
+            pending.append(PendingStep(self.step, r, host, (start, end)))
             self.nonfinite.after_step(
                 self.step,
                 r.outcome,
@@ -398,9 +445,7 @@ class Trainer:
 
     def _report_bubble(self) -> list[dict]:
         """Collective: every rank's action times (``parallel.pipeline.ActionTimer``), printed by rank 0."""
-        mine = dict(self.pipeline.timer.totals(), rank=self.dist.rank)
-        rows = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(rows, mine)
+        rows = gather_bubble(self.pipeline.timer.totals(), self.dist.rank, self.dist.world_size)
         log(format_bubble_table(rows, self.cfg.parallelism.pipeline_parallel_schedule), self.dist.rank)
         return rows
 
@@ -420,16 +465,16 @@ class Trainer:
         )
         raise Preempted(self.step)
 
-    def _flush(self, pending: list[tuple], clock: StepClock) -> list[float]:
+    def _flush(self, pending: list[PendingStep], clock: StepClock) -> list[float]:
         """Read the pending steps' device values (one synchronisation) and write their metrics rows."""
         if not pending:
             return []
-        seconds = clock.seconds([p[3] for p in pending])
+        seconds = clock.seconds([p.marks for p in pending])
         values = torch.stack(
             # With CPU offload the gradient norm lives on the host, the loss on the device.
             [
                 torch.stack([t.double().to(self.device) for t in (r.loss_sum, r.n_global, r.grad_norm_t)])
-                for _, r, _, _ in pending
+                for r in (p.result for p in pending)
             ]
         ).tolist()
         losses = []
@@ -483,54 +528,24 @@ class Trainer:
         gc.collect()
         destroy()
 
-    def write_summary(self, losses: list[float], warmup_steps: int = 3) -> dict:
-        """Per-rank memory and speed, gathered to rank 0 into <dump>/summary.json (benchmarks read it)."""
-        import json
-        import statistics
-
-        timed = self.step_times[warmup_steps:] or self.step_times
-        cuda = self.device.type == "cuda"
-        gbs = self.global_batch
-        mine = {
-            "rank": self.dist.rank,
-            "load_peak_gib": self.load_peak_gib if cuda else None,
-            "train_peak_gib": peak_memory_gib(self.device) if cuda else None,
-            "host_peak_rss_gib": host_rss_gib(peak=True),
-            "tokens_per_s_per_gpu": gbs * self.cfg.data.seq_len / statistics.median(timed) / self.dist.world_size
-            if timed
-            else None,
-        }
-        ranks = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(ranks, mine)
-        summary = {
-            "world": self.dist.world_size,
-            "device": torch.cuda.get_device_name(self.device) if cuda else "cpu",
-            "torch": torch.__version__,
-            "load_time_s": self.load_time_s,
-            "losses": losses,
-            "step_times_s": self.step_times,
-            "ranks": ranks,
-        }
-        if getattr(self, "bubble", None):
+    def write_summary(self, losses: list[float]) -> dict:
+        """Per-rank memory and speed, gathered to rank 0 into <dump>/summary.json (``recipe.metrics.run_summary``)."""
+        summary = run_summary(
+            rank=self.dist.rank,
+            world=self.dist.world_size,
+            device=self.device,
+            load_time_s=self.load_time_s,
+            load_peak_gib=self.load_peak_gib,
+            losses=losses,
+            step_times=self.step_times,
+            tokens_per_step=self.global_batch * self.cfg.data.seq_len,
+        )
+        if self.bubble:
             summary["pipeline"] = {"schedule": self.cfg.parallelism.pipeline_parallel_schedule, "ranks": self.bubble}
+        log(describe_speed(summary), self.dist.rank)
         if self.dist.is_main:
             (self.dump / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
-
-
-def device_memory_gib(device: torch.device) -> float:
-    """What this process may allocate on a CUDA device: its memory x the per-process fraction (as
-    ``shared/gpu/one_gpu_ranks.py``'s ``GPU_MEM_CAP_GIB`` sets it)."""
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    return total * (get_fraction(device) if get_fraction else 1.0)
-
-
-def memory_warning(cfg: JobConfig, world: int, device: torch.device) -> str | None:
-    """The estimator's warning before loading (CUDA only: on CPU nothing is allocated on a device)."""
-    if device.type != "cuda":
-        return None
-    return warn_if_too_big(cfg, world, device_memory_gib(device))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
