@@ -11,12 +11,14 @@
 # RUNS picks and orders the runs (default below); each is one of
 #   eager compiled eager_offload compiled_offload   this recipe (--training.compile / --activation_checkpoint.offload)
 #   eager_lean compiled_lean                         the same with offload and --parallelism.host_embedding
-#   old_eager                                        the same from the tree in $OLD (e.g. git archive <commit>)
+#   compiled_host                                    compiled with --parallelism.host_embedding only
+#   old_eager old_compiled                           the same from the tree in $OLD (e.g. git archive <commit>)
 #   hf_loop hf_trainer adapter                       HF + peft + bnb plain loop / HF Trainer / recipe.hf_trainer
 #   adapter2 recipe2 recipe2_lean                    2 ranks on the one GPU (gloo, 1 step; memory only, speed means nothing)
 #   unsloth                                          .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth)
-#   profile                                          benchmarks/profile_step.py on the eager recipe (top kernels)
+#   profile profile_compiled                         benchmarks/profile_step.py on the eager / compiled recipe (top kernels)
 #   compile_check                                    benchmarks/compile_vs_eager.py: first-step LoRA gradients
+# EXTRA: more overrides for every recipe run (e.g. --metrics.memory_report=true).
 # STEPS optimizer steps per run (tokens/s: median after 3 warm-up steps), TMO seconds per run.
 set -u
 OUT=${1:-/tmp/single_gpu}
@@ -37,7 +39,7 @@ t0=$SECONDS
 echo "[ckpt] $((SECONDS - t0))s"
 
 common=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint="$CK" --model.synthetic_shape=
-        --training.steps="$STEPS" --metrics.log_freq=1 --checkpoint.export_adapter=false)
+        --training.steps="$STEPS" --metrics.log_freq=1 --checkpoint.export_adapter=false ${EXTRA:-})
 recipe() {  # name tree nproc launcher... -- overrides
   local name=$1 tree=$2 n=$3; shift 3
   local t=$SECONDS
@@ -66,8 +68,11 @@ for r in $RUNS; do
     compiled_offload) recipe compiled_offload "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --activation_checkpoint.offload=true ;;
     eager_lean) recipe eager_lean "$ROOT" 1 -m recipe.train "${common[@]}" "${lean[@]}" ;;
+    compiled_host) recipe compiled_host "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
+        --parallelism.host_embedding=true ;;
     compiled_lean) recipe compiled_lean "$ROOT" 1 -m recipe.train "${common[@]}" "${lean[@]}" --training.compile=true ;;
     old_eager) recipe old_eager "$OLD" 1 -m recipe.train "${common[@]}" ;;
+    old_compiled) recipe old_compiled "$OLD" 1 -m recipe.train "${common[@]}" --training.compile=true ;;
     recipe2) recipe recipe2 "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=1 --parallelism.backend=gloo ;;
     recipe2_lean) recipe recipe2_lean "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=1 \
         --parallelism.backend=gloo "${lean[@]}" ;;
@@ -78,6 +83,8 @@ for r in $RUNS; do
         --steps 1 --warmup 0 --recipe --ddp-backend gloo --out "$OUT/adapter2.json" ;;
     compile_check) script compile_check 1 benchmarks/compile_vs_eager.py "${common[@]}" --job.dump_folder="$OUT/cve" ;;
     profile) script profile 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 --job.dump_folder="$OUT/profile" ;;
+    profile_compiled) script profile_compiled 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 \
+        --training.compile=true --job.dump_folder="$OUT/profile_compiled" ;;
     unsloth)
       t=$SECONDS
       OUT="$OUT/unsloth_logs" BENCH_ARGS="--steps $STEPS" timeout "${UTMO:-300}" bash .whl/tools/unsloth/run.sh "$CK" \

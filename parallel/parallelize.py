@@ -13,7 +13,9 @@ The order is torchtitan's and it matters:
   2. torch.compile compiles each block in place (names unchanged, so checkpoint keys still match);
   3. ``fully_shard`` on every block, then on the embeddings (unless tied to lm_head), then the root
      (norm + lm_head + whatever is left). 4-bit weights shard through ``Weight4bit``'s all-gather
-     extension; LoRA parameters and frozen dense weights shard as ordinary parameters.
+     extension; LoRA parameters and frozen dense weights shard as ordinary parameters. On a shard
+     group of one rank without CPU offload the frozen weights stay out of FSDP (plain tensors used in
+     place: ``frozen_params_left_local``) and only the LoRA parameters are FSDP's.
 
 All of it runs on the meta model: nothing is allocated until ``parallel.materialize`` reads each
 rank's rows. What to apply comes from one frozen ``parallel.plan.ParallelPlan`` (``recipe.plan``
@@ -38,7 +40,7 @@ from parallel.embedding import HostEmbedding, VocabShardedEmbedding
 from parallel.plan import ParallelPlan
 from parallel.sharding import pad_4bit_rows, shard_submesh
 
-__all__ = ["parallelize", "apply_activation_checkpointing"]
+__all__ = ["parallelize", "apply_activation_checkpointing", "frozen_params_left_local"]
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> int:
@@ -64,6 +66,24 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
 
 def _checkpointed_forward(inner, *args, **kwargs):
     return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+def frozen_params_left_local(model: nn.Module, shard_degree: int, cpu_offload: bool) -> set[nn.Parameter]:
+    """The frozen parameters FSDP should leave alone: all of them when the shard group is one rank (one
+    GPU, or HSDP that only replicates) and nothing is offloaded; else none.
+
+    With nothing to split, FSDP's all-gather of a frozen weight only copies it into a second buffer:
+    for Llama 3 8B on one GPU the root's lm_head (kept gathered from forward to backward) is a second
+    1 GiB copy at the backward peak, and each block's packed 4-bit bytes are copied once more while it
+    computes. Left out of FSDP they are plain tensors (``Weight4bit`` for the 4-bit ones) used in place;
+    they are already stored in the compute dtype (``parallel.materialize``), so mixed precision has
+    nothing to cast, and they have no gradients to reduce. LoRA parameters stay under FSDP (fp32
+    masters, bf16 compute copies, gradient reduction over the replicas). With CPU offload FSDP must keep
+    them: it is what moves them to the GPU for each block.
+    """
+    if shard_degree > 1 or cpu_offload:
+        return set()
+    return {p for p in model.parameters() if not p.requires_grad}
 
 
 def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: bool = False) -> nn.Module:
@@ -109,10 +129,12 @@ def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: b
             block.compile(fullgraph=False)
     mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
     offload = CPUOffloadPolicy(pin_memory=plan.pin_memory) if plan.cpu_offload else OffloadPolicy()
-    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    ignored = frozen_params_left_local(model, shard_mesh.size(), plan.cpu_offload)
+    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
     for block in model.model.blocks():
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
-    if has_embedding and not tied and not sharded_embedding and not host_embedding:
+    embedding_in_fsdp = has_embedding and not tied and not sharded_embedding and not host_embedding
+    if embedding_in_fsdp and model.model.embed_tokens.weight not in ignored:
         fully_shard(model.model.embed_tokens, reshard_after_forward=reshard_after_forward, **kw)
     # The root keeps norm and lm_head (and the embeddings when tied). It is needed again right at
     # the start of backward, so it stays gathered. (lm_head in a group of its own measured worse on

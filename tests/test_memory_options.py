@@ -241,3 +241,33 @@ def test_segment_attention_matches_the_mask(tmp_path, debug_nf4_ckpt, mode, monk
 def test_segments_refuse_compile():
     with pytest.raises(ConfigError, match="packed_attention"):
         load_config(["--model.packed_attention=segments", "--training.compile=true"])
+
+
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_one_rank_leaves_frozen_weights_out_of_fsdp(tmp_path, debug_nf4_ckpt, cpu_offload):
+    """On a shard group of one rank FSDP would only copy frozen weights into all-gather buffers (for the
+    8B shape on one GPU: lm_head's 1 GiB kept gathered from forward to backward). They stay plain tensors
+    used in place, LoRA stays FSDP's; with CPU offload FSDP keeps them all (it moves them to the GPU).
+    Their values are the same either way: tests/test_fsdp.py compares this 1-process path with 2 and 3
+    ranks, where every weight is sharded."""
+    from torch.distributed.tensor import DTensor
+
+    from models.quant import Weight4bit
+    from recipe.train import Trainer
+
+    cfg = load_config(
+        [f"--model.checkpoint={debug_nf4_ckpt}", f"--job.dump_folder={tmp_path}", *BASE]
+        + [f"--parallelism.cpu_offload={str(cpu_offload).lower()}"]
+    )
+    tr = Trainer(cfg)
+    try:
+        params = dict(tr.model.named_parameters())
+        frozen = {n: p for n, p in params.items() if not p.requires_grad}
+        lora = {n: p for n, p in params.items() if p.requires_grad}
+        assert lora and all(isinstance(p, DTensor) for p in lora.values())
+        assert {isinstance(p, DTensor) for p in frozen.values()} == {cpu_offload}
+        q = frozen["model.layers.0.self_attn.q_proj.weight"]
+        assert isinstance(q.to_local() if cpu_offload else q, Weight4bit)
+        assert tr.train_step().loss > 0
+    finally:
+        tr.close()
