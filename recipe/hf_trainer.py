@@ -491,14 +491,25 @@ def check_training_arguments(args, model: HFLlamaForCausalLM) -> None:
 
 def check_sharded(model: HFLlamaForCausalLM) -> int:
     """Every 4-bit base weight must be an FSDP2 shard (Shard(0) DTensor) over all ranks, holding its share
-    of the rows; returns how many were checked. Raises RuntimeError otherwise."""
+    of the rows (on one rank: the whole weight, outside FSDP); returns how many were checked. Raises
+    RuntimeError otherwise."""
     world = model.recipe.dist.world_size
+    # One rank without CPU offload: the frozen weights stay out of FSDP, whole plain tensors
+    # (parallel.parallelize.frozen_params_left_local); the LoRA parameters are FSDP's still.
+    left_local = world == 1 and not model.recipe.plan.cpu_offload
     n = 0
     for name, p in model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
         if not isinstance(local, Weight4bit):
             continue
         n += 1
+        if left_local:
+            if isinstance(p, DTensor) or local.packed.shape[0] != p.shape[0]:
+                raise RuntimeError(
+                    f"4-bit weight {name} should be this rank's whole weight on one rank (type {type(p).__name__}): "
+                    "build the model with recipe.hf_trainer.build_hf_model, and do not wrap it again"
+                )
+            continue
         if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),) or p.device_mesh.size() != world:
             raise RuntimeError(
                 f"4-bit weight {name} is not sharded over the {world} rank(s) (type {type(p).__name__}"
