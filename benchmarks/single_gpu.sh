@@ -17,9 +17,11 @@
 #   adapter2 recipe2 recipe2_lean                    2 ranks on the one GPU (gloo, 1 step; memory only, speed means nothing)
 #   unsloth                                          .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth)
 #   profile profile_compiled                         benchmarks/profile_step.py on the eager / compiled recipe (top kernels)
-#   compile_check                                    benchmarks/compile_vs_eager.py: first-step LoRA gradients
+#   oracle (alias compile_check)                     benchmarks/oracle.py: first-step LoRA gradients and 20 steps
+#                                                    of losses of each fast path against fp32 eager (accumulation 1)
 # EXTRA: more overrides for every recipe run (e.g. --metrics.memory_report=true).
-# STEPS optimizer steps per run (tokens/s: median after 3 warm-up steps), TMO seconds per run.
+# STEPS optimizer steps per run (tokens/s: median after 3 warm-up steps), TMO seconds per run (OTMO for oracle,
+# default 420).
 set -u
 OUT=${1:-/tmp/single_gpu}
 mkdir -p "$OUT"
@@ -84,7 +86,8 @@ for r in $RUNS; do
     adapter) script adapter 1 benchmarks/hf_trainer_fsdp.py "${hfargs[@]}" --recipe --out "$OUT/adapter.json" ;;
     adapter2) script adapter2 2 .whl/tools/one_gpu_ranks.py benchmarks/hf_trainer_fsdp.py --checkpoint "$CK" \
         --steps 1 --warmup 0 --recipe --ddp-backend gloo --out "$OUT/adapter2.json" ;;
-    compile_check) script compile_check 1 benchmarks/compile_vs_eager.py "${common[@]}" --job.dump_folder="$OUT/cve" ;;
+    oracle|compile_check) TMO=${OTMO:-420} script oracle 1 benchmarks/oracle.py --out "$OUT/oracle.json" "${common[@]}" \
+        --training.global_batch_size=2 --job.dump_folder="$OUT/oracle" ;;
     profile) script profile 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 --job.dump_folder="$OUT/profile" ;;
     profile_compiled) script profile_compiled 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 \
         --training.compile=true --job.dump_folder="$OUT/profile_compiled" ;;

@@ -4,7 +4,8 @@
 
 Reads NAME.summary.json (recipe runs, recipe/train.py's summary), hf_loop.json / hf_trainer.json /
 adapter*.json (benchmarks/hf_plain_loop.py, benchmarks/hf_trainer_fsdp.py) and unsloth.json (the RESULT
-line of .whl/tools/unsloth/run.sh). All runs train the same workload, so one FLOP count serves them all:
+line of .whl/tools/unsloth/run.sh); oracle.json (benchmarks/oracle.py) is printed as a table of its own.
+All runs train the same workload, so one FLOP count serves them all:
 
   MFU = tokens/s x FLOPs per token without recomputation / the card's dense bf16 peak
   HFU = tokens/s x FLOPs per token with the recomputation full activation checkpointing does / that peak
@@ -117,6 +118,13 @@ def main(out: Path) -> dict:
         )
         print(line + (" ERROR: " + str(r["error"])[:80] if r.get("error") else ""))
     res = {"card": card, "peak_flops": peak, "flops_per_token": {"mfu": f_model, "hfu": f_hw}, "runs": rows}
+    oracle = _load(out / "oracle.json")
+    if oracle:
+        from recipe.oracle import format_table
+
+        print("\n" + format_table(oracle))
+        res["oracle"] = {k: v for k, v in oracle.items() if k != "variants"}
+        res["oracle"]["variants"] = [{k: v for k, v in r.items() if k != "rel"} for r in oracle["variants"]]
     (out / "single_gpu.json").write_text(json.dumps(res, indent=1))
     return res
 

@@ -199,6 +199,14 @@ class Parallelism:
         "FSDP ranks per replica (parameters sharded over them); -1 means the rest: the number of ranks / "
         "data_parallel_replicate_degree. replicate x shard must equal the number of ranks.",
     )
+    plan: str = _f(
+        "off",
+        "'auto': before loading, pick the layout that fits this machine's GPUs with the highest predicted "
+        "tokens/s (recipe.planner: replicate/shard degree, reshard_after_forward, cpu_offload, activation "
+        "offload, host_embedding, checkpointing mode, micro-batch; the global batch is kept), print it with "
+        "the runner-up, and train with it. 'off': the layout as configured.",
+        ("off", "auto"),
+    )
     reshard_after_forward: bool = _f(True, "Free unsharded parameters after forward (re-gather in backward).")
     cpu_offload: bool = _f(False, "Offload sharded parameters and gradients to CPU.")
     backend: str = _f("auto", "Process group backend; 'auto' is nccl on GPU, gloo on CPU.", ("auto", "nccl", "gloo"))

@@ -77,6 +77,7 @@ from recipe.metrics import (
 )
 from recipe.optim import LossScaler, apply_hyperparameters, build_lr_scheduler, build_optimizer
 from recipe.plan import resolve_plan
+from recipe.planner import plan_for_run
 from recipe.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from recipe.profiling import Profiler
 from recipe.seeding import rank_seed
@@ -562,6 +563,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg = plan_for_run(cfg)  # parallelism.plan=auto: the layout for this machine's GPUs, before loading
         trainer = Trainer(cfg)
     except _user_errors() as e:
         # No Trainer holds a rank here: report_bad_input takes the process group's, else torchrun's.

@@ -10,8 +10,11 @@ never a GPU. It prints, per rank:
 * host memory (resident set);
 * the training checkpoint's size (``recipe/checkpoint``: LoRA weights + AdamW state): the tensor bytes,
   exact, and the DCP data files, exact up to the small pickled scalars;
-* tokens/s per GPU on ``--card``: its dense bf16 peak (``recipe.metrics.PEAK_FLOPS``) x a measured
-  model-FLOPs utilisation (``MFU``) / ``recipe.metrics.model_flops_per_token``.
+* tokens/s per GPU on ``--card``: the step-time model of ``recipe.planner`` (the card's peak, efficiencies
+  and transfer costs fitted to the measured rows of ``CALIBRATION``).
+
+``--plan`` adds the layout planner's choice for ``--ngpu`` x ``--card`` (``recipe.planner``); ``--calibration``
+prints the estimator against every measured row; ``--help`` lists these options.
 
 ``--fit-gpu-gib G`` adds the largest ``training.micro_batch_size`` (at the configured ``seq_len``) and the
 largest ``data.seq_len`` (at the configured micro-batch) whose training peak stays under G GiB.
@@ -31,10 +34,12 @@ fitted constant, scales the working sets to the H200 measurements of BENCHMARKS.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import json
 import math
-import sys
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +48,19 @@ import torch
 from models.dtypes import DTYPES
 from models.shapes import LlamaShape, get_shape, shape_from_hf_config
 from recipe.config import ConfigError, JobConfig, load_config
-from recipe.metrics import PEAK_FLOPS, model_flops_per_token
+from recipe.metrics import PEAK_FLOPS, ac_fraction, model_flops_per_token
 from recipe.profiling import PHASES
 
-__all__ = ["CARDS", "CALIBRATION", "Estimate", "estimate", "fit", "checkpoint_tensors", "main", "memory_warning"]
+__all__ = [
+    "CARDS",
+    "CALIBRATION",
+    "Estimate",
+    "estimate",
+    "fit",
+    "checkpoint_tensors",
+    "calibration_table",
+    "memory_warning",
+]
 
 _GIB = 2**30
 
@@ -60,22 +74,32 @@ CARDS: dict[str, tuple[str, float]] = {
     "t4": ("T4", 15360 / 1024),
 }
 
-# Model-FLOPs utilisation per GPU by number of GPUs, measured on H200 (BENCHMARKS.md, 4x H200 call: 8B
-# shape, seq 2048, micro-batch 2, full AC, eager): 6,958 / 5,494 / 4,838 tokens/s/GPU on 1 / 2 / 4 GPUs
-# x 50.65 GFLOP/token / 989 TFLOP/s. Other cards are assumed to reach the same fraction (not measured);
-# small micro-batches are overhead-bound and slower (1B, seq 512, micro-batch 1: 1.4 %), CPU offload and
-# gloo are not covered. More than 4 GPUs use the 4-GPU figure.
-MFU = {1: 0.356, 2: 0.281, 4: 0.248}
-
 # Scale the counted working sets to the caching allocator's peaks: the pair that minimises the largest
 # relative error over CALIBRATION (a grid over 0.2-1.6 in steps of 0.05; max error 2.3 %). What is
 # counted double-counts tensors the allocator frees early (silu's input, the fp32 logits).
-_WORK_SCALE = 0.6  # block recompute / backward and the embedding-free phases
-_LOSS_SCALE = 0.7  # the cross-entropy chunk
+_WORK_SCALE = 0.45  # a block's recompute and MLP backward, and the embedding-free phases
+_LOSS_SCALE = 0.65  # the cross-entropy chunk
 
-# (description, overrides of llama3_8b_qlora.toml, ngpu, measured train peak GiB, measured load peak GiB)
-# on H200, from shared/REFERENCE.md section 0 and BENCHMARKS.md; tests/test_estimate.py checks the
-# estimator against every row.
+
+@dataclass(frozen=True)
+class Measured:
+    """One measured run: its job (a file of train_configs/ plus overrides), GPUs, and what it gave."""
+
+    what: str
+    overrides: dict
+    ngpu: int
+    train: float | None  # training peak, GiB per rank (CUDA allocated)
+    load: float | None  # load peak
+    tokens_per_s: float | None  # per GPU
+    card: str
+    fitted: bool  # one of the rows the constants were fitted to
+    source: str
+    config: str = "llama3_8b_qlora.toml"
+    # Measured before frozen weights left FSDP on one shard rank (main cb917b8, 2026-12-07): every row so
+    # far. Such rows are compared with the layout they ran (``measured_job``).
+    frozen_in_fsdp: bool = True
+
+
 _1B = {
     "model.synthetic_shape": "llama3_2_1b",
     "data.seq_len": 512,
@@ -84,18 +108,98 @@ _1B = {
     "training.mixed_precision_reduce": "float64",
 }
 _LEAN = {"activation_checkpoint.offload": True, "parallelism.host_embedding": True}
-CALIBRATION: list[tuple[str, dict, int, float, float]] = [
-    ("8B, 1 GPU", {}, 1, 11.32, 6.27),
-    ("8B, 2 GPUs", {}, 2, 8.04, 3.12),
-    ("8B, 2 GPUs, vocab_parallel_embedding", {"parallelism.vocab_parallel_embedding": True}, 2, 7.39, 3.12),
-    ("8B, 2 GPUs, cpu_offload", {"parallelism.cpu_offload": True}, 2, 4.47, 0.0),
-    # Measured after the two constants were fitted (BENCHMARKS.md, second session of 2026-12-01): the
-    # model of activation offload and the host embedding, not a fit.
-    ("8B, 1 GPU, activation offload + host embedding", _LEAN, 1, 9.35, 5.29),
-    ("8B, 2 GPUs, activation offload + host embedding", _LEAN, 2, 5.25, 2.63),
-    ("1B det (seq 512, mb 1, fp64 reduce), 1 GPU", _1B, 1, 3.17, 1.17),
-    ("1B det, 2 ranks on one GPU", _1B, 2, 2.41, 0.58),
-    ("1B det, 3 ranks on one GPU", _1B, 3, 2.16, 0.39),
+_LONG = _LEAN | {"training.micro_batch_size": 1, "training.global_batch_size": 1, "model.mlp_chunk_tokens": 8192}
+_T4 = {"model.synthetic_shape": "llama3_1_8b", "training.attention_backend": "auto"}
+_B, _R0, _R0B = "BENCHMARKS.md", "REFERENCE.md 0", "REFERENCE.md 0b"
+# Every measured row of BENCHMARKS.md and shared/REFERENCE.md sections 0 / 0b that the recipe's current
+# layout ran (2 ranks "on one GPU" are gloo ranks sharing a card: per-rank memory as on 2 cards, speed
+# meaningless). tests/test_estimate.py checks the estimator against every row: memory within 10 %;
+# BENCHMARKS.md prints the table (``python -m recipe.estimate --calibration``).
+CALIBRATION: list[Measured] = [
+    Measured("8B, 1 GPU, eager", {}, 1, 11.32, 6.27, 6909, "h200", True, _R0B + ", " + _B + " call A"),
+    Measured("8B, 1 GPU, eager", {}, 1, 11.27, 6.27, 6329, "h100", False, _R0),
+    Measured("8B, 2 GPUs", {}, 2, 8.04, 3.12, 5494, "h200", True, _R0B + ", " + _B + " 4x H200"),
+    Measured("8B, 2 ranks on one GPU (later tree)", {}, 2, 7.41, 3.12, None, "h200", False, _B + " call D"),
+    Measured("8B, 4 GPUs (lm_head in its own group)", {}, 4, 6.00, 1.56, 4838, "h200", False, _B + " 4x H200"),
+    Measured(
+        "8B, 2 GPUs, vocab_parallel_embedding",
+        {"parallelism.vocab_parallel_embedding": True},
+        2,
+        7.39,
+        3.12,
+        None,
+        "h200",
+        True,
+        _R0B,
+    ),
+    Measured("8B, 2 GPUs, cpu_offload", {"parallelism.cpu_offload": True}, 2, 4.47, 0.0, None, "h200", True, _R0B),
+    Measured("8B, 1 GPU, lean (act. offload + host emb.)", _LEAN, 1, 9.35, 5.29, 6764, "h200", True, _B + " call A"),
+    Measured("8B, 2 GPUs, lean", _LEAN, 2, 5.25, 2.63, None, "h200", True, _B + " call B"),
+    Measured("8B, 1 GPU, compiled", {"training.compile": True}, 1, 11.54, 6.27, 9099, "h200", False, _B + " call A"),
+    Measured("8B, 1 GPU, compiled", {"training.compile": True}, 1, 11.54, 6.27, 9664, "h100", False, _R0),
+    Measured("8B, 1 GPU, compiled + lean", _LEAN | {"training.compile": True}, 1, 9.64, 5.29, 8054, "h200", False, _B),
+    Measured("8B, 1 GPU, compiled + lean", _LEAN | {"training.compile": True}, 1, 9.64, 5.29, 7623, "h100", False, _R0),
+    Measured(
+        "8B, long context 32,768, lean + MLP chunks",
+        _LONG | {"data.seq_len": 32768},
+        1,
+        13.23,
+        None,
+        4867,
+        "h100",
+        False,
+        _R0,
+    ),
+    Measured(
+        "8B, long context 65,536, lean + MLP chunks",
+        _LONG | {"data.seq_len": 65536},
+        1,
+        18.14,
+        None,
+        3611,
+        "h100",
+        False,
+        _R0,
+    ),
+    Measured("1B det (seq 512, mb 1, fp64 reduce), 1 GPU", _1B, 1, 3.17, 1.17, None, "h200", True, _B),
+    Measured("1B det, 2 ranks on one GPU", _1B, 2, 2.41, 0.58, None, "h200", True, _B),
+    Measured("1B det, 3 ranks on one GPU", _1B, 3, 2.16, 0.39, None, "h200", True, _B),
+    Measured(
+        "T4 job (fp16), 1 rank, 15 GiB cap",
+        _T4,
+        1,
+        11.34,
+        6.27,
+        None,
+        "h200",
+        False,
+        _B + " call E",
+        "llama3_8b_qlora_t4.toml",
+    ),
+    Measured(
+        "T4 job, 2 ranks, cpu_offload",
+        _T4 | {"parallelism.cpu_offload": True},
+        2,
+        4.47,
+        0.0,
+        None,
+        "h200",
+        False,
+        _B + " call F",
+        "llama3_8b_qlora_t4.toml",
+    ),
+    Measured(
+        "T4 job, seq 512, 1 rank",
+        _T4 | {"data.seq_len": 512},
+        1,
+        10.22,
+        None,
+        None,
+        "h100",
+        False,
+        _R0,
+        "llama3_8b_qlora_t4.toml",
+    ),
 ]
 
 
@@ -128,11 +232,76 @@ class Estimate:
 # The job: shape and layout
 
 
+# Hub repos whose shape is known without their config.json (the configs of train_configs/ name them).
+KNOWN_REPOS = {
+    "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit": "llama3_1_8b",
+    "unsloth/Meta-Llama-3.1-8B-bnb-4bit": "llama3_1_8b",
+    "unsloth/Meta-Llama-3.1-70B-Instruct-bnb-4bit": "llama3_1_70b",
+    "unsloth/Llama-3.2-1B-Instruct-bnb-4bit": "llama3_2_1b",
+}
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+@functools.cache
+def _reachable() -> bool:
+    """The hub answers a TCP connection within 3 s (huggingface_hub itself retries for about 20 s)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+@functools.cache
+def _hub_config(spec: str) -> tuple[dict | None, str]:
+    """(config.json of hub repo ``spec`` or None, how it was found / why not). The hub cache first;
+    online, only config.json is fetched (never a weight file)."""
+    from models.hub import _offline, parse_repo_spec
+
+    parsed = parse_repo_spec(spec)
+    if parsed is None:
+        return None, "not a hub repo id"
+    repo, revision = parsed
+    import huggingface_hub
+
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(repo, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - a malformed cache reads as "not cached"
+        cached = None
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text()), f"{repo}: config.json from the hub cache"
+    if _offline():
+        return None, f"{repo}: config.json is not in the hub cache and the hub is offline (HF_HUB_OFFLINE)"
+    if not _reachable():
+        return None, f"{repo}: config.json is not in the hub cache and {_endpoint()} cannot be reached"
+    try:
+        path = huggingface_hub.hf_hub_download(repo, "config.json", revision=revision)
+    except Exception as e:  # noqa: BLE001 - no network, gated, missing: each says so in its message
+        return None, f"{repo}: config.json is not in the hub cache and fetching it failed ({type(e).__name__})"
+    return json.loads(Path(path).read_text()), f"{repo}: config.json fetched from the hub"
+
+
 def job_shape(cfg: JobConfig) -> tuple[LlamaShape, bool, int]:
-    """(shape, 4-bit base?, blocksize) from the checkpoint's config.json, else ``model.synthetic_shape``."""
+    """(shape, 4-bit base?, blocksize) from the checkpoint's config.json (a directory, or a hub repo id
+    through the hub cache or a fetch of config.json alone), else ``model.synthetic_shape``, else the
+    shape of a known hub repo."""
     path = Path(cfg.model.checkpoint) / "config.json"
+    hf, why = None, ""
     if cfg.model.checkpoint and path.is_file():
         hf = json.loads(path.read_text())
+    elif cfg.model.checkpoint and not Path(cfg.model.checkpoint).exists() and not cfg.model.synthetic_shape:
+        hf, why = _hub_config(cfg.model.checkpoint)
+        if hf is None and cfg.model.checkpoint.split("@")[0] in KNOWN_REPOS:
+            return get_shape(KNOWN_REPOS[cfg.model.checkpoint.split("@")[0]]), True, 64
+    if hf is not None:
         q = hf.get("quantization_config") or {}
         if q.get("load_in_4bit"):
             return shape_from_hf_config(hf), True, int(q.get("bnb_4bit_blocksize", 64) or 64)
@@ -140,6 +309,12 @@ def job_shape(cfg: JobConfig) -> tuple[LlamaShape, bool, int]:
     if cfg.model.synthetic_shape:
         # models.synthetic writes nf4 double-quantized files with blocksize 64.
         return get_shape(cfg.model.synthetic_shape), True, 64
+    if why and why != "not a hub repo id":
+        raise ConfigError(
+            f"cannot estimate without the model's shape: {why}. Do one of: go online (only config.json is "
+            f"fetched), `hf download {cfg.model.checkpoint.split('@')[0]} config.json` into the hub cache, or name "
+            "a known shape with --model.synthetic_shape=llama3_1_8b (or llama3_1_70b, llama3_2_1b)"
+        )
     raise ConfigError(
         f"cannot estimate without the model's shape: {str(path)!r} does not exist and model.synthetic_shape is "
         "empty. Point --model.checkpoint at a directory with config.json, or set --model.synthetic_shape"
@@ -182,6 +357,9 @@ class _Job:
     vocab_parallel: bool
     host_embedding: bool
     mlp_chunk: int  # model.mlp_chunk_tokens (0: whole sequence)
+    replicate: int = 1  # HSDP replicas (parameters whole within a replica of n ranks)
+    compile: bool = False
+    frozen_local: bool = False  # frozen weights outside FSDP (one shard rank, no CPU offload)
 
 
 def _job(cfg: JobConfig, ngpu: int) -> _Job:
@@ -224,6 +402,11 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         vocab_parallel=p.vocab_parallel_embedding and n > 1 and not shape.tie_word_embeddings,
         host_embedding=p.host_embedding and not shape.tie_word_embeddings,
         mlp_chunk=cfg.model.mlp_chunk_tokens,
+        replicate=rep,
+        # Only an explicit true counts: 'auto' (on for CUDA, recipe.plan) is estimated at eager's speed, as
+        # the calibration rows without a compile override were measured eager (memory is the same either way).
+        compile=cfg.training.compile is True,
+        frozen_local=n == 1 and not p.cpu_offload,
     )
 
 
@@ -265,13 +448,16 @@ def _static_bytes(j: _Job) -> int:
     )
 
 
-def _block_saved_bytes(j: _Job, tokens: int) -> int:
+def _block_saved_bytes(j: _Job, tokens: int, attention_only: bool = False) -> int:
     """Tensors autograd saves for one block's backward when it is not checkpointed (from models/llama.py):
     2 RMSNorms (fp32 input + the normalised value), q/k and their rotated halves, GQA-expanded k/v, the
     attention output and its transposed copy, gate/up/silu/product of the MLP (of one chunk with
-    ``model.mlp_chunk_tokens``: the chunks are checkpointed)."""
+    ``model.mlp_chunk_tokens``: the chunks are checkpointed). ``attention_only``: what is left when the
+    backward reaches the attention (the MLP's and the second norm's tensors are freed by then)."""
     s, p = j.shape, j.p
     h, i, kv = s.hidden_size, s.intermediate_size, s.num_key_value_heads * s.head_dim
+    if attention_only:
+        return tokens * ((4 + p) * h + 2 * p * (h + kv) + 2 * p * h + 2 * p * h)
     return tokens * (2 * (4 + p) * h + 2 * p * (h + kv) + 2 * p * h + 2 * p * h) + _mlp_tokens(j, tokens) * 4 * p * i
 
 
@@ -290,6 +476,14 @@ def _block_work_bytes(j: _Job, tokens: int, backward: bool) -> int:
         return t_mlp * 3 * p * i + deq
     block_lora = _lora_params(j, per_rank=False) // s.num_hidden_layers
     return t_mlp * 3 * p * i + tokens * 2 * p * h + deq + block_lora * (p + j.reduce)
+
+
+def _attn_bwd_bytes(j: _Job, tokens: int) -> int:
+    """SDPA backward on the causal path: dq, dk and dv for every query head (the GQA kernels sum dk/dv
+    over the group afterwards), the fp32 dq accumulator of the flash / memory-efficient kernels, and
+    the contiguous gradient of the attention output."""
+    hq = j.shape.num_attention_heads * j.shape.head_dim
+    return tokens * hq * (4 * j.p + 4)
 
 
 def _loss_work_bytes(j: _Job, tokens: int, backward: bool) -> int:
@@ -319,11 +513,15 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     exact = 8 * _lora_params(j, per_rank=False) if j.reduce == 8 else 0  # unsharded fp64 accumulators
     # Between steps; in a step also the gradients of earlier micro-batches.
     resident = static + adam + exact + (grads if j.accum > 1 else 0)
-    head = v * h * j.p  # the root group stays gathered from forward to backward
+    # One shard rank without CPU offload: frozen weights stay out of FSDP (parallel.parallelize.
+    # frozen_params_left_local) and are used in place: no gathered copy of lm_head, the embedding or a
+    # block's 4-bit bytes.
+    local = j.frozen_local
+    head = 0 if local else v * h * j.p  # the root group stays gathered from forward to backward
     if j.offload:
         head += _cdiv(v, j.n) * h * j.p  # its shard, copied to the GPU for the all-gather
-    emb = 0 if (s.tie_word_embeddings or j.vocab_parallel or j.host_embedding) else v * h * j.p
-    block = _block_base_bytes(j, 1) + _lora_params(j, per_rank=False) // L * j.p
+    emb = 0 if (s.tie_word_embeddings or j.vocab_parallel or j.host_embedding or local) else v * h * j.p
+    block = (0 if local else _block_base_bytes(j, 1)) + _lora_params(j, per_rank=False) // L * j.p
     gathered = (L if not j.reshard else 2) * block
     n_ck = _checkpointed_blocks(j)
     ck_in = (2 if j.act_offload else n_ck) * T * h * j.p
@@ -341,11 +539,13 @@ def gpu_phases(j: _Job) -> dict[str, float]:
         saved + gathered + w * _block_work_bytes(j, T, False),
     )
     recompute = _block_saved_bytes(j, T) if n_ck else 0
-    bwd = (
-        saved
-        + root_act
-        + max(wl * _loss_work_bytes(j, T, True), gathered + w * (recompute + _block_work_bytes(j, T, True)))
+    # Two moments of a block's backward: its MLP (the (tokens x intermediate) working set, scaled) and
+    # its attention (the kernel's gradients, counted whole: no double count at long sequences).
+    mlp_moment = w * (recompute + _block_work_bytes(j, T, True))
+    attn_moment = (
+        (_block_saved_bytes(j, T, attention_only=True) if n_ck else 0) + T * 2 * j.p * h + _attn_bwd_bytes(j, T)
     )
+    bwd = saved + root_act + max(wl * _loss_work_bytes(j, T, True), gathered + max(mlp_moment, attn_moment))
     # foreach AdamW: one temporary the size of the parameter list
     opt = static + adam + grads + exact + (lora_rank_bytes if not j.offload else 0)
     gib = lambda x: x / _GIB
@@ -377,6 +577,75 @@ def host_gib(j: _Job, device: str) -> float:
     if j.host_embedding:  # the whole table, pinned, on every rank
         on_host += j.shape.vocab_size * j.shape.hidden_size * j.p
     return _HOST_BASE_GIB[device] + on_host / _GIB
+
+
+# ---------------------------------------------------------------------------
+# Speed (the step-time model: see recipe/planner.py's docstring)
+
+# Per card: GPU-time efficiency factor against the H100/H200 fit (the clock a card sustains under load),
+# all-gather cost in seconds per GiB received by a rank (exposed: not hidden behind compute), host link in
+# GB/s (pinned copies: activation / CPU offload), and whether the host overhead hides behind the GPU.
+#  - h100 / h200 / a100: 0.023 s/GiB fitted to the 2- and 4-GPU H200 rows (0.020 and 0.026 each; NVLink,
+#    the gathers share the SMs with compute); host link 25 GB/s.
+#  - l4 / t4: PCIe without NVLink; Kaggle's T4s have no peer-to-peer, so every byte goes GPU -> host -> GPU
+#    (PCIe 3.0 x16, about 12 GB/s each way, both directions on one host): 5 GiB/s effective, not hidden
+#    (assumed, not measured). A T4 sustains about 0.75 of its boost clock under its 70 W cap (assumed,
+#    from the card's 585-1590 MHz range under tensor load; not measured here).
+_LINK = {
+    "h200": (1.0, 0.023, 25.0, False),
+    "h100": (1.0, 0.023, 25.0, False),
+    "a100": (1.0, 0.023, 25.0, False),
+    "l4": (0.9, 0.10, 20.0, True),
+    "t4": (0.75, 0.20, 10.0, True),
+}
+
+# Fitted to the 1-GPU rows of recipe.estimate.CALIBRATION (``python -m recipe.estimate --calibration``
+# prints predicted against measured): eager: the efficiencies E (dense matmul work) and E_attn (causal
+# attention) and the host seconds per block per micro-batch C solve the three H100 rows at 4,096 / 32,768 /
+# 65,536 tokens per micro-batch (6,329 / 4,867 / 3,611 tokens/s) exactly. compile: C taken as 0 (a
+# compiled block launches few kernels), E from the compiled rows (9,099 H200 / 9,664 H100).
+# Activation offload: seconds per GiB copied (both ways) from the lean rows (eager 6,764 vs
+# 6,909; compiled 8,054 / 7,623 vs 9,099 / 9,664), on a 25 GB/s host link.
+SPEED_FIT = {
+    "eager": {"E": 0.373, "E_attn": 0.475, "C": 0.00355, "offload_s_per_gib": 0.0064},
+    "compile": {"E": 0.46, "E_attn": 0.475, "C": 0.0, "offload_s_per_gib": 0.043},
+}
+# CPU offload (not measured on a GPU): the rank's parameter shards are copied to the GPU for every
+# all-gather, and AdamW runs on the host at about 1 G parameters/s (assumed).
+_HOST_ADAM_PARAMS_PER_S = 1e9
+
+
+def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
+    """(seconds per optimizer step, seconds by cause, GB moved between GPUs per rank per step)."""
+    s = j.shape
+    L, h = s.num_hidden_layers, s.hidden_size
+    T = j.mb * j.seq
+    clock, gather_s, host_gbps, hides = _LINK[card]
+    peak = dict(PEAK_FLOPS)[CARDS[card][0]]
+    fit = SPEED_FIT["compile" if j.compile else "eager"]
+    f = model_flops_per_token(s, j.seq, j.rank, j.targets, j.ac_mode, j.ac_every)
+    attn = 4 * L * j.seq * s.num_attention_heads * s.head_dim * (3 + ac_fraction(L, j.ac_mode, j.ac_every))
+    dense = f - attn
+    parts = {"compute": j.accum * T * (dense / fit["E"] + 0.5 * attn / fit["E_attn"]) / (peak * clock)}
+    # Python launching each block's kernels; on a slow card (t4, l4) they queue ahead of the GPU instead.
+    parts["host"] = 0.0 if hides else j.accum * L * fit["C"]
+    n, v = j.n, s.vocab_size
+    base = L * _block_base_bytes(j, 1)
+    emb = 0 if (s.tie_word_embeddings or j.host_embedding or j.vocab_parallel) else v * h * j.p
+    head = v * h * j.p
+    gathered_per_mb = ((2 if j.reshard else 1) * base + emb + head) * (n - 1) / n if n > 1 else 0.0
+    lora = 4 * _lora_params(j, per_rank=False)
+    grads = lora * (n - 1) / n + (2 * lora / n * (j.replicate - 1) / j.replicate if j.replicate > 1 else 0)
+    traffic = j.accum * gathered_per_mb * (2 if n > 1 else 0) / 2 + grads  # received + sent, per rank
+    parts["all-gather"] = j.accum * gathered_per_mb / _GIB * gather_s
+    parts["gradients"] = grads / _GIB * gather_s
+    if j.act_offload:
+        moved = 2 * _checkpointed_blocks(j) * T * h * j.p
+        parts["act. offload"] = j.accum * moved / _GIB * fit["offload_s_per_gib"] * 25.0 / host_gbps
+    if j.offload:
+        shard = (L * _block_base_bytes(j, n) + 2 * v * h * j.p / n) * (2 if j.reshard else 1)
+        parts["cpu offload"] = j.accum * shard / (host_gbps * 1e9) + _lora_params(j, True) / _HOST_ADAM_PARAMS_PER_S
+    return sum(parts.values()), parts, traffic / 1e9
 
 
 # ---------------------------------------------------------------------------
@@ -447,12 +716,11 @@ def estimate(cfg: JobConfig, ngpu: int, card: str | None = None, device: str = "
     )
     tps, card_gib, notes = None, None, []
     if card is not None:
-        key, card_gib = CARDS[card]
-        peak = dict(PEAK_FLOPS)[key]
-        mfu = MFU[max(k for k in MFU if k <= min(ngpu, 4))]
-        tps = mfu * peak / flops
+        card_gib = CARDS[card][1]
+        step, _, _ = step_time(j, card, ngpu)
+        tps = j.accum * j.mb * j.seq / step
         if j.offload:
-            notes.append("tokens/s: CPU offload moves every step's gradients and AdamW work to the host; not measured")
+            notes.append("tokens/s: CPU offload's copies and host AdamW are assumed, not measured (recipe.planner)")
     payload, data = checkpoint_bytes(j, cfg, ngpu)
     return Estimate(
         shape=j.shape,
@@ -540,54 +808,38 @@ def warn_if_too_big(cfg: JobConfig, ngpu: int, device_gib: float) -> str | None:
     )
 
 
-def _pop(argv: list[str], name: str) -> str | None:
-    """Remove ``--name=V`` / ``--name V`` from argv; return V (the last occurrence)."""
-    value = None
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == name:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{name} needs a value")
-            value = argv.pop(i + 1)
-            argv.pop(i)
-        elif a.startswith(name + "="):
-            value = argv.pop(i).split("=", 1)[1]
-        else:
-            i += 1
-    return value
+def measured_job(r: Measured, cfg: JobConfig) -> _Job:
+    """The estimator's job for a measured row, in the layout of the tree that measured it."""
+    j = _job(cfg, r.ngpu)
+    return dataclasses.replace(j, frozen_local=False) if r.frozen_in_fsdp else j
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        ngpu_s, gib_s, card = _pop(argv, "--ngpu"), _pop(argv, "--fit-gpu-gib"), _pop(argv, "--card")
-        try:
-            ngpu = int(ngpu_s) if ngpu_s is not None else 1
-            gib = float(gib_s) if gib_s is not None else None
-        except ValueError:
-            raise ConfigError(
-                f"--ngpu takes an integer and --fit-gpu-gib a number, got {ngpu_s!r} / {gib_s!r}"
-            ) from None
-        if card is not None:
-            card = card.lower()
-        cfg = load_config(argv)
-        e = estimate(cfg, ngpu, card)
-        print(format_estimate(e))
-        if gib is not None:
-            f = fit(cfg, ngpu, gib)
-            print(
-                f"fits under {gib:g} GiB: micro_batch_size <= {f['micro_batch_size']} at seq_len {cfg.data.seq_len}; "
-                f"seq_len <= {f['seq_len']:,} at micro_batch_size {cfg.training.micro_batch_size}"
-            )
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+def calibration_table() -> str:
+    """Markdown rows: every measured run of CALIBRATION against the estimate (memory and tokens/s)."""
+    root = Path(__file__).resolve().parents[2] / "train_configs"
+    out = [
+        "| run | card | N | fitted | train peak GiB: est. / measured | load GiB | tokens/s/GPU: est. / measured |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in CALIBRATION:
+        args = ["--job.config_file", str(root / r.config), "--model.checkpoint=/nonexistent/estimate"]
+        cfg = load_config(args + [f"--{k}={v}" for k, v in r.overrides.items()])
+        j = measured_job(r, cfg)
+        g = gpu_phases(j)
+        peak = max(g[p] for p in PHASES[2:])
+        step, _, _ = step_time(j, r.card, r.ngpu)
+        tps = j.accum * j.mb * j.seq / step
 
+        def pair(est, meas, fmt):
+            if meas is None:
+                return f"{est:{fmt}} / -"
+            return f"{est:{fmt}} / {meas:{fmt}} ({100 * (est / meas - 1) if meas else 0:+.1f} %)"
 
-if __name__ == "__main__":
-    sys.exit(main())
+        speed = pair(tps, r.tokens_per_s, ",.0f") if r.tokens_per_s else "-"
+        load = pair(g["load"], r.load, ".2f") if r.load is not None else "-"
+        fitted = "memory" if r.fitted else "no"
+        out.append(f"| {r.what} | {r.card} | {r.ngpu} | {fitted} | {pair(peak, r.train, '.2f')} | {load} | {speed} |")
+    return "\n".join(out)
 
 
 def device_memory_gib(device) -> float:

@@ -1,0 +1,157 @@
+"""recipe.planner: the layout it picks for several (model, GPUs, card) cases against a brute force over
+its own candidates, the fit rule against the estimator, the printed plan, parallelism.plan=auto in the
+run's entry point, and the one-line exit 2 when nothing fits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recipe import estimate as E
+from recipe import planner as P
+from recipe.config import load_config
+from recipe.estimate import __main__ as CLI
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(name: str, *overrides: str):
+    return load_config(
+        ["--job.config_file", str(REPO / "train_configs" / name), "--model.checkpoint=/nonexistent/p", *overrides]
+    )
+
+
+T4 = ("llama3_8b_qlora_t4.toml", "--model.synthetic_shape=llama3_1_8b")
+
+
+@pytest.mark.parametrize(
+    "config, ngpu, card",
+    [
+        (("llama3_8b_qlora.toml",), 1, "h100"),
+        (("llama3_8b_qlora.toml",), 4, "h100"),
+        (("llama3_8b_qlora.toml",), 2, "l4"),
+        (T4, 2, "t4"),
+        (("llama3_70b_qlora_2gpu.toml",), 2, "l4"),
+    ],
+)
+def test_choice_is_the_fastest_that_fits(config, ngpu, card):
+    cfg = _cfg(*config)
+    options = P.plan(cfg, ngpu, card)
+    chosen = options[0]
+    gib = E.CARDS[card][1]
+    # the fit rule, recomputed from the estimator for the chosen layout
+    P.apply(cfg, chosen.layout, ngpu)
+    assert E._peak(cfg, ngpu) == pytest.approx(max(chosen.peak_gib, chosen.load_gib), abs=1e-6)
+    assert chosen.peak_gib * (1 + P.MARGIN) + P.RESERVE_GIB <= gib
+    # nothing that fits is predicted faster by more than the tie band
+    fastest = max(o.tokens_per_s for o in options if o.fits)
+    assert chosen.tokens_per_s >= (1 - P.TIE) * fastest
+    # the global batch is kept
+    assert cfg.training.global_batch_size == _cfg(*config).training.global_batch_size or (
+        _cfg(*config).training.global_batch_size == -1
+    )
+
+
+def test_known_choices():
+    # 2x T4: the 4-bit 8B fits whole on each card, so replication (only LoRA gradients cross PCIe) wins
+    t4 = P.plan(_cfg(*T4), 2, "t4")[0]
+    assert (t4.layout.replicate, t4.layout.shard, t4.layout.cpu_offload) == (2, 1, False)
+    assert t4.traffic_gb == pytest.approx(4 * 167_772_160 / 1e9, rel=1e-6)  # one all-reduce of fp32 LoRA grads
+    # one 80 GiB H100: room to skip recomputation entirely
+    h100 = P.plan(_cfg("llama3_8b_qlora.toml"), 1, "h100")[0]
+    assert h100.layout.ac_mode == "none" and h100.layout.shard == 1
+    # 70B on two 24 GiB cards: only CPU offload fits
+    big = P.plan(_cfg("llama3_70b_qlora_2gpu.toml"), 2, "l4")
+    assert big[0].layout.cpu_offload and not any(o.fits for o in big if not o.layout.cpu_offload)
+    # and 64k tokens of 8B on one H100 must checkpoint every block
+    long = ["--data.seq_len=65536", "--training.micro_batch_size=1", "--training.global_batch_size=1"]
+    assert P.plan(_cfg("llama3_8b_qlora.toml", *long), 1, "h100")[0].layout.ac_mode == "full"
+
+
+def test_host_limit_is_respected():
+    options = P.plan(_cfg("llama3_70b_qlora_2gpu.toml"), 2, "l4", host_gib=128)
+    assert options[0].fits and options[0].host_gib * 2 <= 128
+
+
+def test_cli_prints_plan_runner_up_and_why():
+    out = []
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = CLI.main(
+            ["--job.config_file", str(REPO / "train_configs/llama3_8b_qlora_t4.toml"), *T4[1:]]
+            + ["--model.checkpoint=/nonexistent/p", "--ngpu", "2", "--card", "t4", "--plan", "--host-gib", "29"]
+        )
+    out = buf.getvalue()
+    assert code == 0
+    assert "chosen: HSDP 2x1" in out and "runner-up:" in out and "why:" in out and "of 29 GiB" in out
+
+
+def test_impossible_request_exits_2_with_one_line(capsys):
+    args = ["--job.config_file", str(REPO / "train_configs/llama3_70b_qlora_2gpu.toml"), "--ngpu", "1"]
+    assert CLI.main(args + ["--card", "t4", "--plan", "--host-gib", "29"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no layout fits 1x t4 with 29 GiB of host RAM" in err
+    assert CLI.main(args + ["--card", "t4", "--plan", "--data.seq_len=65536"]) == 2  # GPU memory alone
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no layout fits 1x t4 (15.0 GiB)" in err
+    assert CLI.main(args + ["--plan"]) == 2 and "--plan needs the GPU" in capsys.readouterr().err
+
+
+def test_plan_auto_changes_the_runs_config(monkeypatch):
+    import recipe.train as T
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(P, "_detect", lambda: ("t4", 15.0))
+    monkeypatch.setattr(P, "_host_total_gib", lambda: 29.0)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_trainer(cfg):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(T, "Trainer", fake_trainer)
+    base = ["--job.config_file", str(REPO / "train_configs/llama3_8b_qlora_t4.toml"), *T4[1:]]
+    base += ["--model.checkpoint=/nonexistent/p"]
+    with pytest.raises(Stop):
+        T.main(base + ["--parallelism.plan=auto"])
+    p = seen["cfg"].parallelism
+    assert (p.data_parallel_replicate_degree, p.data_parallel_shard_degree) == (2, 1)
+    assert seen["cfg"].training.global_batch_size == 8
+    with pytest.raises(Stop):
+        T.main(base)  # plan=off: as configured
+    assert seen["cfg"].parallelism.data_parallel_replicate_degree == 1
+
+
+def test_plan_auto_nothing_fits_exits_2_before_loading(monkeypatch, capsys):
+    import recipe.train as T
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(P, "_detect", lambda: ("t4", 15.0))
+    monkeypatch.setattr(P, "_host_total_gib", lambda: 29.0)
+    monkeypatch.setattr(T, "Trainer", lambda cfg: pytest.fail("loaded although nothing fits"))
+    args = ["--job.config_file", str(REPO / "train_configs/llama3_70b_qlora_2gpu.toml"), "--parallelism.plan=auto"]
+    assert T.main(args) == 2
+    assert "no layout fits 1x t4 with 29 GiB of host RAM" in capsys.readouterr().err
+
+
+def test_card_names():
+    assert P.card_of("NVIDIA H100 80GB HBM3") == "h100" and P.card_of("Tesla T4") == "t4"
+    assert (
+        P.card_of("NVIDIA H200") == "h200" and P.card_of("NVIDIA L4") == "l4" and P.card_of("GeForce RTX 4090") is None
+    )
+
+
+def test_plan_auto_refuses_pipelines():
+    from recipe.config import ConfigError
+
+    cfg = _cfg("debug_model.toml", "--parallelism.plan=auto", "--parallelism.pipeline_parallel_degree=2")
+    with pytest.raises(ConfigError, match="not pipelines"):
+        P.plan_for_run(cfg, devices=("h100", 79.6))
