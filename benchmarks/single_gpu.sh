@@ -41,8 +41,11 @@ t0=$SECONDS
 [ -f "$CK/config.json" ] || PYTHONPATH="$SITE:$ROOT" $PY -m models.synthetic --shape llama3_1_8b --out "$CK" --device cuda | tail -1
 echo "[ckpt] $((SECONDS - t0))s"
 
+# --training.compile=false: the eager runs stay eager now that compile defaults to 'auto' (on for CUDA);
+# the compiled runs override it with true (the last override wins).
 common=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint="$CK" --model.synthetic_shape=
-        --training.steps="$STEPS" --metrics.log_freq=1 --checkpoint.export_adapter=false ${EXTRA:-})
+        --training.steps="$STEPS" --metrics.log_freq=1 --checkpoint.export_adapter=false --training.compile=false
+        ${EXTRA:-})
 recipe() {  # name tree nproc launcher... -- overrides
   local name=$1 tree=$2 n=$3; shift 3
   local t=$SECONDS

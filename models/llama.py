@@ -14,9 +14,10 @@ Shape of the module tree, chosen for the parallel code that wraps it:
       rotary_emb     RotaryEmbedding (a non-persistent buffer; recomputed after materialization)
     lm_head          nn.Linear (frozen, or the embedding matrix when tied)
 
-``forward`` follows HF's calling convention so that HF ``Trainer`` can drive it: ``input_ids``,
-``attention_mask``, ``labels`` (aligned with input_ids; the model shifts them), ``position_ids``;
-it returns ``CausalLMOutput`` with ``.loss`` and ``.logits``.
+``forward`` takes ``input_ids`` (or ``inputs_embeds``), ``attention_mask``, ``labels`` (aligned with
+input_ids; the model shifts them) and ``position_ids``, HF's names for them, and nothing else; it returns
+``CausalLMOutput`` with ``.loss``, ``.logits``, ``.loss_sum`` and ``.num_tokens``. HF ``Trainer``'s calling
+convention (extra keywords, ``num_items_in_batch``, indexing the output) lives in ``recipe.hf_trainer``.
 """
 
 from __future__ import annotations
@@ -76,15 +77,6 @@ class CausalLMOutput:
     # normalisation across ranks and micro-batches needs.
     loss_sum: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
-
-    # HF Trainer indexes outputs like a tuple/dict.
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return tuple(v for v in (self.loss, self.logits) if v is not None)[key]
-
-    def keys(self):
-        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
 
 
 class RMSNorm(nn.Module):
@@ -342,23 +334,24 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        labels=None,
-        position_ids=None,
-        inputs_embeds=None,
-        num_items_in_batch=None,
-        return_logits: bool | None = None,
-        **kwargs,
+        self, input_ids=None, attention_mask=None, labels=None, position_ids=None, inputs_embeds=None
     ) -> CausalLMOutput:
+        """Logits without ``labels``; with them the summed token loss, the target count and their quotient.
+        Any other keyword is a TypeError: the HF Trainer's calling convention (``num_items_in_batch``,
+        logits next to the loss, extra keywords) is ``recipe.hf_trainer``'s wrapper's."""
         h = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
+        return self.causal_lm_output(h, labels)
+
+    def causal_lm_output(self, h: torch.Tensor, labels=None, *, with_logits: bool = False) -> CausalLMOutput:
+        """lm_head and the loss over the final hidden states ``h``. With ``labels`` the logits are
+        computed only when ``with_logits`` (the chunked loss never holds them all)."""
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h).float())
         loss_sum, n_tokens = chunked_cross_entropy(h, self.lm_head, labels, self.loss_chunk())
-        denom = num_items_in_batch if num_items_in_batch is not None else n_tokens.clamp(min=1)
-        logits = self.lm_head(h).float() if return_logits else None
-        return CausalLMOutput(loss=loss_sum / denom, logits=logits, loss_sum=loss_sum, num_tokens=n_tokens)
+        logits = self.lm_head(h).float() if with_logits else None
+        return CausalLMOutput(
+            loss=loss_sum / n_tokens.clamp(min=1), logits=logits, loss_sum=loss_sum, num_tokens=n_tokens
+        )
 
     def loss_chunk(self) -> int:
         return self.args.loss_chunk_tokens or max(256, 2**26 // self.args.shape.vocab_size)

@@ -147,17 +147,24 @@ def resolve_pp_degree(world: int, pp: int) -> int:
 
 
 def init_distributed(
-    device_kind: str = "auto",
+    *,
+    device: str = "auto",
     backend: str = "auto",
-    dp_shard: int = -1,
-    cpu_offload: bool = False,
     dp_replicate: int = 1,
+    dp_shard: int = -1,
     pp: int = 1,
+    cpu_offload: bool = False,
 ) -> DistInfo:
+    """The process group (torchrun's environment, or a world of one) and the meshes. Keyword-only, named
+    after the config keys: ``device`` (training.device), ``backend``, ``dp_replicate`` / ``dp_shard`` /
+    ``pp`` (parallelism.data_parallel_replicate_degree / data_parallel_shard_degree /
+    pipeline_parallel_degree); ``cpu_offload``: FSDP keeps shards on the host, so an NCCL group must
+    carry CPU tensors too (a gloo backend beside it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_kind, local_rank)
+    kind = device
+    device = resolve_device(kind, local_rank)
     replicate, shard = resolve_dp_degrees(resolve_pp_degree(world, pp), dp_replicate, dp_shard)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"

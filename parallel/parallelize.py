@@ -18,7 +18,8 @@ The order is torchtitan's and it matters:
      place: ``frozen_params_left_local``) and only the LoRA parameters are FSDP's.
 
 All of it runs on the meta model: nothing is allocated until ``parallel.materialize`` reads each
-rank's rows.
+rank's rows. What to apply comes from one frozen ``parallel.plan.ParallelPlan`` (``recipe.plan``
+resolves it from the config once); nothing here reads a config section.
 
 ``mesh`` is the data-parallel mesh: 1-D (FSDP over all ranks) or 2-D (replicate, shard) for HSDP, which
 ``fully_shard`` implements itself (shards on the last dim, replicates on the first, and all-reduces
@@ -34,9 +35,9 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from models.dtypes import DTYPES
 from parallel.activation_offload import BlockInputOffload
 from parallel.embedding import HostEmbedding, VocabShardedEmbedding
+from parallel.plan import ParallelPlan
 from parallel.sharding import pad_4bit_rows, shard_submesh
 
 __all__ = ["parallelize", "apply_activation_checkpointing", "frozen_params_left_local"]
@@ -85,35 +86,21 @@ def frozen_params_left_local(model: nn.Module, shard_degree: int, cpu_offload: b
     return {p for p in model.parameters() if not p.requires_grad}
 
 
-def parallelize(
-    model: nn.Module,
-    mesh,
-    parallelism,
-    activation_checkpoint,
-    training,
-    *,
-    pin_memory: bool,
-    keep_unsharded: bool = False,
-) -> nn.Module:
+def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: bool = False) -> nn.Module:
     """Apply the recipe's parallelism to the meta ``model`` in place, and return it.
 
-    ``parallelism``, ``activation_checkpoint`` and ``training`` are those config sections (any objects
-    with their fields: ``reshard_after_forward``, ``cpu_offload``, ``vocab_parallel_embedding``,
-    ``host_embedding``; ``mode``, ``selective_every``, ``offload``; ``mixed_precision_param``,
-    ``mixed_precision_reduce``, ``compile``).
-    ``pin_memory``: pin offloaded shards (only where CUDA exists). ``keep_unsharded``: blocks stay
-    gathered from forward to backward whatever ``reshard_after_forward`` says (a pipeline schedule
-    with a split backward needs it: see ``parallel.pipeline``).
+    ``plan``: the run's decisions (``parallel.plan.ParallelPlan``, resolved and checked by
+    ``recipe.plan.resolve_plan``). ``keep_unsharded``: blocks stay gathered from forward to backward
+    whatever ``plan.reshard_after_forward`` says (a pipeline schedule with a split backward needs it:
+    see ``parallel.pipeline``).
     """
-    param_dtype = DTYPES[training.mixed_precision_param]
-    reduce_dtype = DTYPES[training.mixed_precision_reduce]
-    reshard_after_forward = parallelism.reshard_after_forward and not keep_unsharded
+    reshard_after_forward = plan.reshard_after_forward and not keep_unsharded
     tied = model.args.shape.tie_word_embeddings
     shard_mesh = shard_submesh(mesh)
     # With HSDP the table is split over the shard group: each replica holds a whole table.
     # A pipeline stage (``LlamaForCausalLM.part``) may hold no embeddings.
     has_embedding = model.model.embed_tokens is not None
-    sharded_embedding = parallelism.vocab_parallel_embedding and shard_mesh.size() > 1 and not tied and has_embedding
+    sharded_embedding = plan.embedding == "vocab_sharded" and has_embedding
     if sharded_embedding:
         emb = model.model.embed_tokens
         model.model.embed_tokens = VocabShardedEmbedding(
@@ -125,30 +112,24 @@ def parallelize(
             group=shard_mesh.get_group(),
             key="model.embed_tokens.weight",
         )
-    host_embedding = parallelism.host_embedding
-    if host_embedding and tied:
-        raise ValueError(
-            "parallelism.host_embedding: this checkpoint ties lm_head to the embedding table, which then "
-            "must stay on the GPU; set --parallelism.host_embedding=false"
-        )
-    host_embedding = host_embedding and has_embedding
+    host_embedding = plan.embedding == "host" and has_embedding
     if host_embedding:
         emb = model.model.embed_tokens
         model.model.embed_tokens = HostEmbedding(
             emb.num_embeddings, emb.embedding_dim, dtype=emb.weight.dtype, key="model.embed_tokens.weight"
         )
     pad_4bit_rows(model, shard_mesh.size())
-    apply_activation_checkpointing(model, activation_checkpoint.mode, activation_checkpoint.selective_every)
-    if activation_checkpoint.offload:
+    apply_activation_checkpointing(model, plan.ac_mode, plan.ac_every)
+    if plan.ac_offload:
         # On the root module, which is never compiled: the hooks are active around compiled blocks.
         model.activation_offload = BlockInputOffload(model.args.shape.hidden_size)
         model.activation_offload.install(model)
-    if training.compile:
+    if plan.compile:
         for block in model.model.blocks():
             block.compile(fullgraph=False)
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    offload = CPUOffloadPolicy(pin_memory=pin_memory) if parallelism.cpu_offload else OffloadPolicy()
-    ignored = frozen_params_left_local(model, shard_mesh.size(), parallelism.cpu_offload)
+    mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
+    offload = CPUOffloadPolicy(pin_memory=plan.pin_memory) if plan.cpu_offload else OffloadPolicy()
+    ignored = frozen_params_left_local(model, shard_mesh.size(), plan.cpu_offload)
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
     for block in model.model.blocks():
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)

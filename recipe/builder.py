@@ -23,6 +23,7 @@ from parallel.distributed import DistInfo
 from parallel.materialize import materialize
 from parallel.parallelize import parallelize
 from parallel.pipeline import PipelinePlan, cut_stages
+from parallel.plan import ParallelPlan
 from recipe.config import ConfigError, JobConfig
 from recipe.logging import log
 
@@ -96,30 +97,37 @@ def base_quant_name(args: ModelArgs) -> str:
 
 
 def build_model(
-    cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo, model_cls: type[LlamaForCausalLM] = LlamaForCausalLM
+    cfg: JobConfig,
+    reader: CheckpointReader,
+    dist_info: DistInfo,
+    plan: ParallelPlan,
+    model_cls: type[LlamaForCausalLM] = LlamaForCausalLM,
 ) -> LlamaForCausalLM:
     """Meta model -> parallelize -> this rank's shards.
 
-    ``model_cls``: ``LlamaForCausalLM`` or a subclass that only adds attributes (``recipe.hf_trainer``'s
-    HF-facing model); its parameters and modules must be the base class's."""
-    model = _meta_model(cfg, reader, model_cls)
-    _parallelize_and_load(model, cfg, reader, dist_info)
+    ``plan``: the run's decisions (``recipe.plan.resolve_plan``). ``model_cls``: ``LlamaForCausalLM`` or a
+    subclass that only adds attributes and a calling convention (``recipe.hf_trainer``'s HF-facing model);
+    its parameters and modules must be the base class's."""
+    model = _meta_model(cfg, reader, plan, model_cls)
+    _parallelize_and_load(model, cfg, reader, dist_info, plan)
     return model
 
 
 def build_pipeline_model(
-    cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo, plan: PipelinePlan
+    cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo, plan: ParallelPlan, pipeline: PipelinePlan
 ) -> tuple[LlamaForCausalLM, list[LlamaForCausalLM]]:
     """(rank_model, stages) of this pipeline rank (``parallel.pipeline.cut_stages``): each stage is
     parallelized over the data-parallel mesh and loaded on its own, so a rank reads only its stages'
     tensors (and with FSDP only its rows of them)."""
-    rank_model, stages = cut_stages(_meta_model(cfg, reader, LlamaForCausalLM), plan, dist_info.pp_rank)
+    rank_model, stages = cut_stages(_meta_model(cfg, reader, plan, LlamaForCausalLM), pipeline, dist_info.pp_rank)
     for stage in stages:
-        _parallelize_and_load(stage, cfg, reader, dist_info, keep_unsharded=plan.keep_unsharded)
+        _parallelize_and_load(stage, cfg, reader, dist_info, plan, keep_unsharded=pipeline.keep_unsharded)
     return rank_model, stages
 
 
-def _meta_model(cfg: JobConfig, reader: CheckpointReader, model_cls: type[LlamaForCausalLM]) -> LlamaForCausalLM:
+def _meta_model(
+    cfg: JobConfig, reader: CheckpointReader, plan: ParallelPlan, model_cls: type[LlamaForCausalLM]
+) -> LlamaForCausalLM:
     # A pre-quantized checkpoint's own scheme wins over model.quant_type (which quantizes dense ones).
     scheme = reader.quant_scheme(quantize_dense_as=cfg.model.quant_type)
     args = ModelArgs(
@@ -130,7 +138,7 @@ def _meta_model(cfg: JobConfig, reader: CheckpointReader, model_cls: type[LlamaF
         lora_targets=tuple(cfg.lora.target_modules),
         quant_type=scheme[0] if scheme else None,
         quant_blocksize=scheme[1] if scheme else 64,
-        dtype=DTYPES[cfg.training.mixed_precision_param],
+        dtype=plan.param_dtype,
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
         packed_attention=cfg.model.packed_attention,
         fuse_projections=cfg.model.fuse_projections,
@@ -140,24 +148,14 @@ def _meta_model(cfg: JobConfig, reader: CheckpointReader, model_cls: type[LlamaF
 
 
 def _parallelize_and_load(
-    model, cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo, keep_unsharded: bool = False
+    model, cfg: JobConfig, reader: CheckpointReader, dist_info: DistInfo, plan: ParallelPlan, keep_unsharded=False
 ) -> None:
-    offload = cfg.parallelism.cpu_offload
-    parallelize(
-        model,
-        dist_info.mesh,
-        cfg.parallelism,
-        cfg.activation_checkpoint,
-        cfg.training,
-        pin_memory=offload and dist_info.device.type == "cuda",
-        keep_unsharded=keep_unsharded,
-    )
-    shard_device = torch.device("cpu") if offload else dist_info.device
+    parallelize(model, dist_info.mesh, plan, keep_unsharded=keep_unsharded)
     materialize(
         model,
         reader,
-        device=shard_device,
+        device=plan.shard_device,
         lora_seed=cfg.job.seed,
-        quant_device=dist_info.device,
-        buffer_device=dist_info.device,
+        quant_device=plan.compute_device,
+        buffer_device=plan.compute_device,
     )

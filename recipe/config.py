@@ -158,7 +158,13 @@ class Training:
         "is logged.",
         SDPA_BACKENDS,
     )
-    compile: bool = _f(False, "torch.compile each transformer block.")
+    compile: bool | str = _f(
+        "auto",
+        "torch.compile each transformer block. 'auto': on where the device is CUDA, off on CPU and where another "
+        "setting excludes it (model.packed_attention = 'segments', a pipeline schedule that splits backward); "
+        "the decision and its reason are logged. true where it is impossible stops the run before loading.",
+        ("auto", True, False),
+    )
     loss_scale_init: float = _f(65536.0, "Initial loss scale (float16 only).")
     loss_scale_growth_interval: int = _f(2000, "Steps without overflow before the loss scale grows (float16 only).")
     max_nonfinite_steps: int = _f(
@@ -365,7 +371,19 @@ def _fields(section_cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(section_cls)}
 
 
+def _is_auto_bool(tp: Any) -> bool:
+    """A ``bool | str`` field: true, false or 'auto' (resolved later, e.g. by ``recipe.plan``)."""
+    return set(typing.get_args(tp)) == {bool, str}
+
+
+def config_field(section: str, key: str) -> tuple[dataclasses.Field, Any]:
+    """The dataclass field of ``section.key`` and its type (help, choices and default in one place)."""
+    return _fields(_sections()[section])[key]
+
+
 def _type_name(tp: Any) -> str:
+    if _is_auto_bool(tp):
+        return "bool or 'auto'"
     if typing.get_origin(tp) is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
     return getattr(tp, "__name__", str(tp))
@@ -416,7 +434,9 @@ def _from_toml(name: str, tp: Any, value: Any, where: str) -> Any:
         (elem,) = typing.get_args(tp)
         return [_from_toml(f"{name}[{i}]", elem, v, where) for i, v in enumerate(value)]
     # bool is a subclass of int, so it must be excluded explicitly for numeric fields.
-    if tp is bool:
+    if _is_auto_bool(tp):
+        ok = isinstance(value, bool) or value == "auto"
+    elif tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -443,7 +463,9 @@ def _from_cli(name: str, tp: Any, raw: str, where: str) -> Any:
         # Drop empties so "" means [] and a trailing comma is harmless.
         return [_from_cli(name, elem, s, where) for s in items if s]
     try:
-        if tp is bool:
+        if _is_auto_bool(tp) and raw.strip().lower() == "auto":
+            return "auto"
+        if tp is bool or _is_auto_bool(tp):
             low = raw.strip().lower()
             if low in _TRUE:
                 return True
@@ -457,7 +479,11 @@ def _from_cli(name: str, tp: Any, raw: str, where: str) -> Any:
     except ValueError:
         raise ConfigError(
             f"{name}: expected {_type_name(tp)}, got {raw!r} (str) ({where}). "
-            + ("Use true/false/1/0/yes/no." if tp is bool else f"Give a value of type {_type_name(tp)}.")
+            + (
+                "Use true/false/1/0/yes/no" + (" or auto." if _is_auto_bool(tp) else ".")
+                if tp is bool or _is_auto_bool(tp)
+                else f"Give a value of type {_type_name(tp)}."
+            )
         ) from None
     return raw
 
@@ -519,7 +545,7 @@ def validate(cfg: JobConfig) -> None:
             val = getattr(obj, key)
             if choices is not None and val not in choices:
                 raise ConfigError(
-                    f"{sec}.{key}: invalid value {val!r}.{_suggest(str(val), [c for c in choices if c])} "
+                    f"{sec}.{key}: invalid value {val!r}.{_suggest(str(val), [str(c) for c in choices if c])} "
                     f"Valid choices: {', '.join(repr(c) for c in choices)}."
                 )
     for sec, key, ok, req in _RANGES:
@@ -536,7 +562,7 @@ def validate(cfg: JobConfig) -> None:
             "table: keep one of them (--parallelism.vocab_parallel_embedding=false or "
             "--parallelism.host_embedding=false)."
         )
-    if cfg.model.packed_attention == "segments" and cfg.training.compile:
+    if cfg.model.packed_attention == "segments" and cfg.training.compile is True:
         raise ConfigError(
             "model.packed_attention = 'segments' loops over each row's documents, which torch.compile would "
             "recompile for every new layout: set --training.compile=false or --model.packed_attention=mask."
@@ -613,7 +639,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
         where = f"from --{section}.{key}"
         _, tp = _check_key(section, key, "on the command line")
         if raw is None:
-            if tp is not bool:
+            if tp is not bool and not _is_auto_bool(tp):
                 raise ConfigError(f"--{section}.{key} needs a value: use --{section}.{key}=VALUE ({_type_name(tp)}).")
             raw = "true"
         overrides.append((section, key, _from_cli(f"{section}.{key}", tp, raw, where)))

@@ -16,9 +16,13 @@ and launches it with ``torchrun --nproc-per-node N`` (or plain ``python`` for on
 ``RecipeSFTTrainer`` is the same for TRL's ``SFTTrainer`` / ``SFTConfig`` (TRL is optional and imported
 only when that name is used).
 
-``build_hf_model`` is ``recipe.builder.build_model`` behind HF's arguments: per-rank loading, sharded
-4-bit weights, FSDP2 mixed precision, CPU offload, activation checkpointing (``gradient_checkpointing``)
-and per-block compile (``torch_compile``) are applied when the model is built, before any Trainer exists.
+``build_hf_model`` is ``recipe.builder.build_model`` behind HF's arguments, with the recipe's plan
+(``recipe.plan``): per-rank loading, sharded 4-bit weights, FSDP2 mixed precision, CPU offload,
+activation checkpointing (``gradient_checkpointing``) and per-block compile (``--compile``, default
+``auto`` as in the recipe; ``torch_compile`` is ``true``) are applied when the model is built, before any
+Trainer exists. ``RecipeModelArguments`` are generated from the recipe's config fields (help, choices,
+defaults); the model carries what was decided as one object, ``model.recipe`` (``RecipeRuntime``), and
+HF's calling convention in its ``forward`` (``HFLlamaForCausalLM``).
 
 What the Trainer subclass overrides, and why (all documented override points of ``transformers.Trainer``
 5.17, or public methods; nothing of transformers, accelerate or torch is patched):
@@ -43,11 +47,14 @@ What the Trainer subclass overrides, and why (all documented override points of 
   world size: FSDP sums gradients over ranks (``parallel/parallelize.py``), DDP would average them.
 * ``training_step``: forward and backward under the model's SDPA kernels (``resolve_attention``),
   backward of the scaled loss in fp16; after the last micro-batch of a step
-  (``accelerator.sync_gradients``) the fp16 unscale with the overflow flag all-reduced, the DTensor-aware
-  clipping of ``parallel/grad_norm.py`` with ``max_grad_norm``, and the skip of a step whose gradients
-  overflowed or are NaN/inf (the same decision on every rank: the gradients are dropped, so AdamW's step
-  is a no-op; the schedule advances, as in the recipe loop). It returns the loss times the world size,
-  so that the mean over ranks which ``Trainer`` logs is the true mean over the global batch's targets.
+  (``accelerator.sync_gradients``) the recipe loop's own step rules (``recipe.step``): the fp16 unscale
+  with the overflow flag all-reduced, the DTensor-aware clipping of ``parallel/grad_norm.py`` with
+  ``max_grad_norm``, the non-finite check of every rank's loss and the gradient norm, and the skip of a
+  step that overflowed or is NaN/inf (the same decision on every rank: the gradients are dropped, so
+  AdamW's step is a no-op; the schedule advances, as in the recipe loop); ``max_nonfinite_steps`` such
+  steps in a row raise ``TrainingDivergedError``, as in the recipe loop. It returns the loss times the
+  world size, so that the mean over ranks which ``Trainer`` logs is the true mean over the global
+  batch's targets.
 * ``train``: hands HF's loop ``max_grad_norm = 0`` for the duration of the call (the recipe clipped
   already; HF's clip would clip again), and resumes the sharded optimizer and loss scaler state from a
   ``resume_from_checkpoint`` directory (``_RecipeStateCallback``).
@@ -64,6 +71,7 @@ recipe's names, which HF's resume loads through a load-state-dict hook that keep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -80,17 +88,20 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils.quantization_config import QuantizationMethod
 
 from models.hf_reader import CheckpointReader
-from models.llama import IGNORE_INDEX, LORA_TARGETS, LlamaForCausalLM
+from models.llama import CausalLMOutput, LlamaForCausalLM
 from models.quant import Weight4bit
 from models.sdpa import SdpaChoice, sdpa_context
-from parallel.distributed import all_reduce_sum, init_distributed
-from parallel.grad_norm import clip_grad_norm_
+from parallel.distributed import DistInfo, init_distributed
+from parallel.plan import ParallelPlan
 from recipe.builder import build_model, ensure_checkpoint, resolve_attention
-from recipe.config import ConfigError, JobConfig, validate
+from recipe.checkpoint import TrainableState
+from recipe.config import ConfigError, JobConfig, config_field, validate
 from recipe.data import drop_trivial_masks, load_tokenizer
 from recipe.export import export_model_adapter
 from recipe.logging import log
 from recipe.optim import LossScaler
+from recipe.plan import resolve_plan
+from recipe.step import NonfiniteGuard, StepRules
 
 __all__ = [
     "RecipeModelArguments",
@@ -119,63 +130,77 @@ class UnsupportedSettingError(ValueError):
     """A TrainingArguments (or SFTConfig) setting this model cannot honour; the message says what to set."""
 
 
-@dataclass
-class RecipeModelArguments:
-    """The recipe's model and LoRA options, for ``HfArgumentParser`` next to ``TrainingArguments``."""
-
-    model_name_or_path: str = field(
-        default="",
-        metadata={
-            "help": "Pre-quantized bitsandbytes 4-bit Llama 3.x checkpoint: a local directory or a hub repo id "
-            "owner/name[@revision] (a plain bf16/fp16 one is quantized at load, see quant_type)."
-        },
-    )
-    synthetic_shape: str = field(
-        default="",
-        metadata={
-            "help": "If set and model_name_or_path does not exist, write a synthetic checkpoint of this shape there."
-        },
-    )
-    tokenizer_name_or_path: str = field(default="", metadata={"help": "Tokenizer directory; empty: the checkpoint's."})
-    quant_type: str = field(
-        default="nf4", metadata={"help": "nf4 or fp4: how a plain checkpoint is quantized at load."}
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input path, in [0, 1)."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: list(LORA_TARGETS),
-        metadata={"help": f"Projections that get LoRA adapters: any of {', '.join(LORA_TARGETS)}."},
-    )
-    activation_checkpointing: str = field(
-        default="",
-        metadata={
-            "help": "none, full or selective; empty: full with --gradient_checkpointing, else none "
-            "(the recipe's activation checkpointing, applied when the model is built)."
-        },
-    )
-    selective_every: int = field(default=2, metadata={"help": "With selective checkpointing, every k-th block."})
-    cpu_offload: bool = field(default=False, metadata={"help": "Keep parameter shards and gradients on the CPU."})
-    reshard_after_forward: bool = field(default=True, metadata={"help": "FSDP2: free gathered weights after forward."})
-    vocab_parallel_embedding: bool = field(
-        default=False, metadata={"help": "Keep each rank's rows of the frozen embedding table (experimental)."}
-    )
-    mixed_precision_reduce: str = field(
-        default="float32",
-        metadata={"help": "Gradient reduction dtype: float32, or float64 (exact, split-independent)."},
-    )
-    attention_backend: str = field(
-        default="auto",
-        metadata={"help": "SDPA kernels: auto (what the GPU has), flash, efficient, math or cudnn (the recipe's key)."},
-    )
+# The recipe's model options as HfArgumentParser fields: (argument, config section, key). Types, defaults,
+# help and choices are read from recipe.config's fields (one schema); _ARGUMENT_OVERRIDES changes the few
+# whose meaning differs next to TrainingArguments.
+_MODEL_ARGUMENTS = (
+    ("model_name_or_path", "model", "checkpoint"),
+    ("synthetic_shape", "model", "synthetic_shape"),
+    ("tokenizer_name_or_path", "model", "tokenizer"),
+    ("quant_type", "model", "quant_type"),
+    ("lora_r", "lora", "rank"),
+    ("lora_alpha", "lora", "alpha"),
+    ("lora_dropout", "lora", "dropout"),
+    ("lora_target_modules", "lora", "target_modules"),
+    ("activation_checkpointing", "activation_checkpoint", "mode"),
+    ("selective_every", "activation_checkpoint", "selective_every"),
+    ("cpu_offload", "parallelism", "cpu_offload"),
+    ("reshard_after_forward", "parallelism", "reshard_after_forward"),
+    ("vocab_parallel_embedding", "parallelism", "vocab_parallel_embedding"),
+    ("mixed_precision_reduce", "training", "mixed_precision_reduce"),
+    ("attention_backend", "training", "attention_backend"),
+    ("max_nonfinite_steps", "training", "max_nonfinite_steps"),
+    ("compile", "training", "compile"),
+)
+_ARGUMENT_OVERRIDES: dict[str, dict[str, Any]] = {
+    "quant_type": {"choices": ("nf4", "fp4"), "help": " The HF Trainer path trains QLoRA: nf4 or fp4."},
+    "activation_checkpointing": {
+        "default": "",
+        "help": " Empty: full with --gradient_checkpointing, else none.",
+    },
+    "compile": {
+        "type": str,
+        "default": "auto",
+        "choices": ("auto", "true", "false"),
+        "help": " --torch_compile is the same as true.",
+    },
+}
 
 
-def job_config_from(model_args: RecipeModelArguments, training_args=None) -> JobConfig:
+def _model_arguments_class() -> type:
+    fields = []
+    for name, section, key in _MODEL_ARGUMENTS:
+        f, tp = config_field(section, key)
+        over = _ARGUMENT_OVERRIDES.get(name, {})
+        default = over.get("default", f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        meta = {"help": f"[{section}] {key}: {f.metadata['help']}{over.get('help', '')}"}
+        choices = over.get("choices", f.metadata.get("choices"))
+        if choices is not None:
+            meta["choices"] = tuple(choices)
+        if isinstance(default, list):
+            spec = field(default_factory=lambda d=default: list(d), metadata=meta)
+        else:
+            spec = field(default=default, metadata=meta)
+        fields.append((name, over.get("type", tp), spec))
+    cls = dataclasses.make_dataclass("RecipeModelArguments", fields)
+    cls.__module__ = __name__
+    cls.__doc__ = (
+        "The recipe's model and LoRA options, for ``HfArgumentParser`` next to ``TrainingArguments``; each is "
+        "a recipe.config key (``_MODEL_ARGUMENTS``), with its help, choices and default."
+    )
+    return cls
+
+
+RecipeModelArguments = _model_arguments_class()
+
+
+def job_config_from(model_args, training_args=None) -> JobConfig:
     """The recipe's JobConfig for these arguments (the sections ``recipe.builder.build_model`` reads).
 
-    From ``training_args`` (a ``TrainingArguments``): ``seed`` (LoRA initialisation), ``bf16`` / ``fp16``
+    ``model_args``: a ``RecipeModelArguments``, each field a config key (``_MODEL_ARGUMENTS``). From
+    ``training_args`` (a ``TrainingArguments``): ``seed`` (LoRA initialisation), ``bf16`` / ``fp16``
     (the compute dtype), ``gradient_checkpointing`` (full activation checkpointing), ``torch_compile``
-    (per-block compile), ``use_cpu``, ``ddp_backend`` and ``full_determinism`` (deterministic kernels and
+    (``compile = true``), ``use_cpu``, ``ddp_backend`` and ``full_determinism`` (deterministic kernels and
     the split-independent gradient norm)."""
     ta = training_args
     cfg = JobConfig()
@@ -188,26 +213,22 @@ def job_config_from(model_args: RecipeModelArguments, training_args=None) -> Job
             f"quant_type = {model_args.quant_type!r}: the HF Trainer path trains QLoRA on 4-bit weights; "
             "set --quant_type nf4 (or fp4)"
         )
-    cfg.model.checkpoint = model_args.model_name_or_path
-    cfg.model.synthetic_shape = model_args.synthetic_shape
-    cfg.model.tokenizer = model_args.tokenizer_name_or_path
-    cfg.model.quant_type = model_args.quant_type
-    cfg.lora.rank = int(model_args.lora_r)
-    cfg.lora.alpha = float(model_args.lora_alpha)
-    cfg.lora.dropout = float(model_args.lora_dropout)
-    cfg.lora.target_modules = list(model_args.lora_target_modules)
-    cfg.training.mixed_precision_reduce = model_args.mixed_precision_reduce
-    cfg.training.attention_backend = model_args.attention_backend
-    cfg.parallelism.cpu_offload = bool(model_args.cpu_offload)
-    cfg.parallelism.reshard_after_forward = bool(model_args.reshard_after_forward)
-    cfg.parallelism.vocab_parallel_embedding = bool(model_args.vocab_parallel_embedding)
-    cfg.activation_checkpoint.selective_every = int(model_args.selective_every)
+    for name, section, key in _MODEL_ARGUMENTS:
+        value = getattr(model_args, name)
+        if name == "compile":
+            value = {"true": True, "false": False}.get(str(value).lower(), value)
+        elif isinstance(value, list):
+            value = list(value)
+        else:
+            value = config_field(section, key)[1](value)
+        setattr(getattr(cfg, section), key, value)
     ac = model_args.activation_checkpointing
     if ta is not None:
         cfg.job.seed = int(ta.seed)
         cfg.job.deterministic = bool(ta.full_determinism)
         cfg.training.mixed_precision_param = "float16" if ta.fp16 else "bfloat16" if ta.bf16 else "float32"
-        cfg.training.compile = bool(ta.torch_compile)
+        if ta.torch_compile:
+            cfg.training.compile = True
         cfg.training.device = "cpu" if ta.use_cpu else "auto"
         if ta.ddp_backend in ("gloo", "nccl"):
             cfg.parallelism.backend = ta.ddp_backend
@@ -224,6 +245,31 @@ def job_config_from(model_args: RecipeModelArguments, training_args=None) -> Job
     return cfg
 
 
+@dataclass(frozen=True)
+class RecipeRuntime:
+    """What ``build_hf_model`` decided, hung on the model as one object (``model.recipe``): the job
+    config, the process group and device, the SDPA kernels, the parallel plan (``recipe.plan``) and the
+    base checkpoint's directory."""
+
+    config: JobConfig
+    dist: DistInfo
+    sdpa: SdpaChoice
+    plan: ParallelPlan
+    base_checkpoint: Path
+
+
+class HFCausalLMOutput(CausalLMOutput):
+    """``CausalLMOutput`` as HF ``Trainer`` reads outputs: indexable like a tuple (loss, logits) or a dict."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple(v for v in (self.loss, self.logits) if v is not None)[key]
+
+    def keys(self):
+        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
+
+
 class HFLlamaForCausalLM(LlamaForCausalLM):
     """The recipe's Llama with the attributes HF ``Trainer`` and TRL read. Parameters, modules and
     ``forward`` are the base class's (``recipe.builder.build_model(..., model_cls=HFLlamaForCausalLM)``).
@@ -236,11 +282,28 @@ class HFLlamaForCausalLM(LlamaForCausalLM):
     supports_gradient_checkpointing = True
     quantization_method = QuantizationMethod.BITS_AND_BYTES
 
-    # Set by build_hf_model.
-    recipe_config: JobConfig
-    recipe_dist: Any
-    recipe_sdpa: SdpaChoice
-    base_checkpoint: Path
+    recipe: RecipeRuntime  # set by build_hf_model
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        position_ids=None,
+        inputs_embeds=None,
+        num_items_in_batch=None,
+        return_logits: bool | None = None,
+        **hf_kwargs,
+    ) -> HFCausalLMOutput:
+        """HF's calling convention around the recipe model's: ``num_items_in_batch`` divides the summed
+        loss (HF's gradient-accumulation normalisation), ``return_logits`` adds the logits next to the
+        loss, and the keywords HF and TRL pass besides (``use_cache``, ``return_dict``, ...) are accepted
+        and unused."""
+        h = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
+        out = self.causal_lm_output(h, labels, with_logits=bool(return_logits))
+        if labels is not None and num_items_in_batch is not None:
+            out.loss = out.loss_sum / num_items_in_batch
+        return HFCausalLMOutput(**{f.name: getattr(out, f.name) for f in dataclasses.fields(out)})
 
     def add_model_tags(self, tags) -> None:  # TRL tags its models (model cards)
         tags = [tags] if isinstance(tags, str) else list(tags)
@@ -248,7 +311,7 @@ class HFLlamaForCausalLM(LlamaForCausalLM):
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self.recipe_config.activation_checkpoint.mode != "none"
+        return self.recipe.config.activation_checkpoint.mode != "none"
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
         """Called by ``Trainer.train`` with ``gradient_checkpointing``: the recipe's checkpointing was
@@ -296,11 +359,12 @@ def build_hf_model(model_args: RecipeModelArguments, training_args=None) -> HFLl
     rank calls it). Initialises the process group (torchrun's environment, or a world of one)."""
     cfg = job_config_from(model_args, training_args)
     p, t = cfg.parallelism, cfg.training
-    dist_info = init_distributed(t.device, p.backend, -1, p.cpu_offload)
+    dist_info = init_distributed(device=t.device, backend=p.backend, cpu_offload=p.cpu_offload)
     sdpa = resolve_attention(cfg, dist_info)
     path = ensure_checkpoint(cfg.model, cfg.job.seed, dist_info)
     reader = CheckpointReader(path)
-    model = build_model(cfg, reader, dist_info, model_cls=HFLlamaForCausalLM)
+    plan = resolve_plan(cfg, dist_info.device, dist_info.dp_shard, reader.shape, dist_info.rank)
+    model = build_model(cfg, reader, dist_info, plan, model_cls=HFLlamaForCausalLM)
     from transformers import AutoConfig, GenerationConfig
 
     model.config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -308,10 +372,7 @@ def build_hf_model(model_args: RecipeModelArguments, training_args=None) -> HFLl
         model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
     except OSError:
         model.generation_config = GenerationConfig.from_model_config(model.config)
-    model.recipe_config = cfg
-    model.recipe_dist = dist_info
-    model.recipe_sdpa = sdpa
-    model.base_checkpoint = Path(os.path.abspath(path))
+    model.recipe = RecipeRuntime(cfg, dist_info, sdpa, plan, Path(os.path.abspath(path)))
     model.name_or_path = str(model_args.model_name_or_path)
     model.register_load_state_dict_pre_hook(_shard_full_tensors)
     model.register_load_state_dict_post_hook(_frozen_keys_are_not_missing)
@@ -322,7 +383,7 @@ def build_hf_model(model_args: RecipeModelArguments, training_args=None) -> HFLl
 
 def load_hf_tokenizer(model: HFLlamaForCausalLM):
     """The model's tokenizer (``tokenizer_name_or_path``, else the checkpoint's own), local files only."""
-    return load_tokenizer(model.recipe_config.model.tokenizer or str(model.base_checkpoint))
+    return load_tokenizer(model.recipe.config.model.tokenizer or str(model.recipe.base_checkpoint))
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -334,7 +395,7 @@ def _refuse(field_name: str, value, why: str) -> UnsupportedSettingError:
 
 def check_training_arguments(args, model: HFLlamaForCausalLM) -> None:
     """Raise ``UnsupportedSettingError`` for a setting this model cannot honour."""
-    cfg = model.recipe_config
+    cfg = model.recipe.config
     if args.fsdp:
         raise _refuse(
             "fsdp",
@@ -369,12 +430,12 @@ def check_training_arguments(args, model: HFLlamaForCausalLM) -> None:
             "the model was built without activation checkpointing; build it with "
             "build_hf_model(model_args, training_args) from the same TrainingArguments",
         )
-    if bool(args.torch_compile) != bool(cfg.training.compile):
+    if args.torch_compile and not model.recipe.plan.compile:
         raise _refuse(
             "torch_compile",
-            bool(args.torch_compile),
-            f"the model was built with compile={cfg.training.compile} (the recipe compiles each block when it "
-            "builds the model); build it with build_hf_model(model_args, training_args) from the same arguments",
+            True,
+            "the model was built without compile (the recipe compiles each block when it builds the model); "
+            "build it with build_hf_model(model_args, training_args) from the same arguments",
         )
     simple = [
         (
@@ -419,7 +480,7 @@ def check_training_arguments(args, model: HFLlamaForCausalLM) -> None:
             "several GPUs visible to one process (Trainer would use nn.DataParallel); launch with "
             "torchrun --nproc-per-node N, or make one GPU visible with CUDA_VISIBLE_DEVICES",
         )
-    world = model.recipe_dist.world_size
+    world = model.recipe.dist.world_size
     if args.world_size != world:
         raise UnsupportedSettingError(
             f"TrainingArguments see {args.world_size} process(es) but the model is sharded over {world}: build "
@@ -430,14 +491,25 @@ def check_training_arguments(args, model: HFLlamaForCausalLM) -> None:
 
 def check_sharded(model: HFLlamaForCausalLM) -> int:
     """Every 4-bit base weight must be an FSDP2 shard (Shard(0) DTensor) over all ranks, holding its share
-    of the rows; returns how many were checked. Raises RuntimeError otherwise."""
-    world = model.recipe_dist.world_size
+    of the rows (on one rank: the whole weight, outside FSDP); returns how many were checked. Raises
+    RuntimeError otherwise."""
+    world = model.recipe.dist.world_size
+    # One rank without CPU offload: the frozen weights stay out of FSDP, whole plain tensors
+    # (parallel.parallelize.frozen_params_left_local); the LoRA parameters are FSDP's still.
+    left_local = world == 1 and not model.recipe.plan.cpu_offload
     n = 0
     for name, p in model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
         if not isinstance(local, Weight4bit):
             continue
         n += 1
+        if left_local:
+            if isinstance(p, DTensor) or local.packed.shape[0] != p.shape[0]:
+                raise RuntimeError(
+                    f"4-bit weight {name} should be this rank's whole weight on one rank (type {type(p).__name__}): "
+                    "build the model with recipe.hf_trainer.build_hf_model, and do not wrap it again"
+                )
+            continue
         if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),) or p.device_mesh.size() != world:
             raise RuntimeError(
                 f"4-bit weight {name} is not sharded over the {world} rank(s) (type {type(p).__name__}"
@@ -493,15 +565,28 @@ class RecipeTrainerMixin:
         # Already prepared for distributed training (by the recipe): accelerate's own guard against
         # wrapping a model twice. See the module docstring.
         model._is_accelerate_prepared = True
-        cfg = model.recipe_config
+        cfg = model.recipe.config
         self._recipe_cfg = cfg
-        self._recipe_dist = model.recipe_dist
-        self._recipe_max_grad_norm = float(args.max_grad_norm)
-        self._scaler = LossScaler(cfg.training.mixed_precision_param == "float16")
+        self._recipe_dist = model.recipe.dist
+        self._scaler = LossScaler(model.recipe.plan.param_dtype == torch.float16)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
+        dist_info = model.recipe.dist
+        # The recipe loop's step rules (recipe.step): token count, loss scale, unscale, clip, non-finite policy.
+        self._rules = StepRules(
+            self._trainable,
+            self._scaler,
+            max_norm=float(args.max_grad_norm),
+            exact_norm=cfg.job.deterministic,
+            check_nonfinite=cfg.training.max_nonfinite_steps > 0,
+            rank=dist_info.rank,
+            world=dist_info.world_size,
+            device=dist_info.device,
+        )
+        self._nonfinite = NonfiniteGuard(cfg.training.max_nonfinite_steps, dist_info.rank)
+        self._step_loss: torch.Tensor | None = None  # this rank's summed micro-batch losses of the step
         self._last_grad_norm: torch.Tensor | None = None
         self._resume_dir: str | None = None
-        if args.logging_nan_inf_filter and model.recipe_dist.device.type == "cuda":
+        if args.logging_nan_inf_filter and model.recipe.dist.device.type == "cuda":
             # Trainer's filter reads every micro-batch's loss on the host (torch.isnan(...) in a
             # Python `if`): a synchronisation per micro-batch, in a step bound by the host. A step
             # whose gradient norm is NaN/inf is skipped by _finish_step instead (and logged).
@@ -509,7 +594,7 @@ class RecipeTrainerMixin:
             log(
                 "hf_trainer: logging_nan_inf_filter off (a host sync per micro-batch); steps with a NaN/inf "
                 "gradient norm are skipped and logged instead",
-                model.recipe_dist.rank,
+                model.recipe.dist.rank,
             )
         super().__init__(model, args, *rest, **kwargs)
         self.add_callback(_RecipeStateCallback(self))
@@ -558,13 +643,9 @@ class RecipeTrainerMixin:
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches if "labels" in b)
-        n = torch.tensor(float(n_local), dtype=torch.float64, device=self._recipe_dist.device)
-        if self.args.average_tokens_across_devices:
-            n = all_reduce_sum(n)
-        else:
-            n = n * self._world
-        return batches, n.clamp(min=1.0).float()
+        labels = [b["labels"] for b in batches if "labels" in b]
+        n = self._rules.count_tokens(labels, across_ranks=self.args.average_tokens_across_devices)
+        return batches, n.float()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "shift_labels" in inputs:
@@ -584,10 +665,12 @@ class RecipeTrainerMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         # The run's SDPA kernels for forward and backward (with the recomputed forward in it).
-        with sdpa_context(model.recipe_sdpa):
+        with sdpa_context(model.recipe.sdpa):
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             self._scaler.scale_loss(loss).backward()
+        # A non-finite loss_sum / count is a non-finite loss: the sum is what the step checks.
+        self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
         if self.accelerator.sync_gradients:
             self._finish_step()
         # Trainer logs the mean over ranks of what this returns: times the world size, that is the sum
@@ -595,20 +678,27 @@ class RecipeTrainerMixin:
         return loss.detach() * self._world
 
     def _finish_step(self) -> None:
-        """After the last micro-batch: unscale (fp16), clip, and drop the gradients of a step to skip."""
-        params = self._trainable
-        found_inf = self._scaler.unscale_(params)
-        norm = clip_grad_norm_(params, self._recipe_max_grad_norm, exact=self._recipe_cfg.job.deterministic)
-        nonfinite = not self._scaler.enabled and not bool(torch.isfinite(norm))
-        self._scaler.update(found_inf)
-        if found_inf or nonfinite:
-            # The same on every rank (an all-reduced flag, an all-reduced norm): AdamW skips parameters
-            # without gradients, so its step is a no-op; the schedule still advances.
-            for p in params:
+        """After the last micro-batch: unscale (fp16), clip, check (``recipe.step.StepRules.finish``), and
+        drop the gradients of a step to skip: the decision is the same on every rank (an all-reduced
+        flag, an all-reduced norm), and AdamW skips parameters without gradients, so HF's optimizer step
+        is a no-op; the schedule still advances, as in the recipe loop. ``max_nonfinite_steps`` skipped
+        non-finite steps in a row raise ``TrainingDivergedError`` out of ``train``, as in the recipe."""
+        outcome = self._rules.finish(self._step_loss)
+        self._step_loss = None
+        if outcome.skip:
+            for p in self._trainable:
                 p.grad = None
-            why = f"fp16 overflow, loss scale -> {self._scaler.scale:g}" if found_inf else "NaN/inf gradient norm"
-            log(f"step {self.state.global_step + 1}: {why}: optimizer step skipped", self._recipe_dist.rank)
-        self._last_grad_norm = norm
+        self._last_grad_norm = outcome.grad_norm
+        self._nonfinite.after_step(
+            self.state.global_step + 1, outcome, self._scaler.scale, last_checkpoint=self._last_checkpoint_step
+        )
+
+    def _last_checkpoint_step(self) -> int | None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = self.args.output_dir
+        last = get_last_checkpoint(out) if out and os.path.isdir(out) else None
+        return int(last.rsplit("-", 1)[1]) if last else None
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
@@ -648,7 +738,7 @@ class RecipeTrainerMixin:
             self.model,
             tmp,
             self._recipe_cfg.lora,
-            base_model=str(self.model.base_checkpoint),
+            base_model=str(self.model.recipe.base_checkpoint),
             is_main=is_main,
             verbose=False,
         )
@@ -674,11 +764,9 @@ class RecipeTrainerMixin:
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def _state_dicts(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        opts = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
-        return {"optim": get_optimizer_state_dict(self.model, self._inner_optimizer(), options=opts)}
+    def _trainable_state(self) -> TrainableState:
+        # The LoRA weights go to HF's model.safetensors (HF's resume loads them); recipe_state/ has the rest.
+        return TrainableState(self.model, self._inner_optimizer(), include_model=False)
 
     def _inner_optimizer(self):
         opt = self.optimizer
@@ -692,7 +780,7 @@ class RecipeTrainerMixin:
         from safetensors.torch import save_file
 
         lora = _lora_state_dict(self.model)
-        sd = self._state_dicts()
+        sd = self._trainable_state().state_dict()
         sd["scaler"] = json.dumps(self._scaler.state_dict())
         dcp.save(sd, checkpoint_id=str(ckpt / STATE_DIR))
         if self._recipe_dist.is_main:
@@ -708,15 +796,14 @@ class RecipeTrainerMixin:
     def _load_recipe_state(self, ckpt: Path) -> None:
         """Collective: the optimizer and loss scaler of ``ckpt`` (HF has loaded the LoRA weights by now)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        sd = self._state_dicts()
+        state = self._trainable_state()
+        sd = state.state_dict()
         sd["scaler"] = ""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(sd, checkpoint_id=str(ckpt / STATE_DIR))
-        opts = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False)
-        set_optimizer_state_dict(self.model, self._inner_optimizer(), sd["optim"], options=opts)
+        state.load_state_dict({"optim": sd["optim"]})
         self._scaler.load_state_dict(json.loads(sd["scaler"]))
         sched = ckpt / SCHEDULER_NAME
         if sched.is_file():  # HF loads it only together with optimizer.pt, which recipe_state/ replaces

@@ -90,6 +90,9 @@ __all__ = [
     "peak_flops",
     "model_flops_per_token",
     "JSONL_KEYS",
+    "run_summary",
+    "describe_speed",
+    "gather_bubble",
 ]
 
 JSONL_KEYS = (
@@ -477,3 +480,71 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+# --------------------------------------------------------------------------------------------- run summary
+
+
+def run_summary(
+    *,
+    rank: int,
+    world: int,
+    device: torch.device,
+    load_time_s: float,
+    load_peak_gib: float,
+    losses: list[float],
+    step_times: list[float],
+    tokens_per_step: int,
+    warmup_steps: int = 3,
+) -> dict:
+    """Collective: per-rank memory and speed gathered to every rank, as ``<dump>/summary.json`` holds them
+    (benchmarks read it). ``tokens_per_step``: the global batch's tokens (all ranks). The first step of a
+    process is reported apart (``first_step_s``: it includes compilation when compile is on, and the
+    allocator's warm-up), with ``tokens_per_s_after_first`` over the steps after it; the per-GPU median
+    speed skips ``warmup_steps`` as before."""
+    import statistics
+
+    import torch.distributed as dist
+
+    timed = step_times[warmup_steps:] or step_times
+    cuda = device.type == "cuda"
+    mine = {
+        "rank": rank,
+        "load_peak_gib": load_peak_gib if cuda else None,
+        "train_peak_gib": peak_memory_gib(device) if cuda else None,
+        "host_peak_rss_gib": host_rss_gib(peak=True),
+        "tokens_per_s_per_gpu": tokens_per_step / statistics.median(timed) / world if timed else None,
+    }
+    ranks = [None] * world
+    dist.all_gather_object(ranks, mine)
+    after = step_times[1:]
+    return {
+        "world": world,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "load_time_s": load_time_s,
+        "losses": losses,
+        "step_times_s": step_times,
+        "first_step_s": step_times[0] if step_times else None,
+        "tokens_per_s_after_first": tokens_per_step * len(after) / sum(after) if after and sum(after) > 0 else None,
+        "ranks": ranks,
+    }
+
+
+def describe_speed(summary: dict) -> str:
+    """The end-of-run speed line: the first step apart from the steady state after it."""
+    first, after = summary.get("first_step_s"), summary.get("tokens_per_s_after_first")
+    if first is None:
+        return "speed: no step was timed"
+    n = len(summary["step_times_s"]) - 1
+    steady = f"{after:,.0f} tokens/s over the {n} step(s) after it" if after else "no later step"
+    return f"speed: first step {first:.2f}s (compilation included when compile is on); {steady}"
+
+
+def gather_bubble(timer_totals: dict, rank: int, world: int) -> list[dict]:
+    """Collective: every pipeline rank's action times (``parallel.pipeline.ActionTimer.totals``)."""
+    import torch.distributed as dist
+
+    rows = [None] * world
+    dist.all_gather_object(rows, dict(timer_totals, rank=rank))
+    return rows

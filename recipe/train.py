@@ -34,6 +34,7 @@ that check, and its read, off).
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 import sys
@@ -41,40 +42,51 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from models.hf_reader import CheckpointReader
 from models.sdpa import sdpa_context
 from parallel.distributed import all_reduce_sum, destroy, init_distributed
-from parallel.grad_norm import clip_grad_norm_
 from parallel.pipeline import PipelineRunner, format_bubble_table, plan_pipeline
 from recipe import run_guard
 from recipe.builder import base_quant_name, build_model, build_pipeline_model, ensure_checkpoint, resolve_attention
-from recipe.checkpoint import Checkpointer, RunIdentity
+from recipe.checkpoint import Checkpointer, RunIdentity, TrainableState, schedule_changes
 from recipe.config import JobConfig, config_to_dict, dump_toml, load_config
 from recipe.data import (
     GlobalBatchLoader,
     build_data,
-    count_targets,
     drop_trivial_masks,
     load_tokenizer,
     resolve_global_batch_size,
 )
-from recipe.estimate import warn_if_too_big
+from recipe.estimate import memory_warning
 from recipe.exit_status import record_exit, report_bad_input, report_failure
 from recipe.export import export_model_adapter
 from recipe.logging import log
-from recipe.metrics import MetricsLogger, StepClock, host_rss_gib, model_flops_per_token, peak_flops, peak_memory_gib
+from recipe.metrics import (
+    MetricsLogger,
+    StepClock,
+    describe_speed,
+    gather_bubble,
+    host_rss_gib,
+    model_flops_per_token,
+    peak_flops,
+    peak_memory_gib,
+    run_summary,
+)
 from recipe.optim import LossScaler, apply_hyperparameters, build_lr_scheduler, build_optimizer
+from recipe.plan import resolve_plan
 from recipe.planner import plan_for_run
 from recipe.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from recipe.profiling import Profiler
 from recipe.run_report import report_results
 from recipe.seeding import rank_seed
+from recipe.step import DIVERGED_EXIT_CODE, NonfiniteGuard, StepOutcome, StepRules, TrainingDivergedError
 from recipe.versions import check_torch
 
-__all__ = ["Trainer", "main", "build_model"]
+__all__ = ["Trainer", "main", "build_model", "memory_warning", "TrainingDivergedError", "DIVERGED_EXIT_CODE"]
 
 
 class Preempted(Exception):
@@ -85,23 +97,26 @@ class Preempted(Exception):
         self.step = step
 
 
-class TrainingDivergedError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
-
-
-DIVERGED_EXIT_CODE = 3
-
-
 @dataclass
 class StepResult:
     """One optimizer step. The device values are read on the host only when asked for."""
 
     loss_sum: torch.Tensor  # summed token losses of the global batch (all ranks), on the device (fp32; fp64 exact)
     n_global: torch.Tensor  # target tokens of the global batch (>= 1), on the device
-    grad_norm_t: torch.Tensor  # LoRA gradient norm before clipping, on the device
     tokens: int  # tokens this rank processed (padding included)
-    skipped: bool  # the optimizer step was skipped (fp16 overflow, or a non-finite loss / gradient norm)
-    nonfinite_ranks: tuple[int, ...] = ()  # bf16/fp32: ranks whose loss was NaN/inf (skip reason)
+    outcome: StepOutcome  # the gradient norm and the skip decision (recipe.step)
+
+    @property
+    def grad_norm_t(self) -> torch.Tensor:  # LoRA gradient norm before clipping, on the device
+        return self.outcome.grad_norm
+
+    @property
+    def skipped(self) -> bool:  # the optimizer step was skipped (fp16 overflow, or a non-finite loss / norm)
+        return self.outcome.skip
+
+    @property
+    def nonfinite_ranks(self) -> tuple[int, ...]:  # bf16/fp32: ranks whose loss was NaN/inf (skip reason)
+        return self.outcome.nonfinite_ranks
 
     @property
     def loss(self) -> float:
@@ -110,6 +125,15 @@ class StepResult:
     @property
     def grad_norm(self) -> float:
         return float(self.grad_norm_t)
+
+
+class PendingStep(NamedTuple):
+    """A step whose device values are not read yet (``Trainer._flush`` reads them in one go)."""
+
+    step: int
+    result: StepResult
+    host: dict  # host-side values taken right after the step
+    marks: tuple  # the StepClock marks around the step
 
 
 class Trainer:
@@ -123,21 +147,16 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         p, t = cfg.parallelism, cfg.training
         self.dist = init_distributed(
-            t.device,
-            p.backend,
-            p.data_parallel_shard_degree,
-            p.cpu_offload,
-            p.data_parallel_replicate_degree,
-            p.pipeline_parallel_degree,
+            device=t.device,
+            backend=p.backend,
+            dp_replicate=p.data_parallel_replicate_degree,
+            dp_shard=p.data_parallel_shard_degree,
+            pp=p.pipeline_parallel_degree,
+            cpu_offload=p.cpu_offload,
         )
         self.device = self.dist.device
         rank, world = self.dist.rank, self.dist.world_size
-        layout = ""
-        if self.dist.dp_replicate > 1:
-            layout = f" (HSDP: {self.dist.dp_replicate} replicas x {self.dist.dp_shard} shards)"
-        if self.dist.pp > 1:
-            layout += f" (pipeline {self.dist.pp} x data-parallel {self.dist.dp_world}, {p.pipeline_parallel_schedule})"
-        log(f"{world} rank(s){layout}, backend {torch.distributed.get_backend()}, device {self.device.type}", rank)
+        self._log_layout()
         self.dump = Path(cfg.job.dump_folder)
         # Before anything is loaded: one live run per dump folder; no rank outlives its launcher.
         run_guard.acquire(self.dump, rank, world)
@@ -149,16 +168,18 @@ class Trainer:
 
         ckpt_dir = ensure_checkpoint(cfg.model, cfg.job.seed, self.dist)
         self.reader = CheckpointReader(ckpt_dir)
-        plan = None
+        # Every parallel decision, once (an impossible combination is a ConfigError before loading).
+        self.plan = resolve_plan(cfg, self.device, self.dist.dp_shard, self.reader.shape, rank)
+        pipeline_plan = None
         if self.dist.pp > 1:  # before the data and the weights: the layout needs only the block count
-            plan = plan_pipeline(
+            pipeline_plan = plan_pipeline(
                 self.dist.pp,
                 p.pipeline_parallel_schedule,
                 self.reader.shape.num_hidden_layers,
                 self.global_batch // (micro_size * self.dist.dp_world),
                 p.pipeline_parallel_layers_per_stage,
                 p.pipeline_parallel_split_points,
-                t.compile,
+                self.plan.compile,
             )
         # Data before weights: a wrong data path, format or tokenizer fails in seconds, not after
         # the model has been loaded.
@@ -175,14 +196,7 @@ class Trainer:
         if warning:
             log(warning, rank)
         t0 = time.perf_counter()
-        self.pipeline = None
-        if plan is None:
-            self.model = build_model(cfg, self.reader, self.dist)
-        else:
-            # self.model holds this rank's blocks under their full-model names (optimizer, checkpoints, export).
-            self.model, stages = build_pipeline_model(cfg, self.reader, self.dist, plan)
-            pp_group = self.dist.pp_mesh.get_group()
-            self.pipeline = PipelineRunner(stages, plan, self.dist.pp_rank, pp_group, self.device)
+        self.model, self.pipeline = self._build_model(pipeline_plan)
         self.load_time_s = time.perf_counter() - t0
         # Dropout draws from the global generator (LoRA initialisation has its own seeded generator).
         torch.manual_seed(rank_seed(cfg.job.seed, rank))
@@ -212,16 +226,90 @@ class Trainer:
                 f"{t.steps}: the lr never reaches optimizer.lr",
                 rank,
             )
-        self.scaler = LossScaler(t.mixed_precision_param == "float16", t.loss_scale_init, t.loss_scale_growth_interval)
+        self.scaler = LossScaler(
+            self.plan.param_dtype == torch.float16, t.loss_scale_init, t.loss_scale_growth_interval
+        )
+        self.rules = StepRules(
+            self.params,
+            self.scaler,
+            max_norm=t.max_norm,
+            exact_norm=cfg.job.deterministic,
+            check_nonfinite=t.max_nonfinite_steps > 0,
+            rank=rank,
+            world=world,
+            device=self.device,
+            pp_group=self.dist.pp_mesh.get_group() if self.pipeline is not None else None,
+        )
+        self.nonfinite = NonfiniteGuard(t.max_nonfinite_steps, rank)
         self.step = 0  # optimizer steps completed
-        self.metrics = MetricsLogger(
+        self.metrics = self._metrics_logger()
+        self.step_times: list[float] = []  # seconds of every step this process ran (summary.json)
+        self.bubble: list[dict] = []  # pipeline: every rank's action times, after training
+        if self.dist.is_main:
+            self.dump.mkdir(parents=True, exist_ok=True)
+        self.checkpointer = self._make_checkpointer()
+        self.step = self.checkpointer.maybe_resume()  # raises CheckpointLoadError before any training
+        if self.checkpointer.resumed_from is not None:
+            moved = schedule_changes(self.checkpointer.resumed_meta.get("config"), config_to_dict(cfg))
+            if moved:
+                log(f"checkpoint: the lr schedule follows the config from step {self.step}: {', '.join(moved)}", rank)
+            changed = apply_hyperparameters(self.optimizer, self.scheduler, cfg.optimizer)
+            if changed:
+                log(f"checkpoint: optimizer settings from the config, not the checkpoint: {', '.join(changed)}", rank)
+        self.metrics.begin(self.step)
+        self.preemption = PreemptionWatcher(rank, world)
+        if self.dist.is_main:
+            # After the resume checks: a rejected resume must leave the run's files as they were.
+            tmp = self.dump / f".config.toml.tmp-{os.getpid()}"
+            tmp.write_text(dump_toml(cfg))
+            tmp.replace(self.dump / "config.toml")
+
+    def _log_layout(self) -> None:
+        d, schedule = self.dist, self.cfg.parallelism.pipeline_parallel_schedule
+        layout = f" (HSDP: {d.dp_replicate} replicas x {d.dp_shard} shards)" if d.dp_replicate > 1 else ""
+        if d.pp > 1:
+            layout += f" (pipeline {d.pp} x data-parallel {d.dp_world}, {schedule})"
+        backend = torch.distributed.get_backend()
+        log(f"{d.world_size} rank(s){layout}, backend {backend}, device {self.device.type}", d.rank)
+
+    def _build_model(self, pipeline_plan) -> tuple[torch.nn.Module, PipelineRunner | None]:
+        """(the model, the pipeline runner or None). With a pipeline the model holds this rank's blocks
+        under their full-model names (what the optimizer, checkpoints and export see)."""
+        if pipeline_plan is None:
+            return build_model(self.cfg, self.reader, self.dist, self.plan), None
+        model, stages = build_pipeline_model(self.cfg, self.reader, self.dist, self.plan, pipeline_plan)
+        pp_group = self.dist.pp_mesh.get_group()
+        return model, PipelineRunner(stages, pipeline_plan, self.dist.pp_rank, pp_group, self.device)
+
+    def _make_checkpointer(self) -> Checkpointer:
+        cfg = self.cfg
+        return Checkpointer(
+            cfg.checkpoint,
+            self.dump / cfg.checkpoint.folder,
+            # Restored in this order: the LoRA weights and optimizer state, then the small states.
+            states={
+                "trainable": TrainableState(self.model, self.optimizer),
+                "scheduler": self.scheduler,
+                "scaler": self.scaler,
+                "loader": self.loader,
+            },
+            identity=self._identity(),
+            total_steps=cfg.training.steps,
+            rank=self.dist.rank,
+            world=self.dist.world_size,
+            device=self.device,
+        )
+
+    def _metrics_logger(self) -> MetricsLogger:
+        cfg = self.cfg
+        return MetricsLogger(
             self.dump / cfg.metrics.save_folder,
-            t.steps,
-            rank,
+            cfg.training.steps,
+            self.dist.rank,
             cfg.metrics.log_freq,
             cfg.metrics.enable_jsonl,
             flops_per_token=model_flops_per_token(
-                shape,
+                self.reader.shape,
                 cfg.data.seq_len,
                 cfg.lora.rank,
                 cfg.lora.target_modules,
@@ -229,36 +317,9 @@ class Trainer:
                 cfg.activation_checkpoint.selective_every,
             ),
             peak_flops=peak_flops(self.device, cfg.metrics.peak_tflops),
-            world_size=world,
+            world_size=self.dist.world_size,
             enable_tensorboard=cfg.metrics.enable_tensorboard,
         )
-        if self.dist.is_main:
-            self.dump.mkdir(parents=True, exist_ok=True)
-        self.checkpointer = Checkpointer(
-            cfg.checkpoint,
-            self.dump / cfg.checkpoint.folder,
-            model=self.model,
-            optimizer=self.optimizer,
-            stateful={"scheduler": self.scheduler, "scaler": self.scaler, "loader": self.loader},
-            identity=self._identity(),
-            total_steps=t.steps,
-            rank=rank,
-            world=world,
-            device=self.device,
-        )
-        self.step = self.checkpointer.maybe_resume()  # raises CheckpointLoadError before any training
-        if self.checkpointer.resumed_from is not None:
-            changed = apply_hyperparameters(self.optimizer, self.scheduler, cfg.optimizer)
-            if changed:
-                log(f"checkpoint: optimizer settings from the config, not the checkpoint: {', '.join(changed)}", rank)
-        self.metrics.begin(self.step)
-        self.nonfinite_in_a_row = 0
-        self.preemption = PreemptionWatcher(rank, world)
-        if self.dist.is_main:
-            # After the resume checks: a rejected resume must leave the run's files as they were.
-            tmp = self.dump / f".config.toml.tmp-{os.getpid()}"
-            tmp.write_text(dump_toml(cfg))
-            tmp.replace(self.dump / "config.toml")
 
     def _identity(self) -> RunIdentity:
         cfg = self.cfg
@@ -275,6 +336,8 @@ class Trainer:
             quant_type=cfg.model.quant_type,
             seed=cfg.job.seed,
             config=config_to_dict(cfg),
+            data_order=self.loader.state_dict(),
+            trainable={n: list(p.shape) for n, p in self.model.named_parameters() if p.requires_grad},
         )
 
     def num_trainable(self) -> int:
@@ -282,26 +345,20 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         micro = self.loader.micro_batches(self.step)
-        n_local = sum(count_targets(mb["labels"]) for mb in micro)
-        n_global = all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64, device=self.device))
-        # Every pipeline rank of a data-parallel rank counted the same batch (exact: integers in fp64).
-        n_global = (n_global / self.dist.pp).clamp(min=1.0)
+        n_global = self.rules.count_tokens([mb["labels"] for mb in micro], pp=self.dist.pp)
         # fp32 like the loss sums (exact: token counts stay below 2**24); a device tensor, so that the
         # host never waits for the all-reduce.
         n32 = n_global.float()
         # Exact mode: gradients of all micro-batches are summed locally in fp64 (exact for bf16/fp32
         # addends) and reduced once, so the result does not depend on how the batch was split; the
         # reported loss is summed in fp64 too, for the same reason.
-        exact = self.cfg.training.mixed_precision_reduce == "float64"
+        exact = self.plan.reduce_dtype == torch.float64
         loss_sum = torch.zeros((), dtype=torch.float64 if exact else torch.float32, device=self.device)
         with self._attention_backend():
             loss_sum = self._forward_backward(micro, n32, loss_sum, exact)
-        found_inf = self.scaler.unscale_(self.params)
-        grad_norm = self._clip()
-        bad_ranks = self._nonfinite_ranks(loss_sum, grad_norm) if not self.scaler.enabled else ()
-        if not found_inf and not bad_ranks:
+        outcome = self.rules.finish(loss_sum, clip=self._clip)
+        if not outcome.skip:
             self.optimizer.step()
-        self.scaler.update(found_inf)
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # A skipped fp16 step still advances the schedule (lr stays a function of the step
@@ -310,22 +367,20 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         tokens = sum(int(mb["input_ids"].numel()) for mb in micro)
-        return StepResult(
-            all_reduce_sum(loss_sum), n_global, grad_norm, tokens, found_inf or bool(bad_ranks), bad_ranks
-        )
+        return StepResult(all_reduce_sum(loss_sum), n_global, tokens, outcome)
 
     def _forward_backward(self, micro, n32, loss_sum, exact: bool) -> torch.Tensor:
         if self.pipeline is not None:  # the schedule runs the micro-batches; it splits them again itself
             batch = drop_trivial_masks({k: torch.cat([mb[k] for mb in micro]) for k in micro[0]})
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            return self.pipeline.step(batch, lambda s: self.scaler.scale_loss(s / n32), loss_sum)
+            return self.pipeline.step(batch, lambda s: self.rules.backward_loss(s, n32), loss_sum)
         for i, mb in enumerate(micro):
             if exact:
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
             mb = drop_trivial_masks(mb)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             out = self.model(**batch)
-            self.scaler.scale_loss(out.loss_sum / n32).backward()
+            self.rules.backward_loss(out.loss_sum, n32).backward()
             loss_sum += out.loss_sum.detach().to(loss_sum.dtype)
         return loss_sum
 
@@ -334,33 +389,17 @@ class Trainer:
         backward alike."""
         return sdpa_context(self.sdpa)
 
-    def _nonfinite_ranks(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[int, ...]:
-        """Ranks whose summed loss is NaN/inf (-1 stands for "the gradient norm" when no loss is),
-        read on the host in one go; () when the step is fine or the check is off."""
-        if self.cfg.training.max_nonfinite_steps <= 0:
-            return ()
-        world = self.dist.world_size
-        # One slot per rank, summed: every rank learns which ranks saw a non-finite loss.
-        flags = torch.zeros(world, dtype=torch.float32, device=loss_sum.device)
-        flags[self.dist.rank] = (~torch.isfinite(loss_sum)).float()
-        all_reduce_sum(flags)
-        norm_bad = (~torch.isfinite(grad_norm)).float().reshape(1).to(flags.device)
-        read = torch.cat([flags, norm_bad]).tolist()
-        ranks = tuple(r for r in range(world) if read[r])
-        return ranks or ((-1,) if read[-1] else ())
-
     def _clip(self) -> torch.Tensor:
-        # Deterministic mode: a norm that does not depend on how the rows are split over ranks, so the
-        # clip coefficient (and every update after it) is the same on any world size.
-        pp_group = self.dist.pp_mesh.get_group() if self.pipeline is not None else None
-        max_norm, exact = self.cfg.training.max_norm, self.cfg.job.deterministic
-        return clip_grad_norm_(self.params, max_norm, exact=exact, pp_group=pp_group, device=self.device)
+        """The step's clip (``recipe.step.StepRules.clip``): in deterministic mode a norm that does not
+        depend on how the rows are split over ranks, so the clip coefficient (and every update after
+        it) is the same on any world size. A method of its own so that tests can wrap it."""
+        return self.rules.clip()
 
     def train(self) -> list[float]:
         cfg = self.cfg
         losses: list[float] = []
-        self.step_times: list[float] = []
-        pending: list[tuple] = []  # steps whose device values are not read yet
+        self.step_times.clear()
+        pending: list[PendingStep] = []
         clock = StepClock(self.device)
         log_freq = cfg.metrics.log_freq
         self.model.train()
@@ -385,16 +424,14 @@ class Trainer:
                 "nonfinite": bool(r.nonfinite_ranks),
                 "loss_scale": self.scaler.scale,
             }
-            pending.append((self.step, r, host, (start, end)))
-            if r.nonfinite_ranks:
-                self._on_nonfinite(r, pending, clock)
-            elif r.skipped:
-                log(
-                    f"step {self.step}: fp16 overflow, optimizer step skipped, loss scale -> {self.scaler.scale:g}",
-                    self.dist.rank,
-                )
-            else:
-                self.nonfinite_in_a_row = 0
+            pending.append(PendingStep(self.step, r, host, (start, end)))
+            self.nonfinite.after_step(
+                self.step,
+                r.outcome,
+                self.scaler.scale,
+                last_checkpoint=self.checkpointer.last_complete_step,
+                before_raise=lambda: self._flush(pending, clock),
+            )
             # Also before a save: the metrics of every step a checkpoint holds are on disk with it.
             if self.step % log_freq == 0 or self.step == cfg.training.steps or self.checkpointer.due(self.step):
                 losses += self._flush(pending, clock)
@@ -414,30 +451,9 @@ class Trainer:
 
     def _report_bubble(self) -> list[dict]:
         """Collective: every rank's action times (``parallel.pipeline.ActionTimer``), printed by rank 0."""
-        mine = dict(self.pipeline.timer.totals(), rank=self.dist.rank)
-        rows = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(rows, mine)
+        rows = gather_bubble(self.pipeline.timer.totals(), self.dist.rank, self.dist.world_size)
         log(format_bubble_table(rows, self.cfg.parallelism.pipeline_parallel_schedule), self.dist.rank)
         return rows
-
-    def _on_nonfinite(self, r: StepResult, pending: list[tuple], clock: StepClock) -> None:
-        self.nonfinite_in_a_row += 1
-        where = "the gradient norm" if r.nonfinite_ranks == (-1,) else f"the loss on rank(s) {list(r.nonfinite_ranks)}"
-        limit = self.cfg.training.max_nonfinite_steps
-        log(
-            f"step {self.step}: {where} is NaN/inf: optimizer step skipped "
-            f"({self.nonfinite_in_a_row} in a row, the run stops at {limit})",
-            self.dist.rank,
-        )
-        if self.nonfinite_in_a_row >= limit:
-            self._flush(pending, clock)
-            last = self.checkpointer.last_complete_step()
-            raise TrainingDivergedError(
-                f"{limit} optimizer steps in a row (up to step {self.step}) had a NaN/inf loss or gradient norm; "
-                "the run stops without saving. "
-                + (f"The last checkpoint, step {last}, is untouched. " if last is not None else "")
-                + "Lower optimizer.lr, check the data at these steps, or use bfloat16/float32 compute"
-            )
 
     def _stop_preempted(self) -> None:
         """After a signal: save the state of the step just finished, then leave with PREEMPTED_EXIT_CODE."""
@@ -455,16 +471,16 @@ class Trainer:
         )
         raise Preempted(self.step)
 
-    def _flush(self, pending: list[tuple], clock: StepClock) -> list[float]:
+    def _flush(self, pending: list[PendingStep], clock: StepClock) -> list[float]:
         """Read the pending steps' device values (one synchronisation) and write their metrics rows."""
         if not pending:
             return []
-        seconds = clock.seconds([p[3] for p in pending])
+        seconds = clock.seconds([p.marks for p in pending])
         values = torch.stack(
             # With CPU offload the gradient norm lives on the host, the loss on the device.
             [
                 torch.stack([t.double().to(self.device) for t in (r.loss_sum, r.n_global, r.grad_norm_t)])
-                for _, r, _, _ in pending
+                for r in (p.result for p in pending)
             ]
         ).tolist()
         losses = []
@@ -519,54 +535,24 @@ class Trainer:
         destroy()
         run_guard.release()
 
-    def write_summary(self, losses: list[float], warmup_steps: int = 3) -> dict:
-        """Per-rank memory and speed, gathered to rank 0 into <dump>/summary.json (benchmarks read it)."""
-        import json
-        import statistics
-
-        timed = self.step_times[warmup_steps:] or self.step_times
-        cuda = self.device.type == "cuda"
-        gbs = self.global_batch
-        mine = {
-            "rank": self.dist.rank,
-            "load_peak_gib": self.load_peak_gib if cuda else None,
-            "train_peak_gib": peak_memory_gib(self.device) if cuda else None,
-            "host_peak_rss_gib": host_rss_gib(peak=True),
-            "tokens_per_s_per_gpu": gbs * self.cfg.data.seq_len / statistics.median(timed) / self.dist.world_size
-            if timed
-            else None,
-        }
-        ranks = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(ranks, mine)
-        summary = {
-            "world": self.dist.world_size,
-            "device": torch.cuda.get_device_name(self.device) if cuda else "cpu",
-            "torch": torch.__version__,
-            "load_time_s": self.load_time_s,
-            "losses": losses,
-            "step_times_s": self.step_times,
-            "ranks": ranks,
-        }
-        if getattr(self, "bubble", None):
+    def write_summary(self, losses: list[float]) -> dict:
+        """Per-rank memory and speed, gathered to rank 0 into <dump>/summary.json (``recipe.metrics.run_summary``)."""
+        summary = run_summary(
+            rank=self.dist.rank,
+            world=self.dist.world_size,
+            device=self.device,
+            load_time_s=self.load_time_s,
+            load_peak_gib=self.load_peak_gib,
+            losses=losses,
+            step_times=self.step_times,
+            tokens_per_step=self.global_batch * self.cfg.data.seq_len,
+        )
+        if self.bubble:
             summary["pipeline"] = {"schedule": self.cfg.parallelism.pipeline_parallel_schedule, "ranks": self.bubble}
+        log(describe_speed(summary), self.dist.rank)
         if self.dist.is_main:
             (self.dump / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
-
-
-def device_memory_gib(device: torch.device) -> float:
-    """What this process may allocate on a CUDA device: its memory x the per-process fraction (as
-    ``shared/gpu/one_gpu_ranks.py``'s ``GPU_MEM_CAP_GIB`` sets it)."""
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    return total * (get_fraction(device) if get_fraction else 1.0)
-
-
-def memory_warning(cfg: JobConfig, world: int, device: torch.device) -> str | None:
-    """The estimator's warning before loading (CUDA only: on CPU nothing is allocated on a device)."""
-    if device.type != "cuda":
-        return None
-    return warn_if_too_big(cfg, world, device_memory_gib(device))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from recipe.checkpoint import COMPLETE_FILE, META_FILE, CheckpointLoadError, list_complete_checkpoints
+from recipe.checkpoint import COMPLETE_FILE, META_FILE, CheckpointLoadError, LocalStorage, list_complete_checkpoints
 from recipe.config import load_config
 
 STEPS = 6
@@ -183,11 +183,12 @@ def scenario_story(rank, world, root, base):
     t.checkpointer.maybe_save(3, force=True)  # step-3 exists and is complete: must not be clobbered
     res["step3_untouched"] = snapshot(a / "checkpoint" / "step-3") == step3
 
-    def die_at_5(step):
-        if step == 5:
-            raise SimulatedKill(f"killed while saving step {step}")
+    class DieAt5(LocalStorage):  # injected storage: the process "dies" once step 5's files are written
+        def files_written(self, step, tmp):
+            if step == 5:
+                raise SimulatedKill(f"killed while saving step {step}")
 
-    t.checkpointer._before_complete = die_at_5
+    t.checkpointer.storage = DieAt5()
     res["before_kill"] = []
     try:
         while t.step < STEPS:

@@ -20,9 +20,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-import torch
 
-from recipe.checkpoint import COMPLETE_FILE, CheckpointSaveError, list_complete_checkpoints
+from recipe.checkpoint import COMPLETE_FILE, META_FILE, CheckpointSaveError, LocalStorage, list_complete_checkpoints
 from tests.test_checkpoint import STEPS, close, finish, listing, make_cfg, run_steps, snapshot
 
 # ---------------------------------------------------------------------------------------------- faults
@@ -42,7 +41,7 @@ def _oserror(code, path):
     return OSError(code, os.strerror(code), str(path))
 
 
-def no_space_in_dcp_writer():
+def no_space_in_dcp_writer(ckpt=None):
     """DCP's file writer (also in the async save's thread) hits a full disk on its shard files."""
     from torch.distributed.checkpoint import filesystem as fs
 
@@ -58,61 +57,52 @@ def no_space_in_dcp_writer():
     return patched(fs.FileSystem, "create_stream", create_stream)
 
 
-def rng_file_denied():
-    """torch.save of this rank's RNG file fails (the manager's only torch.save call outside DCP)."""
-    import recipe.checkpoint.manager as m
-
-    orig = torch.save
-
-    def save(obj, f, *a, **k):
-        if Path(str(f)).name.startswith("rng-rank"):
-            raise _oserror(errno.EACCES, f)
-        return orig(obj, f, *a, **k)
-
-    return patched(m.torch, "save", save)
+def _inject(ckpt, op: str, fail):
+    """The checkpointer ``ckpt`` saves through a storage whose ``op`` is ``fail`` (injected, not patched)."""
+    storage = LocalStorage()
+    setattr(storage, op, fail)
+    return patched(ckpt, "storage", storage)
 
 
-def metadata_no_space():
-    import recipe.checkpoint.manager as m
+def rng_file_denied(ckpt):
+    """Saving this rank's RNG file fails (the manager's only per-rank file outside DCP)."""
+    orig = LocalStorage().save_object
 
-    orig = m.write_durable
+    def save_object(obj, path):
+        if Path(str(path)).name.startswith("rng-rank"):
+            raise _oserror(errno.EACCES, path)
+        return orig(obj, path)
+
+    return _inject(ckpt, "save_object", save_object)
+
+
+def metadata_no_space(ckpt):
+    orig = LocalStorage().write_durable
 
     def write_durable(path, text):
-        if Path(path).name == m.META_FILE:
+        if Path(path).name == META_FILE:
             raise _oserror(errno.ENOSPC, path)
         return orig(path, text)
 
-    return patched(m, "write_durable", write_durable)
+    return _inject(ckpt, "write_durable", write_durable)
 
 
-def rename_fails():
+def rename_fails(ckpt):
     """The rename that publishes step-N fails (after COMPLETE is written into the temp dir)."""
-    import recipe.checkpoint.manager as m
 
-    class _Os:
-        def __getattr__(self, name):
-            return getattr(os, name)
+    def rename(src, dst):
+        raise _oserror(errno.EROFS, src)
 
-        @staticmethod
-        def rename(src, dst):
-            raise _oserror(errno.EROFS, src)
-
-    return patched(m, "os", _Os())
+    return _inject(ckpt, "rename", rename)
 
 
-def read_only_folder():
+def read_only_folder(ckpt):
     """The temp dir of a save cannot be created: a read-only filesystem."""
-    import recipe.checkpoint.manager as m
 
-    class _Os:
-        def __getattr__(self, name):
-            return getattr(os, name)
+    def makedirs(path):
+        raise _oserror(errno.EROFS, path)
 
-        @staticmethod
-        def makedirs(path, *a, **k):
-            raise _oserror(errno.EROFS, path)
-
-    return patched(m, "os", _Os())
+    return _inject(ckpt, "makedirs", makedirs)
 
 
 def state_of(folder):
@@ -237,7 +227,7 @@ def test_failing_rng_metadata_rename_and_folder_then_a_retry_succeeds(root, base
             (read_only_folder, ["[Errno 30] Read-only file system", "step-4.tmp-"]),
         ]
         for fault, parts in cases:
-            with fault(), pytest.raises(CheckpointSaveError) as ei:
+            with fault(t.checkpointer), pytest.raises(CheckpointSaveError) as ei:
                 t.checkpointer.maybe_save(t.step, force=True)
             msg = str(ei.value)
             assert "step 4" in msg and "restarting the job resumes from step 3" in msg, (fault, msg)
@@ -298,7 +288,7 @@ def test_unwritable_checkpoint_folder(root, base):
     t = Trainer(make_cfg(base, dump))
     try:
         t.train_step()
-        with read_only_folder(), pytest.raises(CheckpointSaveError) as ei:
+        with read_only_folder(t.checkpointer), pytest.raises(CheckpointSaveError) as ei:
             t.checkpointer.maybe_save(t.step)
     finally:
         finish(t)
@@ -344,7 +334,7 @@ def scenario_two_ranks(rank, world, root, base):
         "read_only_rank0": (read_only_folder, 0),
     }
     for name, (fault, on_rank) in faults.items():
-        with fault() if rank == on_rank else contextlib.nullcontext():
+        with fault(t.checkpointer) if rank == on_rank else contextlib.nullcontext():
             res["errors"][name] = expect_save_error(lambda: t.checkpointer.maybe_save(t.step))
         dist.barrier()
         res["states"][name] = state_of(folder)

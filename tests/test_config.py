@@ -320,3 +320,74 @@ def test_help(flag, capsys):
     assert "[lora]" in out and "--training.global_batch_size" in out
     assert "Exclude prompt tokens from the loss." in out
     assert "'nf4', 'fp4', 'none'" in out and "default: 2048" in out
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def test_compile_auto_is_resolved_once_with_its_reason():
+    """training.compile = 'auto' (the default): on for a CUDA device, off on CPU and where a setting
+    excludes compile, each with its reason; explicit true/false win; nothing is compiled here."""
+    from recipe.plan import resolve_compile
+
+    cfg = load_config([])
+    assert cfg.training.compile == "auto"
+    assert resolve_compile(cfg, "cuda").describe() == "training.compile: on (CUDA)"
+    cpu = resolve_compile(cfg, "cpu")
+    assert not cpu.on and cpu.describe().startswith("training.compile: off (CPU device: inductor's CPU code")
+    seg = resolve_compile(load_config(["--model.packed_attention=segments"]), "cuda")
+    assert not seg.on and "model.packed_attention = 'segments'" in seg.reason
+    pp = load_config(["--parallelism.pipeline_parallel_degree=2", "--parallelism.pipeline_parallel_schedule=DualPipeV"])
+    split = resolve_compile(pp, "cuda")
+    assert not split.on and "DualPipeV splits the backward" in split.reason
+    one_f_one_b = load_config(
+        ["--parallelism.pipeline_parallel_degree=2", "--parallelism.pipeline_parallel_schedule=1F1B"]
+    )
+    assert resolve_compile(one_f_one_b, "cuda").on
+    assert resolve_compile(load_config(["--training.compile=true"]), "cpu").on  # explicit: also on CPU
+    assert not resolve_compile(load_config(["--training.compile=false"]), "cuda").on
+    assert load_config(["--training.compile=auto"]).training.compile == "auto"
+
+
+def test_compile_true_where_impossible_is_a_config_error():
+    from recipe.plan import resolve_compile
+
+    with pytest.raises(ConfigError, match=r"training.compile = true, but .*ZBVZeroBubble splits the backward.*1F1B"):
+        resolve_compile(load_config(["--parallelism.pipeline_parallel_degree=2", "--training.compile=true"]), "cuda")
+    with pytest.raises(ConfigError, match=r"packed_attention = 'segments'.*--training.compile=false"):
+        load_config(["--model.packed_attention=segments", "--training.compile=true"])
+    with pytest.raises(ConfigError, match=r"training.compile: invalid value 'maybe'|expected bool or 'auto'"):
+        load_config(["--training.compile=maybe"])
+
+
+def test_plan_resolves_each_decision_once(tmp_path, monkeypatch):
+    """resolve_plan: dtypes, offload and pinning, the embedding's place; tied embeddings with
+    host_embedding are a config error before loading; compile on turns inductor's caches on in
+    TORCHINDUCTOR_CACHE_DIR and says whether it is warm."""
+    import dataclasses
+
+    import torch
+
+    from models.shapes import SHAPES
+    from recipe.plan import compile_cache, resolve_plan
+
+    shape = SHAPES["debug"]
+    cfg = load_config(["--training.mixed_precision_param=float16", "--parallelism.cpu_offload=true"])
+    plan = resolve_plan(cfg, torch.device("cpu"), 1, shape)
+    assert (plan.param_dtype, plan.reduce_dtype) == (torch.float16, torch.float32)
+    assert plan.cpu_offload and not plan.pin_memory and plan.shard_device == torch.device("cpu")
+    assert plan.embedding == "fsdp" and not plan.compile
+    vocab = load_config(["--parallelism.vocab_parallel_embedding=true"])
+    assert resolve_plan(vocab, torch.device("cpu"), 2, shape).embedding == "vocab_sharded"
+    assert resolve_plan(vocab, torch.device("cpu"), 1, shape).embedding == "fsdp"
+    tied = dataclasses.replace(shape, tie_word_embeddings=True)
+    assert resolve_plan(vocab, torch.device("cpu"), 2, tied).embedding == "tied"
+    host = load_config(["--parallelism.host_embedding=true"])
+    assert resolve_plan(host, torch.device("cpu"), 1, shape).embedding == "host"
+    with pytest.raises(ConfigError, match="host_embedding.*ties lm_head.*--parallelism.host_embedding=false"):
+        resolve_plan(host, torch.device("cpu"), 1, tied)
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert compile_cache() == (str(tmp_path / "inductor"), 0)
+    (tmp_path / "inductor" / "fxgraph" / "ab").mkdir(parents=True)
+    assert compile_cache() == (str(tmp_path / "inductor"), 1)

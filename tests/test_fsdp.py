@@ -469,7 +469,7 @@ def test_plain_run_with_only_master_addr_set(clean_env):
     from parallel.distributed import init_distributed
 
     clean_env.setenv("MASTER_ADDR", "127.0.0.1")
-    info = init_distributed("cpu")
+    info = init_distributed(device="cpu")
     assert info.world_size == 1 and info.rank == 0
     assert "MASTER_PORT" not in os.environ
 
@@ -481,7 +481,7 @@ def test_vocab_sharded_embedding_rejects_out_of_range_ids(clean_env):
     from parallel.distributed import init_distributed
     from parallel.embedding import VocabShardedEmbedding
 
-    init_distributed("cpu")
+    init_distributed(device="cpu")
     emb = VocabShardedEmbedding(16, 4, dtype=torch.float32, rank=0, world=1, group=dist.group.WORLD, key="e")
     emb.weight = torch.randn(16, 4)
     ids = torch.tensor([[0, 15, 3]])

@@ -378,3 +378,30 @@ def test_example_under_torchrun(script, tmp_path, debug_nf4_ckpt):
     sd = load_file(str(out / "adapter_model.safetensors"))
     assert len(sd) == 4 * 7 * 2
     assert sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (16, 256)
+
+
+def test_trainer_stops_after_max_nonfinite_steps(tmp_path, debug_nf4_ckpt):
+    """The HF driver runs the recipe loop's step rules (recipe.step): a step whose loss is NaN is skipped
+    and logged, and ``max_nonfinite_steps`` of them in a row stop ``train`` with TrainingDivergedError
+    (the recipe loop's exit 3), instead of skipping forever. One process, 2 steps of one micro-batch."""
+    import torch.distributed as dist
+
+    from recipe.data import synthetic_dataset
+    from recipe.hf_trainer import RecipeModelArguments, RecipeTrainer, build_hf_model
+    from recipe.step import TrainingDivergedError
+
+    args = _training_args(tmp_path, 1, max_steps=5, gradient_accumulation_steps=1)
+    model = build_hf_model(RecipeModelArguments(model_name_or_path=str(debug_nf4_ckpt), max_nonfinite_steps=2), args)
+    try:
+        data = synthetic_dataset(model.args.shape.vocab_size, SEQ, 8, 42)
+        rows = [{k: v[i] for k, v in data.items()} for i in range(8)]
+        lora_b = next(p for n, p in model.named_parameters() if n.endswith("q_proj.lora_B.weight"))
+        with torch.no_grad():
+            lora_b.to_local().fill_(float("nan"))  # every forward's loss is NaN from now on
+        trainer = RecipeTrainer(model=model, args=args, train_dataset=rows)
+        with pytest.raises(TrainingDivergedError, match=r"2 optimizer steps in a row \(up to step 2\)"):
+            trainer.train()
+        assert trainer.state.global_step == 1  # step 1 skipped, step 2 stopped the run
+        assert all(p.grad is None for p in model.parameters())  # nothing reached the optimizer
+    finally:
+        dist.destroy_process_group()

@@ -260,3 +260,86 @@ def test_checker_reports_longer_cycles_and_accepts_a_clean_tree(tmp_path):
     assert problems[0].startswith("import cycle among models.m, models.n, models.shapes: "), problems
     assert "models.m -> models.n -> models.shapes -> models.m" in problems[0], problems
     assert "models/shapes.py:1: `from models.m import thing`" in problems[0], problems
+
+
+# HF Trainer / transformers calling-convention names: the HF driver's wrapper (recipe/hf_trainer.py) holds
+# them; the model code in models/ takes its own inputs only (CONTRIBUTING.md).
+HF_ONLY_NAMES = frozenset(
+    {
+        "num_items_in_batch",
+        "return_logits",
+        "return_dict",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "past_key_values",
+        "cache_position",
+        "main_input_name",
+        "supports_gradient_checkpointing",
+        "gradient_checkpointing_enable",
+        "quantization_method",
+        "_is_accelerate_prepared",
+        "_keys_to_ignore_on_save",
+    }
+)
+
+
+def hf_names_in_models(root: Path) -> list[str]:
+    """Every HF-only name (argument, variable, attribute, keyword) in models/, and every ``forward`` there
+    that swallows keywords (``**kwargs``), one message each with file and line."""
+    problems = []
+    for path in sorted((root / "models").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=rel)
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.arg):
+                names = [node.arg]
+            elif isinstance(node, ast.Name):
+                names = [node.id]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.keyword) and node.arg:
+                names = [node.arg]
+            for name in names:
+                if name in HF_ONLY_NAMES:
+                    problems.append(
+                        f"{rel}:{node.lineno}: HF-only name `{name}` in models/ (it belongs in recipe/hf_trainer.py)"
+                    )
+            if isinstance(node, ast.FunctionDef) and node.name == "forward" and node.args.kwarg is not None:
+                problems.append(
+                    f"{rel}:{node.lineno}: forward(..., **{node.args.kwarg.arg}) swallows unknown keywords in models/"
+                )
+    return problems
+
+
+def test_models_hold_no_hf_calling_convention():
+    problems = hf_names_in_models(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_hf_name_checker_is_not_vacuous(tmp_path):
+    _write_tree(
+        tmp_path,
+        {
+            "models/m.py": """
+                class M:
+                    main_input_name = "input_ids"
+
+                    def forward(self, x, num_items_in_batch=None, **kwargs):
+                        return f(x, use_cache=False).loss / num_items_in_batch
+
+                    def other(self, **kwargs):
+                        return kwargs
+            """,
+        },
+    )
+    problems = "\n".join(hf_names_in_models(tmp_path))
+    for needle in (
+        "m.py:3: HF-only name `main_input_name`",
+        "m.py:5: HF-only name `num_items_in_batch`",
+        "m.py:6: HF-only name `use_cache`",
+        "m.py:5: forward(..., **kwargs)",
+    ):
+        assert needle in problems, problems
+    assert "other" not in problems and problems.count("\n") == 4, problems

@@ -125,16 +125,31 @@ def test_loss_matches_hf(debug_bf16_ckpt):
         manual = F.cross_entropy(ref.logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)
         assert abs(out.loss.item() - manual.item()) <= TOL
 
-        # num_items_in_batch divides the sum (HF's gradient-accumulation convention)
-        out2 = ours(ids, labels=labels, num_items_in_batch=torch.tensor(1000))
+        # num_items_in_batch divides the sum (HF's gradient-accumulation convention, the HF driver's
+        # wrapper around this model's modules)
+        from recipe.hf_trainer import HFLlamaForCausalLM
+
+        out2 = HFLlamaForCausalLM.forward(ours, ids, labels=labels, num_items_in_batch=torch.tensor(1000))
         ref2 = hf(ids, labels=labels, num_items_in_batch=torch.tensor(1000))
         assert torch.equal(out2.loss_sum, out.loss_sum)
         assert abs(out2.loss.item() - out.loss_sum.item() / 1000) <= 1e-7
         assert abs(out2.loss.item() - ref2.loss.item()) <= TOL
         # labels given: logits only on request
         assert out.logits is None
-        out3 = ours(ids, labels=labels, return_logits=True)
+        out3 = ours.causal_lm_output(ours.model(ids), labels, with_logits=True)
         assert _maxdiff(out3.logits, ref.logits) <= TOL
+
+
+def test_forward_refuses_unknown_keywords():
+    """The model's forward takes its five inputs only: HF's calling convention (num_items_in_batch,
+    return_logits, use_cache, ...) is recipe.hf_trainer's wrapper's, and a misspelt keyword is an error,
+    not silently ignored."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(ModelArgs(SHAPES["debug"], lora_rank=0, quant_type=None))
+    ids = torch.zeros(1, 4, dtype=torch.long, device="meta")
+    for kw in ("num_items_in_batch", "return_logits", "use_cache", "labels_"):
+        with pytest.raises(TypeError, match=kw):
+            model(ids, **{kw: 1})
 
 
 # ------------------------------------------------------------------------------------ 2. the QLoRA layer
@@ -266,7 +281,7 @@ def test_qlora_model_matches_hf_peft(request, ckpt_fixture, dtype):
     labels = ids.clone()
     labels[:, :6] = -100
     with torch.no_grad():
-        a = ours(ids, labels=labels, return_logits=True)
+        a = ours.causal_lm_output(ours.model(ids), labels, with_logits=True)
         b = pm(input_ids=ids, labels=labels)
     d_logits = _maxdiff(a.logits, b.logits)
     d_loss = abs(a.loss.item() - b.loss.item())

@@ -1,4 +1,6 @@
-"""Training checkpoints: the on-disk layout (``layout``) and the manager that saves and resumes (``manager``)."""
+"""Training checkpoints: the on-disk layout and resume checks (``layout``), the manager that saves and
+resumes any ``Stateful`` objects (``manager``), the trainable state both drivers save (``state``), the
+file operations (``storage``) and the error texts (``messages``)."""
 
 from recipe.checkpoint.layout import (
     COMPLETE_FILE,
@@ -11,11 +13,18 @@ from recipe.checkpoint.layout import (
     base_fingerprint,
     list_complete_checkpoints,
     read_checkpoint_meta,
+    schedule_changes,
 )
 from recipe.checkpoint.manager import Checkpointer
+from recipe.checkpoint.state import Stateful, TrainableState
+from recipe.checkpoint.storage import LocalStorage
 
 __all__ = [
     "Checkpointer",
+    "Stateful",
+    "TrainableState",
+    "LocalStorage",
+    "schedule_changes",
     "CheckpointLoadError",
     "CheckpointSaveError",
     "RunIdentity",

@@ -45,6 +45,9 @@ __all__ = [
     "read_checkpoint_meta",
     "step_number",
     "is_temp_dir",
+    "check_resumable",
+    "check_no_later_steps",
+    "schedule_changes",
     "FORMAT",
     "VERSION",
     "META_FILE",
@@ -141,9 +144,9 @@ def jsonable(x: Any) -> Any:
 class RunIdentity:
     """What a checkpoint records about the run that wrote it, and what a resume must match.
 
-    Built by the entry point from the config and the loaded model (``recipe.train``); the manager
-    only writes and compares it. ``config`` is the whole job config as a dict (saved for reference;
-    lr-schedule changes against it are logged on resume).
+    Built by the entry point from the config, the loaded model and the data loader (``recipe.train``);
+    the manager only writes it and ``check_resumable`` compares it. ``config`` is the whole job config as
+    a dict (saved for reference; ``schedule_changes`` lists the lr-schedule keys changed since).
     """
 
     base_path: Path
@@ -153,6 +156,8 @@ class RunIdentity:
     quant_type: str  # model.quant_type as configured
     seed: int
     config: dict[str, Any] = field(default_factory=dict)
+    data_order: dict[str, Any] = field(default_factory=dict)  # what fixes the data order (the loader's state)
+    trainable: dict[str, list[int]] = field(default_factory=dict)  # trainable parameter name -> shape
 
     @functools.cached_property
     def fingerprint(self) -> dict:
@@ -262,3 +267,74 @@ def remove_dir(path: Path) -> None:
     if doomed != path:
         os.rename(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ resume checks
+
+
+def check_resumable(path: Path, meta: dict, identity: RunIdentity) -> None:
+    """CheckpointLoadError, naming what to change, unless the checkpoint at ``path`` (metadata ``meta``)
+    was written by a run that this one (``identity``) may continue: same base weights, LoRA shape, base
+    quantization, model shape and data order."""
+    current = identity.fingerprint
+    why = fingerprint_diff(meta.get("base_fingerprint") or {}, current)
+    if why:
+        raise CheckpointLoadError(
+            f"checkpoint {path} was trained on a different base model: it was saved from "
+            f"{meta.get('base_checkpoint')}, this run uses {identity.base_path}, and the fingerprints differ "
+            f"({'; '.join(why)}). Point model.checkpoint at the base it was trained on, or start a new "
+            "run in another job.dump_folder"
+        )
+    saved_lora = {k: meta.get("lora", {}).get(k) for k in ("rank", "alpha", "target_modules")}
+    if saved_lora != identity.lora_spec():
+        raise CheckpointLoadError(
+            f"checkpoint {path} has a different LoRA shape: saved {saved_lora}, "
+            f"this run has {identity.lora_spec()}; set [lora] rank/alpha/target_modules to the saved values"
+        )
+    saved_quant, quant = meta.get("base_quant"), identity.base_quant
+    if saved_quant is not None and saved_quant != quant:
+        raise CheckpointLoadError(
+            f"checkpoint {path} was trained against a {saved_quant} base, this run uses {quant}: "
+            f"set model.quant_type so the base is {saved_quant} again (an adapter learns the "
+            "quantization error of its base)"
+        )
+    if meta.get("model_shape") != identity.model_shape:
+        raise CheckpointLoadError(
+            f"checkpoint {path} has a different model shape: saved {meta.get('model_shape')}, "
+            f"this run has {identity.model_shape}"
+        )
+    saved_loader, cur = meta.get("loader") or {}, jsonable(identity.data_order)
+    diff = {k: (saved_loader[k], v) for k, v in cur.items() if k in saved_loader and saved_loader[k] != v}
+    if diff:
+        raise CheckpointLoadError(
+            f"checkpoint {path}: the data order changed since it was saved "
+            f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); resume needs the same "
+            "data (file, tokenizer, seq_len, packing, masking), job.seed and global batch size"
+        )
+
+
+def check_no_later_steps(folder: Path, start: int, total_steps: int) -> None:
+    """Going back to an older checkpoint in the same folder would reach steps whose directories
+    exist; those saves would be skipped (never overwritten), the final state included."""
+    later = sorted(
+        (n, p.name) for p in folder.iterdir() if (n := step_number(p)) is not None and start < n <= total_steps
+    )
+    if later:
+        raise CheckpointLoadError(
+            f"checkpoint.load_step = {start}, but {folder} already holds later step(s) "
+            f"{', '.join(n for _, n in later)} that this run would reach and could not save without "
+            "overwriting; resume into a new job.dump_folder (copy the step directory there), or move "
+            "the later steps away yourself"
+        )
+
+
+def schedule_changes(saved_config: dict, config: dict) -> list[str]:
+    """``section.key old -> new`` for training.steps and every lr_scheduler key that changed between a
+    checkpoint's config and this run's (the lr schedule follows the run's config from the resumed step)."""
+    saved, now = saved_config or {}, jsonable(config)
+    keys = [("training", "steps")] + [("lr_scheduler", k) for k in now.get("lr_scheduler", {})]
+    return [
+        f"{sec}.{k} {saved[sec][k]} -> {now[sec][k]}"
+        for sec, k in keys
+        if k in saved.get(sec, {}) and sec in now and saved[sec][k] != now[sec][k]
+    ]

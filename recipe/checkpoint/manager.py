@@ -1,10 +1,14 @@
 """Sharded, atomic, resumable training checkpoints (torch.distributed.checkpoint).
 
 Only trainable state is saved; the frozen base weights are the input checkpoint, referenced by path
-and verified on resume by a fingerprint (``RunIdentity``). The manager is given what it saves: the
-model and optimizer (through DCP's state-dict helpers, which reshard DTensors on load) and a few
-small stateful objects (``state_dict`` / ``load_state_dict``: the LR scheduler, the loss scaler, the
-data loader) kept as JSON; it never sees the trainer. File names and metadata: ``layout.py``.
+and verified on resume by a fingerprint (``RunIdentity``, checked by ``layout.check_resumable``). The
+manager is given what it saves, ``states``: any ``Stateful`` objects (``state_dict`` /
+``load_state_dict``) under a name. A state whose ``state_dict`` holds tensors (``state.TrainableState``:
+the LoRA weights and the optimizer state, which DCP reshards on load) is written by DCP under its own
+top-level keys; the others (small Python values: the LR scheduler, the loss scaler, the data loader) are
+kept together as JSON text under the ``trainer`` key, with the step, and restored in the order given. It
+never sees the trainer. File names, metadata and resume checks: ``layout.py``; the file operations:
+``storage.py`` (injected, so that tests fail them); error texts: ``messages.py``.
 
 Commit protocol (``_commit``): every rank finished its DCP write -> the ranks agree that all of them
 succeeded -> rank 0 writes ``recipe_checkpoint.json`` and then ``COMPLETE`` (both fsynced) -> renames
@@ -25,9 +29,8 @@ appears. With ``checkpoint.enable`` the folder is also probed for writing before
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
-import os
 import random
 import shutil
 import time
@@ -35,20 +38,12 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from recipe.checkpoint.layout import (
     COMPLETE_FILE,
@@ -58,8 +53,8 @@ from recipe.checkpoint.layout import (
     CheckpointLoadError,
     CheckpointSaveError,
     RunIdentity,
-    fingerprint_diff,
-    fsync_dir,
+    check_no_later_steps,
+    check_resumable,
     is_complete,
     is_temp_dir,
     jsonable,
@@ -67,27 +62,18 @@ from recipe.checkpoint.layout import (
     read_checkpoint_meta,
     remove_dir,
     step_number,
-    write_durable,
 )
+from recipe.checkpoint.messages import describe, failures, save_error_message
+from recipe.checkpoint.state import MissingTrainableError, Stateful
+from recipe.checkpoint.storage import LocalStorage
 from recipe.logging import log
 from recipe.seeding import derive_seed
 
 __all__ = ["Checkpointer", "Stateful"]
 
-# DCP warns on every no_dist=True call (async_save from its background thread) that it assumes one
-# process: that is the intent (see _single_process).
-warnings.filterwarnings(
-    "ignore", message="torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to"
-)
-
-# The small stateful objects, in the order they are restored, under their keys in the ``trainer`` JSON.
-STATEFUL_KEYS = ("scheduler", "scaler", "loader")
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, sd: dict) -> None: ...
+# DCP warns on every no_dist=True call that it assumes one process: that is the intent (see _single_process).
+_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to"
+JSON_KEY = "trainer"  # the DCP key of the JSON text: the step and the states without tensors
 
 
 def _single_process() -> bool:
@@ -102,6 +88,14 @@ def _single_process() -> bool:
     OMP_NUM_THREADS=1 for 2+ ranks hides it). Without collectives DCP writes and reads the same files.
     """
     return not (dist.is_initialized() and dist.get_world_size() > 1)
+
+
+@contextlib.contextmanager
+def _quiet_no_dist():
+    """DCP's single-process warning off around a call made with ``no_dist=True``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        yield
 
 
 def _broadcast(obj: Any, group=None) -> Any:
@@ -122,48 +116,16 @@ def _all_gather(obj: Any, group=None) -> list[Any]:
 
 # DCP's CheckpointException derives from BaseException, not Exception.
 _SAVE_ERRORS = (Exception, CheckpointException)
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
-_NO_ACCESS = {errno.EACCES, errno.EPERM, errno.EROFS}
-_NOT_A_DIR = {errno.ENOTDIR, errno.EEXIST}
 
 
-def _describe(e: BaseException) -> tuple[str, int | None]:
-    """One line naming an error, and the errno of the OSError in it or behind it (None if there is none)."""
-    code, x, seen = None, e, set()
-    while x is not None and id(x) not in seen and code is None:
-        seen.add(id(x))
-        if isinstance(x, OSError) and x.errno:
-            code = x.errno
-        x = x.__cause__ or x.__context__
-    text = str(e).strip().splitlines()
-    text = text[0] if len(text) == 1 else " ".join(t.strip() for t in text)
-    return f"{type(e).__name__}: {text[:400]}", code
-
-
-def _failures(e: BaseException, rank: int) -> dict[int, tuple[str, int | None]]:
-    """rank -> (error line, errno). DCP gathers every rank's write errors into one CheckpointException
-    raised on all ranks: each error is reported under the rank it happened on (and once)."""
-    if isinstance(e, CheckpointException):
-        out: dict[int, tuple[str, int | None]] = {}
-        for r, (exc, _) in e.failures.items():
-            out.update(_failures(exc, r) if isinstance(exc, CheckpointException) else {r: _describe(exc)})
-        return out
-    return {rank: _describe(e)}
-
-
-def _remove_tmp(tmp: Path | None) -> bool:
-    """Remove a failed save's temp dir; True when it is gone."""
-    if tmp is None:
+def _has_tensors(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
         return True
-    shutil.rmtree(tmp, ignore_errors=True)
-    return not tmp.exists()
-
-
-def _dir_mib(path: Path) -> float | None:
-    try:
-        return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
-    except OSError:
-        return None
+    if isinstance(x, dict):
+        return any(_has_tensors(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return any(_has_tensors(v) for v in x)
+    return False
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -193,9 +155,10 @@ class _Pending:
 class Checkpointer:
     """Saves and resumes the trainable state of a run.
 
-    ``ck`` is the ``[checkpoint]`` config section; ``folder`` the checkpoint folder; ``stateful``
-    maps ``scheduler``, ``scaler``, ``loader`` to their objects; ``identity`` is what the run must
-    match to resume; ``total_steps`` is ``training.steps`` (a resume must not reach saved later steps).
+    ``ck`` is the ``[checkpoint]`` config section; ``folder`` the checkpoint folder; ``states`` the
+    ``Stateful`` objects to save, by name (see the module docstring); ``identity`` is what the run must
+    match to resume (``layout.check_resumable``); ``total_steps`` is ``training.steps`` (a resume must not
+    reach saved later steps); ``storage`` the file operations (``storage.LocalStorage``).
     """
 
     def __init__(
@@ -203,31 +166,33 @@ class Checkpointer:
         ck,
         folder: Path,
         *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        stateful: dict[str, Stateful],
+        states: dict[str, Stateful],
         identity: RunIdentity,
         total_steps: int,
         rank: int,
         world: int,
         device: torch.device,
+        storage: LocalStorage | None = None,
     ):
-        missing = set(STATEFUL_KEYS) - set(stateful)
-        if missing:
-            raise ValueError(f"Checkpointer needs the stateful objects {sorted(missing)}")
+        if JSON_KEY in states:
+            raise ValueError(f"Checkpointer: {JSON_KEY!r} is the name of the JSON states' key, not a state's")
         self.ck = ck
         self.folder = Path(folder)
-        self.model, self.optimizer, self.stateful = model, optimizer, stateful
+        self.states = dict(states)
         self.identity = identity
         self.total_steps = total_steps
         self.rank, self.world, self.device = rank, world, device
+        self.storage = storage or LocalStorage()
         self.enabled = bool(ck.enable)
         self.base_path = identity.base_path
         self.resumed_from: Path | None = None
+        self.resumed_meta: dict | None = None  # the metadata of the checkpoint resumed from
         self._pending: _Pending | None = None
         self._last_saved_step: int | None = None
-        self._opts = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
-        self._load_opts = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False)
+        if self.enabled and ck.async_mode and _single_process():
+            # The background thread of a single-process async save warns outside any catch_warnings
+            # scope of the caller (which is not thread-safe either): filter that one message here.
+            warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
         # Async saves run their collectives in a background thread: give them their own gloo group
         # so they never interleave with the collectives of the main thread. The main thread's save
         # control (the "is every rank's write done?" poll, the agreement on success, the outcome of
@@ -247,7 +212,6 @@ class Checkpointer:
 
     def _meta(self, step: int) -> dict[str, Any]:
         ident = self.identity
-        trainable = {n: list(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -260,20 +224,29 @@ class Checkpointer:
             "model_shape": ident.model_shape,
             "quant_type": ident.quant_type,
             "base_quant": ident.base_quant,
-            "trainable_params": trainable,
-            "loader": jsonable(self.stateful["loader"].state_dict()),
+            "trainable_params": dict(ident.trainable),
+            "loader": jsonable(ident.data_order),
             "config": jsonable(ident.config),
         }
 
-    def _trainer_state(self, step: int) -> str:
-        return json.dumps({"step": step, **{k: self.stateful[k].state_dict() for k in STATEFUL_KEYS}})
-
-    def _state_dict(self, step: int | None) -> dict[str, Any]:
-        return {
-            "model": get_model_state_dict(self.model, options=self._opts),
-            "optim": get_optimizer_state_dict(self.model, self.optimizer, options=self._opts),
-            "trainer": self._trainer_state(step) if step is not None else "",
-        }
+    def _state_dict(self, step: int | None) -> tuple[dict[str, Any], dict[str, list[str]]]:
+        """(what DCP saves or loads into, each tensor state's top-level keys). ``step`` None: a template
+        to load into."""
+        sd: dict[str, Any] = {}
+        tensor_keys: dict[str, list[str]] = {}
+        small: dict[str, Any] = {}
+        for name, state in self.states.items():
+            part = state.state_dict()
+            if not _has_tensors(part):
+                small[name] = part
+                continue
+            clash = sorted(set(part) & (set(sd) | {JSON_KEY}))
+            if clash:
+                raise ValueError(f"Checkpointer: state {name!r} reuses the key(s) {clash}")
+            sd.update(part)
+            tensor_keys[name] = list(part)
+        sd[JSON_KEY] = json.dumps({"step": step, **small}) if step is not None else ""
+        return sd, tensor_keys
 
     # -- save ------------------------------------------------------------------------------------
     def due(self, step: int, force: bool = False) -> bool:
@@ -305,11 +278,11 @@ class Checkpointer:
         t0 = time.perf_counter()
         err = None
         try:
-            torch.save(_rng_state(self.device), tmp / f"rng-rank{self.rank}.pt")
+            self.storage.save_object(_rng_state(self.device), tmp / f"rng-rank{self.rank}.pt")
         except Exception as e:  # reported on every rank by _agree
             err = e
         meta = self._meta(step) if self.rank == 0 else {}
-        sd = self._state_dict(step)
+        sd, _ = self._state_dict(step)
         self._last_saved_step = step
         # DCP is entered on every rank even after a failed RNG write: its collectives need them all.
         if self.ck.async_mode:
@@ -327,7 +300,8 @@ class Checkpointer:
             )
         else:
             try:
-                dcp.save(sd, checkpoint_id=str(tmp), no_dist=_single_process())
+                with _quiet_no_dist():
+                    dcp.save(sd, checkpoint_id=str(tmp), no_dist=_single_process())
             except _SAVE_ERRORS as e:
                 err = err or e
             self._agree(step, tmp, err)
@@ -341,104 +315,58 @@ class Checkpointer:
                 return "exists", "complete" if is_complete(final) else "not a complete recipe checkpoint"
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.folder / f"step-{step}.tmp-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
-            os.makedirs(tmp)
+            self.storage.makedirs(tmp)
             return "tmp", str(tmp)
         except Exception as e:  # the other ranks wait for this answer
-            return "error", self._save_error(step, {0: _describe(e)}, None)
+            return "error", self._save_error(step, {0: describe(e)}, None)
 
     def _agree(self, step: int, tmp: Path, err: BaseException | None) -> None:
         """Collective: return when every rank's part of the save succeeded, else raise
         CheckpointSaveError on every rank (rank 0 removes the temp dir first)."""
-        failures: dict[int, tuple[str, int | None]] = {}
-        for f in _all_gather(_failures(err, self.rank) if err is not None else {}, self._ctl_pg):
-            failures.update(f)
-        if not failures:
+        fails: dict[int, tuple[str, int | None]] = {}
+        for f in _all_gather(failures(err, self.rank) if err is not None else {}, self._ctl_pg):
+            fails.update(f)
+        if not fails:
             return
         self._last_saved_step = None
-        msg = self._save_error(step, failures, tmp) if self.rank == 0 else None
+        msg = self._save_error(step, fails, tmp) if self.rank == 0 else None
         raise CheckpointSaveError(_broadcast(msg, self._ctl_pg)) from err
 
-    def _save_error(self, step: int | None, failures: dict[int, tuple[str, int | None]], tmp: Path | None) -> str:
+    def _save_error(self, step: int | None, fails: dict[int, tuple[str, int | None]], tmp: Path | None) -> str:
         """Rank 0: the user-facing message of a failed save (``step`` None: the probe before training)."""
-        why = "; ".join((f"rank {r}: " if self.world > 1 else "") + d for r, (d, _) in sorted(failures.items()))
-        codes = {c for _, c in failures.values() if c}
-        try:
-            done = list_complete_checkpoints(self.folder)
-        except OSError:
-            done = []
-        where = "checkpoint.folder or job.dump_folder"
-        if codes & _NO_SPACE:
-            mib = _dir_mib(done[-1][1]) if done else None
-            size = f" (the last checkpoint takes {mib:.1f} MiB)" if mib is not None else ""
-            hint = (
-                f"The filesystem is full or over quota: free space on it{size}, keep fewer checkpoints "
-                f"(checkpoint.keep_latest_k), or point {where} at a filesystem with room."
-            )
-        elif codes & _NO_ACCESS:
-            hint = (
-                f"The folder is not writable (permissions or a read-only filesystem): fix its "
-                f"permissions, or point {where} at a writable folder."
-            )
-        elif codes & _NOT_A_DIR:
-            hint = f"A part of that path is a file, not a folder: move the file, or point {where} elsewhere."
-        else:
-            hint = f"Check that filesystem, or point {where} elsewhere."
-        if step is None:
-            return (
-                f"checkpoint.enable is set, but the checkpoint folder {self.folder} cannot be written: "
-                f"{why}. {hint} Nothing was trained yet."
-            )
-        if done:
-            last = (
-                f"The last complete checkpoint is {done[-1][1].name}: restarting the job resumes "
-                f"from step {done[-1][0]}."
-            )
-        else:
-            last = "There is no complete checkpoint yet: restarting the job starts from step 0."
-        gone = ""
-        if tmp is not None:
-            gone = (
-                f" The partial save {tmp.name} was removed."
-                if _remove_tmp(tmp)
-                else f" The partial save {tmp} could not be removed; a resume ignores it."
-            )
-        return f"could not save the checkpoint of step {step} to {self.folder}: {why}. {hint} {last}{gone}"
-
-    def _before_complete(self, step: int) -> None:
-        """Called on every rank after the shards (and on rank 0 the metadata) are written, just
-        before the COMPLETE marker: a fault-injection point for tests."""
+        return save_error_message(step, fails, self.folder, self.world, tmp)
 
     def _commit(self, step: int, tmp: Path, final: Path, meta: dict) -> None:
         # Every rank's shards and RNG file are written (``_agree`` returned on every rank).
         err = None
         if self.rank == 0:
             try:
-                write_durable(tmp / META_FILE, json.dumps(meta, indent=1))
+                self.storage.write_durable(tmp / META_FILE, json.dumps(meta, indent=1))
             except Exception as e:  # the other ranks wait for the outcome
                 err = e
-        # Outside the error handling: a test's simulated kill must surface as itself.
-        self._before_complete(step)
+        # Outside the error handling: a storage that stops the process here (a test's) surfaces as itself.
+        self.storage.files_written(step, tmp)
         msg = None
         if self.rank == 0:
             if err is None:
                 try:
-                    write_durable(tmp / COMPLETE_FILE, f"step {step}\n")
-                    fsync_dir(tmp)
-                    os.rename(tmp, final)
+                    self.storage.write_durable(tmp / COMPLETE_FILE, f"step {step}\n")
+                    self.storage.fsync_dir(tmp)
+                    self.storage.rename(tmp, final)
                 except Exception as e:
                     err = e
             if err is None:
-                fsync_dir(self.folder)
+                self.storage.fsync_dir(self.folder)
                 try:
                     self._cleanup(keep=final)
                 except OSError as e:  # the new checkpoint is complete: only old ones are left behind
                     log(
                         f"checkpoint: saved step {step}, but removing old checkpoints or temp dirs failed: "
-                        f"{_describe(e)[0]}",
+                        f"{describe(e)[0]}",
                         self.rank,
                     )
             else:
-                msg = self._save_error(step, {0: _describe(err)}, tmp)
+                msg = self._save_error(step, {0: describe(err)}, tmp)
         # The outcome, from rank 0 (it also holds the others until the rename is done).
         msg = _broadcast(msg, self._ctl_pg)
         if msg is not None:
@@ -521,9 +449,9 @@ class Checkpointer:
                     return None, None
                 path = found[-1][1]
             meta = read_checkpoint_meta(path)
-            self._validate(path, meta)
+            check_resumable(path, meta, self.identity)
             if self.ck.load_step >= 0 and self.enabled:
-                self._check_no_later_steps(int(meta.get("step", self.ck.load_step)))
+                check_no_later_steps(self.folder, int(meta.get("step", self.ck.load_step)), self.total_steps)
             return str(path), None
         except CheckpointLoadError as e:
             return None, str(e)
@@ -541,68 +469,15 @@ class Checkpointer:
                 probe.unlink(missing_ok=True)  # created, but the write or the unlink failed
             except OSError:
                 pass
-            return self._save_error(None, {0: _describe(e)}, None)
+            return self._save_error(None, {0: describe(e)}, None)
         return None
-
-    def _check_no_later_steps(self, start: int) -> None:
-        """Going back to an older checkpoint in the same folder would reach steps whose directories
-        exist; those saves would be skipped (never overwritten), the final state included."""
-        later = sorted(
-            (n, p.name)
-            for p in self.folder.iterdir()
-            if (n := step_number(p)) is not None and start < n <= self.total_steps
-        )
-        if later:
-            raise CheckpointLoadError(
-                f"checkpoint.load_step = {start}, but {self.folder} already holds later step(s) "
-                f"{', '.join(n for _, n in later)} that this run would reach and could not save without "
-                "overwriting; resume into a new job.dump_folder (copy the step directory there), or move "
-                "the later steps away yourself"
-            )
-
-    def _validate(self, path: Path, meta: dict) -> None:
-        ident = self.identity
-        why = fingerprint_diff(meta.get("base_fingerprint") or {}, self.fingerprint())
-        if why:
-            raise CheckpointLoadError(
-                f"checkpoint {path} was trained on a different base model: it was saved from "
-                f"{meta.get('base_checkpoint')}, this run uses {self.base_path}, and the fingerprints differ "
-                f"({'; '.join(why)}). Point model.checkpoint at the base it was trained on, or start a new "
-                "run in another job.dump_folder"
-            )
-        saved_lora = {k: meta.get("lora", {}).get(k) for k in ("rank", "alpha", "target_modules")}
-        if saved_lora != ident.lora_spec():
-            raise CheckpointLoadError(
-                f"checkpoint {path} has a different LoRA shape: saved {saved_lora}, "
-                f"this run has {ident.lora_spec()}; set [lora] rank/alpha/target_modules to the saved values"
-            )
-        saved_quant, quant = meta.get("base_quant"), ident.base_quant
-        if saved_quant is not None and saved_quant != quant:
-            raise CheckpointLoadError(
-                f"checkpoint {path} was trained against a {saved_quant} base, this run uses {quant}: "
-                f"set model.quant_type so the base is {saved_quant} again (an adapter learns the "
-                "quantization error of its base)"
-            )
-        if meta.get("model_shape") != ident.model_shape:
-            raise CheckpointLoadError(
-                f"checkpoint {path} has a different model shape: saved {meta.get('model_shape')}, "
-                f"this run has {ident.model_shape}"
-            )
-        saved_loader, cur = meta.get("loader") or {}, jsonable(self.stateful["loader"].state_dict())
-        diff = {k: (saved_loader[k], v) for k, v in cur.items() if k in saved_loader and saved_loader[k] != v}
-        if diff:
-            raise CheckpointLoadError(
-                f"checkpoint {path}: the data order changed since it was saved "
-                f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); resume needs the same "
-                "data (file, tokenizer, seq_len, packing, masking), job.seed and global batch size"
-            )
 
     def maybe_resume(self) -> int:
         """Load the latest complete checkpoint (or ``load_step``); returns the step to start from.
 
-        Restores the model's LoRA weights, the optimizer state (with the hyperparameters it was saved
-        with: the caller applies the config's, see ``recipe.optim.apply_hyperparameters``), the
-        stateful objects and the RNG streams. ``resumed_from`` is the checkpoint loaded, or None.
+        Restores every state (the optimizer's with the hyperparameters it was saved with: the caller
+        applies the config's, see ``recipe.optim.apply_hyperparameters``) and the RNG streams.
+        ``resumed_from`` is the checkpoint loaded, or None; ``resumed_meta`` its metadata.
         """
         if not self.enabled and self.ck.load_step < 0:
             return 0
@@ -623,20 +498,23 @@ class Checkpointer:
         path = Path(path)
         meta = json.loads((path / META_FILE).read_text())
         t0 = time.perf_counter()
-        sd = self._state_dict(None)
+        sd, tensor_keys = self._state_dict(None)
         try:
-            dcp.load(sd, checkpoint_id=str(path), no_dist=_single_process())
+            with _quiet_no_dist():
+                dcp.load(sd, checkpoint_id=str(path), no_dist=_single_process())
         except Exception as e:  # a damaged checkpoint: say which one
             raise CheckpointLoadError(f"could not load checkpoint {path}: {type(e).__name__}: {e}") from e
-        # strict=False: the frozen base weights are (by design) not in the checkpoint.
-        res = set_model_state_dict(self.model, sd["model"], options=self._load_opts)
-        missing = [k for k in getattr(res, "missing_keys", []) if ".lora_" in k]
-        if missing:
-            raise CheckpointLoadError(f"checkpoint {path} lacks LoRA weights {missing[:4]}...")
-        set_optimizer_state_dict(self.model, self.optimizer, sd["optim"], options=self._load_opts)
-        state = json.loads(sd["trainer"])
-        for key in STATEFUL_KEYS:
-            self.stateful[key].load_state_dict(state[key])
+        state = json.loads(sd[JSON_KEY])
+        for name, st in self.states.items():
+            try:
+                if name in tensor_keys:
+                    st.load_state_dict({k: sd[k] for k in tensor_keys[name]})
+                elif name not in state:
+                    raise CheckpointLoadError(f"checkpoint {path} holds no state {name!r} (it has {sorted(state)})")
+                else:
+                    st.load_state_dict(state[name])
+            except MissingTrainableError as e:
+                raise CheckpointLoadError(f"checkpoint {path} {e.args[0]}") from None
         step = int(state["step"])
         rng_file = path / f"rng-rank{self.rank}.pt"
         if meta.get("world_size") == self.world and rng_file.is_file():
@@ -658,15 +536,7 @@ class Checkpointer:
             f"in {time.perf_counter() - t0:.2f}s",
             self.rank,
         )
-        saved, now = meta.get("config") or {}, jsonable(self.identity.config)
-        keys = [("training", "steps")] + [("lr_scheduler", k) for k in now.get("lr_scheduler", {})]
-        moved = [
-            f"{sec}.{k} {saved[sec][k]} -> {now[sec][k]}"
-            for sec, k in keys
-            if k in saved.get(sec, {}) and sec in now and saved[sec][k] != now[sec][k]
-        ]
-        if moved:
-            log(f"checkpoint: the lr schedule follows the config from step {step}: {', '.join(moved)}", self.rank)
+        self.resumed_meta = meta
         if step >= self.total_steps:
             log(
                 f"checkpoint: {path.name} is at or past training.steps = {self.total_steps}: nothing "

@@ -51,7 +51,16 @@ from recipe.config import ConfigError, JobConfig, load_config
 from recipe.metrics import PEAK_FLOPS, ac_fraction, model_flops_per_token
 from recipe.profiling import PHASES
 
-__all__ = ["CARDS", "CALIBRATION", "Estimate", "estimate", "fit", "checkpoint_tensors", "calibration_table"]
+__all__ = [
+    "CARDS",
+    "CALIBRATION",
+    "Estimate",
+    "estimate",
+    "fit",
+    "checkpoint_tensors",
+    "calibration_table",
+    "memory_warning",
+]
 
 _GIB = 2**30
 
@@ -395,7 +404,9 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         host_embedding=p.host_embedding and not shape.tie_word_embeddings,
         mlp_chunk=cfg.model.mlp_chunk_tokens,
         replicate=rep,
-        compile=cfg.training.compile,
+        # Only an explicit true counts: 'auto' (on for CUDA, recipe.plan) is estimated at eager's speed, as
+        # the calibration rows without a compile override were measured eager (memory is the same either way).
+        compile=cfg.training.compile is True,
         frozen_local=n == 1 and not p.cpu_offload,
         fused=cfg.model.fuse_projections,
     )
@@ -832,3 +843,20 @@ def calibration_table() -> str:
         fitted = "memory" if r.fitted else "no"
         out.append(f"| {r.what} | {r.card} | {r.ngpu} | {fitted} | {pair(peak, r.train, '.2f')} | {load} | {speed} |")
     return "\n".join(out)
+
+
+def device_memory_gib(device) -> float:
+    """What this process may allocate on a CUDA device: its memory x the per-process memory fraction
+    (``torch.cuda.set_per_process_memory_fraction``, which a job sharing one GPU between ranks sets)."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return total * (get_fraction(device) if get_fraction else 1.0)
+
+
+def memory_warning(cfg: JobConfig, world: int, device) -> str | None:
+    """The estimator's warning before loading (CUDA only: on CPU nothing is allocated on a device)."""
+    if device.type != "cuda":
+        return None
+    return warn_if_too_big(cfg, world, device_memory_gib(device))

@@ -1,0 +1,135 @@
+"""The run's plan: every decision the parallel code acts on, resolved once, before anything is loaded.
+
+``resolve_plan`` reads the config sections, the device and the checkpoint's shape and returns a frozen
+``parallel.plan.ParallelPlan`` (dtypes, offload and pinning, resharding, activation checkpointing,
+compile, where the embedding table lives, where shards live); ``parallelize`` and ``materialize`` read
+only that. Every impossible combination is a ``ConfigError`` here (exit code 2, before the weights are
+read). Both drivers use it (``recipe.train`` and ``recipe.hf_trainer``, through ``recipe.builder``).
+
+``training.compile = 'auto'`` is decided here, with one logged line giving the reason: on where the
+device is CUDA; off on CPU (inductor's CPU code is slower than eager for these shapes) and where a
+setting excludes it (``model.packed_attention = 'segments'``, a pipeline schedule that splits backward).
+An explicit ``true`` where it is impossible is a config error. When compile is on, inductor's FX-graph
+and AOT-autograd caches are on, in a directory that outlives /tmp cleanups (``compile_cache``), so a
+rerun reuses the compiled code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.dtypes import DTYPES
+from models.shapes import LlamaShape
+from parallel.pipeline import SCHEDULES
+from parallel.plan import ParallelPlan
+from recipe.config import ConfigError, JobConfig
+from recipe.logging import log
+
+__all__ = ["resolve_plan", "resolve_compile", "CompileDecision", "compile_cache"]
+
+
+@dataclass(frozen=True)
+class CompileDecision:
+    on: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"training.compile: {'on' if self.on else 'off'} ({self.reason})"
+
+
+def resolve_compile(cfg: JobConfig, device_type: str) -> CompileDecision:
+    """``training.compile`` (true, false or 'auto') for a run on ``device_type`` ('cuda' or 'cpu').
+    Compiles nothing; raises ``ConfigError`` for an explicit true that a setting excludes."""
+    setting = cfg.training.compile
+    excluded = []
+    if cfg.model.packed_attention == "segments":
+        excluded.append(
+            (
+                "model.packed_attention = 'segments' loops over each row's documents, which torch.compile would "
+                "recompile for every new layout",
+                "--model.packed_attention=mask",
+            )
+        )
+    p = cfg.parallelism
+    if p.pipeline_parallel_degree > 1 and SCHEDULES[p.pipeline_parallel_schedule].split_backward:
+        excluded.append(
+            (
+                f"parallelism.pipeline_parallel_schedule = {p.pipeline_parallel_schedule} splits the backward "
+                "into input and weight passes, which torch.compile does not support",
+                "--parallelism.pipeline_parallel_schedule=1F1B (or GPipe, Interleaved1F1B)",
+            )
+        )
+    if setting is True:
+        if excluded:
+            why, fix = excluded[0]
+            raise ConfigError(f"training.compile = true, but {why}: set --training.compile=false (or auto), or {fix}.")
+        return CompileDecision(True, "training.compile = true")
+    if setting is False:
+        return CompileDecision(False, "training.compile = false")
+    if excluded:
+        return CompileDecision(False, excluded[0][0])
+    if device_type != "cuda":
+        return CompileDecision(False, "CPU device: inductor's CPU code is slower than eager for these shapes")
+    return CompileDecision(True, "CUDA")
+
+
+def resolve_plan(cfg: JobConfig, device: torch.device, shard_degree: int, shape: LlamaShape, rank: int = 0):
+    """The frozen ``ParallelPlan`` of this run (logs the compile decision); ``shard_degree``: the ranks
+    each parameter is split over (the shard group); ``shape``: the checkpoint's (tied embeddings)."""
+    p, t, ac = cfg.parallelism, cfg.training, cfg.activation_checkpoint
+    tied = shape.tie_word_embeddings
+    if p.host_embedding and tied:
+        raise ConfigError(
+            "parallelism.host_embedding: this checkpoint ties lm_head to the embedding table, which then "
+            "must stay on the GPU; set --parallelism.host_embedding=false"
+        )
+    if p.host_embedding:
+        embedding = "host"
+    elif tied:
+        embedding = "tied"
+    elif p.vocab_parallel_embedding and shard_degree > 1:
+        embedding = "vocab_sharded"
+    else:
+        embedding = "fsdp"
+    decision = resolve_compile(cfg, device.type)
+    log(decision.describe(), rank)
+    if decision.on:
+        where, entries = compile_cache()
+        log(f"compile cache: {where} ({f'warm, {entries} graphs' if entries else 'cold'})", rank)
+    return ParallelPlan(
+        param_dtype=DTYPES[t.mixed_precision_param],
+        reduce_dtype=DTYPES[t.mixed_precision_reduce],
+        cpu_offload=p.cpu_offload,
+        pin_memory=p.cpu_offload and device.type == "cuda",
+        reshard_after_forward=p.reshard_after_forward,
+        ac_mode=ac.mode,
+        ac_every=ac.selective_every,
+        ac_offload=ac.offload,
+        compile=decision.on,
+        embedding=embedding,
+        compute_device=device,
+        shard_device=torch.device("cpu") if p.cpu_offload else device,
+    )
+
+
+def compile_cache() -> tuple[str, int]:
+    """Turn on inductor's FX-graph and AOT-autograd caches in a stable directory: TORCHINDUCTOR_CACHE_DIR
+    if set, else ``$XDG_CACHE_HOME/torchinductor`` (``~/.cache/torchinductor``) instead of torch's default
+    under /tmp, which cleanups and new containers empty. Returns (the directory, compiled graphs already
+    in it: 0 means a cold cache, the first step compiles from scratch)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "torchinductor")
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    where = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    graphs = where / "fxgraph"
+    entries = sum(1 for _ in graphs.iterdir()) if graphs.is_dir() else 0
+    return str(where), entries
