@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -315,6 +317,32 @@ _BLOCKED_WRITER = textwrap.dedent("""
 """)
 
 
+def _wait_until_pipe_full(p: subprocess.Popen, timeout: float) -> None:
+    """Until ``p``'s stdout pipe is full (within PIPE_BUF of its capacity, as the kernel fills it by pages,
+    and no growth for 0.2 s): its writer's write() blocks (it writes nothing else to stdout before the
+    loop that waits for the signal)."""
+    import fcntl
+    import termios
+
+    fd = p.stdout.fileno()
+    capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    deadline = time.monotonic() + timeout
+    last, still = -1, 0
+    while True:
+        unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+        # Full: the kernel fills a pipe by pages, so a 1 kB line can block with up to PIPE_BUF bytes free.
+        still = still + 1 if unread == last else 0
+        if unread > capacity - select.PIPE_BUF and still >= 4:
+            break
+        last = unread
+        if p.poll() is not None:
+            raise AssertionError(f"the writer exited ({p.returncode}) before filling the pipe")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the pipe held {unread} of {capacity} bytes after {timeout:.0f}s")
+        time.sleep(0.05)
+    time.sleep(0.2)  # the writer's flush of the next line now blocks in write()
+
+
 def test_watcher_survives_a_signal_while_the_main_thread_is_blocked_printing():
     """A slow reader of the job's stdout (tee, a log collector) leaves the main thread blocked in a
     write; the handler's message must not re-enter that same buffered stream ("reentrant call inside
@@ -328,7 +356,10 @@ def test_watcher_survives_a_signal_while_the_main_thread_is_blocked_printing():
         stderr=subprocess.PIPE,
     )
     try:
-        time.sleep(3.0)  # nobody reads: the pipe fills and the child blocks in write()
+        # Nobody reads: the pipe fills and the child blocks in write(). Poll until it is full (the
+        # child has imported torch, made its watcher and is printing: a fixed sleep lost that race on a
+        # loaded machine), then signal.
+        _wait_until_pipe_full(p, timeout=180.0)
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=60)
     finally:
