@@ -432,11 +432,15 @@ class Trainer:
                 last_checkpoint=self.checkpointer.last_complete_step,
                 before_raise=lambda: self._flush(pending, clock),
             )
+            # Asked before this step's row is printed, so that a signal arriving after a printed "step N" line
+            # always finds step N+1 to finish: with the check after the row, a signal landing between the two
+            # stopped the run at once, with no step in progress.
+            stop = self.preemption.should_stop()
             # Also before a save: the metrics of every step a checkpoint holds are on disk with it.
             if self.step % log_freq == 0 or self.step == cfg.training.steps or self.checkpointer.due(self.step):
                 losses += self._flush(pending, clock)
             self.checkpointer.maybe_save(self.step)
-            if self.preemption.should_stop():
+            if stop:
                 losses += self._flush(pending, clock)
                 self._stop_preempted()
         losses += self._flush(pending, clock)
