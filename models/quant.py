@@ -119,7 +119,7 @@ class Weight4bit(torch.Tensor):
         return Weight4bit(inner["packed"], inner["absmax"], inner["code"], n_rows, quant_type, blocksize, dtype)
 
     # -- FSDP2 all-gather extension ------------------------------------------------------------
-    # Five parameters: the signature torch 2.11 and 2.13 both call (mesh, outer size, outer stride,
+    # Five parameters: the signature every supported torch (2.11 to 2.15) calls (mesh, outer size, outer stride,
     # module, mixed-precision policy). The packed bytes are never cast, whatever the policy says.
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         if mesh.size() == 1:

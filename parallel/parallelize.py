@@ -146,6 +146,5 @@ def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: b
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
-            if hasattr(module, "set_force_sum_reduction_for_comms"):  # newer torch: sum on the wire too
-                module.set_force_sum_reduction_for_comms(True)
+            module.set_force_sum_reduction_for_comms(True)  # sum on the wire too (every supported torch has it)
     return model
