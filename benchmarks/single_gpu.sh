@@ -13,6 +13,8 @@
 #   eager_lean compiled_lean                         the same with offload and --parallelism.host_embedding
 #   fused_eager fused_compiled                       eager / compiled with --model.fuse_projections=true (q/k/v, gate/up fused)
 #   compiled_host                                    compiled with --parallelism.host_embedding only
+#   eager_fsdp1 compiled_fsdp1                       eager / compiled with FSDP kept on the one rank
+#                                                    (--parallelism.single_rank_fsdp=true; the default runs without FSDP)
 #   old_eager old_compiled                           the same from the tree in $OLD (e.g. git archive <commit>)
 #   hf_loop hf_trainer adapter                       HF + peft + bnb plain loop / HF Trainer / recipe.hf_trainer
 #   adapter2 recipe2 recipe2_lean                    2 ranks on the one GPU (gloo, 1 step; memory only, speed means nothing)
@@ -79,6 +81,9 @@ for r in $RUNS; do
     fused_compiled) recipe fused_compiled "$ROOT" 1 -m recipe.train "${common[@]}" "${fused[@]}" --training.compile=true ;;
     compiled_host) recipe compiled_host "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --parallelism.host_embedding=true ;;
+    eager_fsdp1) recipe eager_fsdp1 "$ROOT" 1 -m recipe.train "${common[@]}" --parallelism.single_rank_fsdp=true ;;
+    compiled_fsdp1) recipe compiled_fsdp1 "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
+        --parallelism.single_rank_fsdp=true ;;
     compiled_lean) recipe compiled_lean "$ROOT" 1 -m recipe.train "${common[@]}" "${lean[@]}" --training.compile=true ;;
     old_eager) recipe old_eager "$OLD" 1 -m recipe.train "${common[@]}" ;;
     old_compiled) recipe old_compiled "$OLD" 1 -m recipe.train "${common[@]}" --training.compile=true ;;

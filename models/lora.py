@@ -50,6 +50,11 @@ class QLoRALinear(nn.Module):
         # and ``lora_up``.
         self.weight = nn.Parameter(weight, requires_grad=False) if weight is not None else None
         self.rank = rank
+        # The dtype the adapter computes in; None: its parameters' own (fp32 masters compute in fp32, as
+        # PEFT does, and under FSDP's mixed precision they already arrive in the compute dtype). A
+        # one-rank job without FSDP (``parallel.parallelize``) sets the compute dtype here: the weights are
+        # then cast where they are used, as FSDP would cast them, and their gradients come back in fp32.
+        self.compute_dtype: torch.dtype | None = None
         if rank > 0:
             self.lora_A = nn.Linear(in_features, rank, bias=False)
             self.lora_B = nn.Linear(rank, out_features, bias=False)
@@ -63,17 +68,22 @@ class QLoRALinear(nn.Module):
         if self.rank > 0:
             # The scale multiplies the rank-r intermediate, not the (tokens x out_features) output:
             # r/out as many elements (1/224 for gate/up of Llama 3 8B at r=64), same product.
-            y = self.lora_up(self.lora_A(self.lora_input(x)) * self.scaling, y)
+            y = self.lora_up(nn.functional.linear(self.lora_input(x), self.lora_weight("A")) * self.scaling, y)
         return y
 
+    def lora_weight(self, which: str) -> torch.Tensor:
+        """``lora_A`` or ``lora_B``'s weight in the adapter's compute dtype (a no-op cast unless a
+        ``compute_dtype`` is set)."""
+        w = (self.lora_A if which == "A" else self.lora_B).weight
+        return w if self.compute_dtype is None else w.to(self.compute_dtype)
+
     def lora_input(self, x: torch.Tensor) -> torch.Tensor:
-        # The adapter runs in its own parameters' dtype (fp32 master weights when no FSDP
-        # mixed-precision policy casts them; then a no-op), its output in the base output's dtype.
-        return self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        # The adapter's input in its compute dtype; its output goes back to the base output's dtype.
+        return self.lora_dropout(x).to(self.compute_dtype or self.lora_A.weight.dtype)
 
     def lora_up(self, xa: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + B(xa) for the scaled rank-r intermediate ``xa``, in y's dtype."""
-        return y + self.lora_B(xa).to(y.dtype)
+        return y + nn.functional.linear(xa, self.lora_weight("B")).to(y.dtype)
 
     def extra_repr(self) -> str:
         w = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
@@ -121,10 +131,10 @@ class FusedQLoRALinear(nn.Module):
         if not live:
             return tuple(outs)
         if any(not isinstance(a.lora_dropout, nn.Identity) for _, a in live):
-            xas = [a.lora_A(a.lora_input(x)) * a.scaling for _, a in live]
+            xas = [nn.functional.linear(a.lora_input(x), a.lora_weight("A")) * a.scaling for _, a in live]
         else:
             first = live[0][1]
-            a_cat = torch.cat([a.lora_A.weight for _, a in live])
+            a_cat = torch.cat([a.lora_weight("A") for _, a in live])
             xa = nn.functional.linear(first.lora_input(x), a_cat)
             if all(a.scaling == first.scaling for _, a in live):
                 xas = (xa * first.scaling).split([a.rank for _, a in live], dim=-1)

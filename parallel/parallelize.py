@@ -15,7 +15,9 @@ The order is torchtitan's and it matters:
      (norm + lm_head + whatever is left). 4-bit weights shard through ``Weight4bit``'s all-gather
      extension; LoRA parameters and frozen dense weights shard as ordinary parameters. On a shard
      group of one rank without CPU offload the frozen weights stay out of FSDP (plain tensors used in
-     place: ``frozen_params_left_local``) and only the LoRA parameters are FSDP's.
+     place: ``frozen_params_left_local``) and only the LoRA parameters are FSDP's. A job of one rank
+     with nothing for FSDP to do (no CPU offload, fp32 reduction, no pipeline: ``ParallelPlan.fsdp``)
+     skips this step: plain tensors, the adapters cast to the compute dtype where used.
 
 All of it runs on the meta model: nothing is allocated until ``parallel.materialize`` reads each
 rank's rows. What to apply comes from one frozen ``parallel.plan.ParallelPlan`` (``recipe.plan``
@@ -35,6 +37,7 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from models.lora import QLoRALinear
 from parallel.activation_offload import BlockInputOffload
 from parallel.embedding import HostEmbedding, VocabShardedEmbedding
 from parallel.plan import ParallelPlan
@@ -86,6 +89,19 @@ def frozen_params_left_local(model: nn.Module, shard_degree: int, cpu_offload: b
     return {p for p in model.parameters() if not p.requires_grad}
 
 
+def _without_fsdp(model: nn.Module, plan: ParallelPlan) -> nn.Module:
+    """A one-rank job that FSDP has nothing to do for (``ParallelPlan.fsdp`` is False): every parameter
+    stays a plain tensor. What FSDP's mixed-precision policy did, the adapters do where their weights are
+    used: cast the fp32 masters to ``param_dtype`` (the same rounding), so autograd returns their
+    gradients in fp32 and accumulates them in ``.grad`` over micro-batches, as FSDP's fp32 reduction did
+    (the same sums in the same order: the losses are bit for bit FSDP's on one rank). Frozen weights are
+    already stored in the compute dtype (``parallel.materialize``)."""
+    for module in model.modules():
+        if isinstance(module, QLoRALinear):
+            module.compute_dtype = plan.param_dtype
+    return model
+
+
 def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: bool = False) -> nn.Module:
     """Apply the recipe's parallelism to the meta ``model`` in place, and return it.
 
@@ -127,6 +143,8 @@ def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: b
     if plan.compile:
         for block in model.model.blocks():
             block.compile(fullgraph=False)
+    if not plan.fsdp:
+        return _without_fsdp(model, plan)
     mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
     offload = CPUOffloadPolicy(pin_memory=plan.pin_memory) if plan.cpu_offload else OffloadPolicy()
     ignored = frozen_params_left_local(model, shard_mesh.size(), plan.cpu_offload)

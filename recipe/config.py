@@ -215,6 +215,13 @@ class Parallelism:
     )
     reshard_after_forward: bool = _f(True, "Free unsharded parameters after forward (re-gather in backward).")
     cpu_offload: bool = _f(False, "Offload sharded parameters and gradients to CPU.")
+    single_rank_fsdp: bool = _f(
+        False,
+        "Wrap a one-rank job in FSDP anyway. Off (default): one rank with mixed_precision_reduce = float32, "
+        "no CPU offload and no pipeline runs without FSDP (nothing to shard or reduce): the LoRA weights are "
+        "plain fp32 tensors cast to the compute dtype where used, with the same numbers and no per-block "
+        "gather and reduce copies.",
+    )
     backend: str = _f("auto", "Process group backend; 'auto' is nccl on GPU, gloo on CPU.", ("auto", "nccl", "gloo"))
     vocab_parallel_embedding: bool = _f(
         False,

@@ -363,7 +363,9 @@ def build_hf_model(model_args: RecipeModelArguments, training_args=None) -> HFLl
     sdpa = resolve_attention(cfg, dist_info)
     path = ensure_checkpoint(cfg.model, cfg.job.seed, dist_info)
     reader = CheckpointReader(path)
-    plan = resolve_plan(cfg, dist_info.device, dist_info.dp_shard, reader.shape, dist_info.rank)
+    plan = resolve_plan(
+        cfg, dist_info.device, dist_info.dp_shard, reader.shape, dist_info.rank, world_size=dist_info.world_size
+    )
     model = build_model(cfg, reader, dist_info, plan, model_cls=HFLlamaForCausalLM)
     from transformers import AutoConfig, GenerationConfig
 

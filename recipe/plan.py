@@ -77,9 +77,17 @@ def resolve_compile(cfg: JobConfig, device_type: str) -> CompileDecision:
     return CompileDecision(True, "CUDA")
 
 
-def resolve_plan(cfg: JobConfig, device: torch.device, shard_degree: int, shape: LlamaShape, rank: int = 0):
+def resolve_plan(
+    cfg: JobConfig,
+    device: torch.device,
+    shard_degree: int,
+    shape: LlamaShape,
+    rank: int = 0,
+    world_size: int | None = None,
+):
     """The frozen ``ParallelPlan`` of this run (logs the compile decision); ``shard_degree``: the ranks
-    each parameter is split over (the shard group); ``shape``: the checkpoint's (tied embeddings)."""
+    each parameter is split over (the shard group); ``shape``: the checkpoint's (tied embeddings);
+    ``world_size``: all ranks of the job (default ``shard_degree``)."""
     p, t, ac = cfg.parallelism, cfg.training, cfg.activation_checkpoint
     tied = shape.tie_word_embeddings
     if p.host_embedding and tied:
@@ -113,6 +121,23 @@ def resolve_plan(cfg: JobConfig, device: torch.device, shard_degree: int, shape:
         embedding=embedding,
         compute_device=device,
         shard_device=torch.device("cpu") if p.cpu_offload else device,
+        fsdp=_needs_fsdp(cfg, shard_degree if world_size is None else world_size),
+    )
+
+
+def _needs_fsdp(cfg: JobConfig, world_size: int) -> bool:
+    """FSDP is for more than one rank, or for what only it does on one: CPU offload (it moves each
+    block's weights in), an fp32 or fp64 gradient accumulation other than autograd's own (reduce dtype
+    not float32), a pipeline stage. Else the job runs without it (``parallelism.single_rank_fsdp`` keeps
+    it): with one rank FSDP's all-gather and reduce-scatter are copies, and its per-block hooks add host
+    time to every micro-batch's forward, recompute and backward."""
+    p = cfg.parallelism
+    return (
+        world_size > 1
+        or p.single_rank_fsdp
+        or p.cpu_offload
+        or p.pipeline_parallel_degree > 1
+        or cfg.training.mixed_precision_reduce != "float32"
     )
 
 

@@ -169,7 +169,9 @@ class Trainer:
         ckpt_dir = ensure_checkpoint(cfg.model, cfg.job.seed, self.dist)
         self.reader = CheckpointReader(ckpt_dir)
         # Every parallel decision, once (an impossible combination is a ConfigError before loading).
-        self.plan = resolve_plan(cfg, self.device, self.dist.dp_shard, self.reader.shape, rank)
+        self.plan = resolve_plan(
+            cfg, self.device, self.dist.dp_shard, self.reader.shape, rank, world_size=self.dist.world_size
+        )
         pipeline_plan = None
         if self.dist.pp > 1:  # before the data and the weights: the layout needs only the block count
             pipeline_plan = plan_pipeline(

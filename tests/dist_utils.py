@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["free_port", "spawn", "run_jobs", "gather_shards"]
+__all__ = ["free_port", "spawn", "run_jobs", "gather_shards", "local_tensor"]
 
 
 def free_port() -> int:
@@ -122,7 +122,7 @@ def _spawn_once(fn, world: int, *args, err_dir, timeout: float, retry_abort: boo
 # Worker side
 
 
-def _local(t):
+def local_tensor(t):
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
@@ -202,9 +202,11 @@ def _check_shards(trainer, rank: int, world: int) -> dict:
 
 
 def _check_unsharded(trainer, world: int) -> dict:
-    """Gather layer 0 (FSDPModule.unshard) and compare each projection's dequantization, bit for bit,
-    with bitsandbytes' dequantize_4bit of the whole checkpoint weight (QuantState.from_dict)."""
+    """Gather layer 0 (FSDPModule.unshard; a one-rank job without FSDP holds it whole) and compare each
+    projection's dequantization, bit for bit, with bitsandbytes' dequantize_4bit of the whole checkpoint
+    weight (QuantState.from_dict)."""
     import bitsandbytes.functional as bnbF
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     from models.quant import Weight4bit
@@ -212,7 +214,9 @@ def _check_unsharded(trainer, world: int) -> dict:
     reader = trainer.reader
     block = trainer.model.model.layers[0]
     results = {}
-    block.unshard()
+    fsdp = isinstance(block, FSDPModule)
+    if fsdp:
+        block.unshard()
     try:
         for mod_name, mod in block.named_modules():
             w = getattr(mod, "weight", None)
@@ -238,7 +242,8 @@ def _check_unsharded(trainer, world: int) -> dict:
                 )
             results[mod_name] = entry
     finally:
-        block.reshard()
+        if fsdp:
+            block.reshard()
     return results
 
 
@@ -248,6 +253,7 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
     optional ``save`` / ``export`` (write the final checkpoint / the adapter) and optional
     ``expect_exit`` (the Trainer must refuse the layout: record the message)."""
     import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
 
     import recipe.train
     from parallel.distributed import LayoutError, destroy
@@ -287,7 +293,7 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
                     # After every micro-batch's backward (and the gradient reduce-scatter),
                     # before clipping and the optimizer step: this rank's rows of every gradient
                     # (no collective; the parent concatenates the ranks' rows).
-                    grads.append({n: _local(p.grad).detach().float().cpu().clone() for n, p in named})
+                    grads.append({n: local_tensor(p.grad).detach().float().cpu().clone() for n, p in named})
                     return orig_clip()
 
                 trainer._clip = clip
@@ -312,6 +318,7 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
                     "rank_targets": rank_targets,
                     "grads": grads,
                     "embed": repr(trainer.model.model.embed_tokens),
+                    "fsdp_modules": sum(isinstance(m, FSDPModule) for m in trainer.model.modules()),
                 }
                 if job.get("checks"):
                     local["shards"] = _check_shards(trainer, rank, world)

@@ -66,6 +66,10 @@ VARIANTS = {
 }
 
 
+# One-rank variants also run with --parallelism.single_rank_fsdp=true (test_one_rank_without_fsdp_is_fsdp_bit_for_bit).
+SINGLE_RANK_FSDP = ("fp32", "bf16", "fp16", "ac_offload", "fused")
+
+
 def _micro(variant: str, world: int) -> int:
     return GBS // world if variant == "no_accum" else 1
 
@@ -109,6 +113,12 @@ def _jobs(env, world: int) -> list[dict]:
         for w in WORLDS:
             m = GBS // w
             jobs.append({"name": f"no_accum_m{m}", "overrides": _overrides(env, "no_accum", m)})
+        # The same one-rank jobs wrapped in FSDP anyway (parallelism.single_rank_fsdp): the default
+        # one-rank path runs without FSDP and must give exactly these numbers.
+        for v in SINGLE_RANK_FSDP:
+            jobs.append(
+                {"name": f"{v}_fsdp1", "overrides": _overrides(env, v, 1) + ["--parallelism.single_rank_fsdp=true"]}
+            )
         return jobs
     jobs = [{"name": v, "overrides": _overrides(env, v, _micro(v, world)), "checks": v == "fp32"} for v in VARIANTS]
     if world == 2:
@@ -247,6 +257,26 @@ def test_matches_single_process(results, variant, world):
     assert grad_diff <= tol, f"{variant}, {world} ranks: LoRA gradients differ by {grad_diff:.3e}"
     for a, b in zip(ref["grad_norms"], got["grad_norms"], strict=True):
         assert abs(a - b) <= tol * max(1.0, abs(a))
+
+
+@pytest.mark.parametrize("variant", SINGLE_RANK_FSDP)
+def test_one_rank_without_fsdp_is_fsdp_bit_for_bit(results, variant):
+    """One rank, default plan: no FSDP module at all (nothing to shard or reduce), the adapters cast their
+    fp32 weights to the compute dtype where used and autograd accumulates fp32 gradients. FSDP on one rank
+    (``single_rank_fsdp``) casts the same way and accumulates the same fp32 sums in the same order: the
+    losses, every step's LoRA gradients and the gradient norms are equal bit for bit, in fp32, bf16 and fp16
+    with the loss scaler, with activation offload and with fused projections."""
+    plain, wrapped = _load_run(results, 1, variant), _load_run(results, 1, f"{variant}_fsdp1")
+    assert _load(results, 1, variant, 0)["fsdp_modules"] == 0
+    assert _load(results, 1, f"{variant}_fsdp1", 0)["fsdp_modules"] > 0
+    assert plain["accum"] == wrapped["accum"] == GBS  # micro-batch 1: six micro-batches accumulated per step
+    assert plain["losses"] == wrapped["losses"]
+    assert plain["grad_norms"] == wrapped["grad_norms"]
+    assert len(plain["grads"]) == len(wrapped["grads"]) == STEPS
+    for step, (a, b) in enumerate(zip(plain["grads"], wrapped["grads"], strict=True)):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (variant, step, name, float((a[name] - b[name]).abs().max()))
 
 
 @pytest.mark.parametrize("world", (1,) + WORLDS)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist_utils import spawn
+from tests.dist_utils import local_tensor, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GBS, SEQ, ROWS, LR = 4, 4, 32, 32, 1e-2
@@ -397,7 +397,7 @@ def test_trainer_stops_after_max_nonfinite_steps(tmp_path, debug_nf4_ckpt):
         rows = [{k: v[i] for k, v in data.items()} for i in range(8)]
         lora_b = next(p for n, p in model.named_parameters() if n.endswith("q_proj.lora_B.weight"))
         with torch.no_grad():
-            lora_b.to_local().fill_(float("nan"))  # every forward's loss is NaN from now on
+            local_tensor(lora_b).fill_(float("nan"))  # every forward's loss is NaN from now on
         trainer = RecipeTrainer(model=model, args=args, train_dataset=rows)
         with pytest.raises(TrainingDivergedError, match=r"2 optimizer steps in a row \(up to step 2\)"):
             trainer.train()

@@ -27,6 +27,11 @@ BASE = [
 ]
 
 
+def _full(t):
+    """The whole tensor of a DTensor (FSDP), or the tensor itself (a one-rank job without FSDP)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _run(tmp_path, ckpt, name, *extra):
     from recipe.train import Trainer
 
@@ -38,7 +43,7 @@ def _run(tmp_path, ckpt, name, *extra):
         orig_clip = tr._clip
 
         def clip():
-            grads.append({n: p.grad.full_tensor().clone() for n, p in named})
+            grads.append({n: _full(p.grad).clone() for n, p in named})
             return orig_clip()
 
         tr._clip = clip
@@ -243,31 +248,39 @@ def test_segments_refuse_compile():
         load_config(["--model.packed_attention=segments", "--training.compile=true"])
 
 
-@pytest.mark.parametrize("cpu_offload", [False, True])
-def test_one_rank_leaves_frozen_weights_out_of_fsdp(tmp_path, debug_nf4_ckpt, cpu_offload):
+@pytest.mark.parametrize("layout", ["default", "single_rank_fsdp", "cpu_offload"])
+def test_one_rank_leaves_frozen_weights_out_of_fsdp(tmp_path, debug_nf4_ckpt, layout):
     """On a shard group of one rank FSDP would only copy frozen weights into all-gather buffers (for the
     8B shape on one GPU: lm_head's 1 GiB kept gathered from forward to backward). They stay plain tensors
-    used in place, LoRA stays FSDP's; with CPU offload FSDP keeps them all (it moves them to the GPU).
-    Their values are the same either way: tests/test_fsdp.py compares this 1-process path with 2 and 3
-    ranks, where every weight is sharded."""
+    used in place. A one-rank job (default) has no FSDP at all: the LoRA weights are plain fp32 tensors
+    too. With ``single_rank_fsdp`` LoRA stays FSDP's; with CPU offload FSDP keeps every weight (it moves
+    them to the GPU). Their values are the same either way: tests/test_fsdp.py compares this 1-process
+    path with 2 and 3 ranks, where every weight is sharded, and with FSDP on one rank, bit for bit."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     from models.quant import Weight4bit
     from recipe.train import Trainer
 
-    cfg = load_config(
-        [f"--model.checkpoint={debug_nf4_ckpt}", f"--job.dump_folder={tmp_path}", *BASE]
-        + [f"--parallelism.cpu_offload={str(cpu_offload).lower()}"]
-    )
+    extra = {
+        "default": [],
+        "single_rank_fsdp": ["--parallelism.single_rank_fsdp=true"],
+        "cpu_offload": ["--parallelism.cpu_offload=true"],
+    }[layout]
+    cfg = load_config([f"--model.checkpoint={debug_nf4_ckpt}", f"--job.dump_folder={tmp_path}", *BASE, *extra])
     tr = Trainer(cfg)
     try:
         params = dict(tr.model.named_parameters())
         frozen = {n: p for n, p in params.items() if not p.requires_grad}
         lora = {n: p for n, p in params.items() if p.requires_grad}
-        assert lora and all(isinstance(p, DTensor) for p in lora.values())
-        assert {isinstance(p, DTensor) for p in frozen.values()} == {cpu_offload}
+        fsdp = layout != "default"
+        assert tr.plan.fsdp is fsdp
+        assert any(isinstance(m, FSDPModule) for m in tr.model.modules()) is fsdp
+        assert lora and {isinstance(p, DTensor) for p in lora.values()} == {fsdp}
+        assert all(p.dtype == torch.float32 for p in lora.values())
+        assert {isinstance(p, DTensor) for p in frozen.values()} == {layout == "cpu_offload"}
         q = frozen["model.layers.0.self_attn.q_proj.weight"]
-        assert isinstance(q.to_local() if cpu_offload else q, Weight4bit)
+        assert isinstance(q.to_local() if layout == "cpu_offload" else q, Weight4bit)
         assert tr.train_step().loss > 0
     finally:
         tr.close()

@@ -20,7 +20,7 @@ import torch
 
 from recipe.checkpoint import list_complete_checkpoints, read_checkpoint_meta
 from recipe.config import load_config
-from tests.dist_utils import spawn
+from tests.dist_utils import local_tensor, spawn
 
 LIMIT = 3
 STEPS = 14
@@ -55,7 +55,7 @@ def _argv(base, dump, *extra) -> list[str]:
 
 
 def _lora(trainer) -> dict[str, torch.Tensor]:
-    return {n: p.to_local().detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return {n: local_tensor(p).detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
 def _poison_loss(trainer, steps: set[int]) -> None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from recipe.oracle import LORA_B_INIT, REFERENCE, Comparison, Run, Variant, available, compare, judge, run_variant
+from tests.dist_utils import local_tensor
 
 STEPS = 4
 PERTURBED = "model.layers.1.self_attn.v_proj.lora_B.weight"
@@ -76,7 +77,7 @@ def runs(ckpt, tmp_path_factory, single_thread):
 
     def perturb(model):
         with torch.no_grad():
-            dict(model.named_parameters())[PERTURBED].to_local().mul_(1.05)
+            local_tensor(dict(model.named_parameters())[PERTURBED]).mul_(1.05)
 
     out["perturbed"] = run_variant(Trainer, argv, Variant("perturbed", BF16), STEPS, dump, perturb=perturb)
     return out

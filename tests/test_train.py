@@ -14,6 +14,7 @@ import torch
 
 from recipe.config import load_config
 from recipe.optim import lr_lambda
+from tests.dist_utils import local_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,10 +124,10 @@ def test_fp16_overflow_skips_steps_without_shifting_the_schedule(tmp_path, debug
         lora = [p for p in tr.params]
         results, lrs = [], []
         for _step in range(12):
-            before = [p.detach().to_local().clone() for p in lora]
+            before = [local_tensor(p.detach()).clone() for p in lora]
             lrs.append(tr.scheduler.get_last_lr()[0])
             r = tr.train_step()
-            changed = any(not torch.equal(b, p.detach().to_local()) for b, p in zip(before, lora, strict=True))
+            changed = any(not torch.equal(b, local_tensor(p.detach())) for b, p in zip(before, lora, strict=True))
             results.append((r.skipped, changed, r.loss))
         skipped = [s for s, _, _ in results]
         assert skipped[0] and skipped[1], results  # 2**26 and 2**25 overflow
