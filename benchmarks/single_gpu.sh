@@ -13,6 +13,7 @@
 #   eager_lean compiled_lean                         the same with offload and --parallelism.host_embedding
 #   fused_eager fused_compiled                       eager / compiled with --model.fuse_projections=true (q/k/v, gate/up fused)
 #   compiled_host                                    compiled with --parallelism.host_embedding only
+#   compiled_cg                                      compiled with --training.compile_mode=reduce-overhead (CUDA graphs)
 #   eager_fsdp1 compiled_fsdp1                       eager / compiled with FSDP kept on the one rank
 #                                                    (--parallelism.single_rank_fsdp=true; the default runs without FSDP)
 #   old_eager old_compiled                           the same from the tree in $OLD (e.g. git archive <commit>)
@@ -81,6 +82,8 @@ for r in $RUNS; do
     fused_compiled) recipe fused_compiled "$ROOT" 1 -m recipe.train "${common[@]}" "${fused[@]}" --training.compile=true ;;
     compiled_host) recipe compiled_host "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --parallelism.host_embedding=true ;;
+    compiled_cg) recipe compiled_cg "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
+        --training.compile_mode=reduce-overhead ;;
     eager_fsdp1) recipe eager_fsdp1 "$ROOT" 1 -m recipe.train "${common[@]}" --parallelism.single_rank_fsdp=true ;;
     compiled_fsdp1) recipe compiled_fsdp1 "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --parallelism.single_rank_fsdp=true ;;

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
@@ -142,7 +143,11 @@ def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: b
         model.activation_offload.install(model)
     if plan.compile:
         for block in model.model.blocks():
-            block.compile(fullgraph=False)
+            block.compile(fullgraph=False, mode=None if plan.compile_mode == "default" else plan.compile_mode)
+        if plan.compile_mode == "reduce-overhead":
+            # CUDA graph trees must know where an iteration starts, or a graph's outputs kept by the
+            # previous micro-batch's autograd graph look still alive to them: every model forward is one.
+            model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
     if not plan.fsdp:
         return _without_fsdp(model, plan)
     mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)

@@ -165,6 +165,14 @@ class Training:
         "the decision and its reason are logged. true where it is impossible stops the run before loading.",
         ("auto", True, False),
     )
+    compile_mode: str = _f(
+        "default",
+        "torch.compile's mode for the blocks when compile is on. 'reduce-overhead' replays each block as a CUDA "
+        "graph (static shapes: one graph per sequence length; not with activation_checkpoint.offload, whose "
+        "host copies a graph cannot replay); 'max-autotune' also benchmarks GEMM and Triton configurations "
+        "while compiling (minutes longer). Only 'default' is measured so far (BENCHMARKS.md).",
+        ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    )
     loss_scale_init: float = _f(65536.0, "Initial loss scale (float16 only).")
     loss_scale_growth_interval: int = _f(2000, "Steps without overflow before the loss scale grows (float16 only).")
     max_nonfinite_steps: int = _f(
@@ -573,6 +581,12 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             "model.packed_attention = 'segments' loops over each row's documents, which torch.compile would "
             "recompile for every new layout: set --training.compile=false or --model.packed_attention=mask."
+        )
+    if cfg.training.compile_mode == "reduce-overhead" and cfg.activation_checkpoint.offload:
+        raise ConfigError(
+            "training.compile_mode = 'reduce-overhead' replays each block as a CUDA graph, which cannot replay "
+            "activation_checkpoint.offload's copies to and from the host: set --training.compile_mode=default "
+            "or --activation_checkpoint.offload=false."
         )
     if cfg.activation_checkpoint.offload and cfg.activation_checkpoint.mode == "none":
         raise ConfigError(

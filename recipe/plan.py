@@ -118,6 +118,7 @@ def resolve_plan(
         ac_every=ac.selective_every,
         ac_offload=ac.offload,
         compile=decision.on,
+        compile_mode=t.compile_mode,
         embedding=embedding,
         compute_device=device,
         shard_device=torch.device("cpu") if p.cpu_offload else device,

@@ -391,3 +391,17 @@ def test_plan_resolves_each_decision_once(tmp_path, monkeypatch):
     assert compile_cache() == (str(tmp_path / "inductor"), 0)
     (tmp_path / "inductor" / "fxgraph" / "ab").mkdir(parents=True)
     assert compile_cache() == (str(tmp_path / "inductor"), 1)
+
+
+def test_cuda_graph_mode_refuses_activation_offload():
+    """training.compile_mode = 'reduce-overhead' (CUDA graphs) cannot replay the offload's host copies:
+    one message naming both keys and the fixes, before anything is loaded."""
+    with pytest.raises(ConfigError, match="compile_mode.*offload.*compile_mode=default"):
+        load_config(
+            ["--training.compile_mode=reduce-overhead", "--activation_checkpoint.offload=true"]
+            + ["--activation_checkpoint.mode=full"]
+        )
+    cfg = load_config(["--training.compile_mode=reduce-overhead"])
+    assert cfg.training.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="compile_mode"):
+        load_config(["--training.compile_mode=fast"])
