@@ -81,7 +81,8 @@ class HostEmbedding(nn.Module):
     table is 1 GiB of GPU memory (a tenth of the training peak) for 32 MiB of rows per micro-batch.
     Here the lookup runs on the host into a pinned buffer that is copied to the device. The token ids
     travel device -> host first, which waits for the work already queued on the GPU: a short stall
-    per micro-batch (measured in BENCHMARKS.md). Every rank keeps a whole table in host memory.
+    per micro-batch, unless the caller passes the ids on the host (the recipe's loop does). Every rank
+    keeps a whole table in host memory.
     Not with tied embeddings (lm_head needs the table on the device).
     """
 

@@ -380,7 +380,13 @@ class Trainer:
             if exact:
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
             mb = drop_trivial_masks(mb)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            # With the embedding table on the host the token ids stay there too: its lookup would
+            # otherwise copy them back, which waits for every kernel queued so far (the previous
+            # micro-batch's backward) and leaves the GPU idle while the host catches up.
+            host_ids = self.plan.embedding == "host"
+            batch = {
+                k: v if host_ids and k == "input_ids" else v.to(self.device, non_blocking=True) for k, v in mb.items()
+            }
             out = self.model(**batch)
             self.rules.backward_loss(out.loss_sum, n32).backward()
             loss_sum += out.loss_sum.detach().to(loss_sum.dtype)
