@@ -101,7 +101,7 @@ from recipe.export import export_model_adapter
 from recipe.logging import log
 from recipe.optim import LossScaler
 from recipe.plan import resolve_plan
-from recipe.step import NonfiniteGuard, StepRules
+from recipe.step import NonfiniteGuard, StepRules, batch_to_device
 
 __all__ = [
     "RecipeModelArguments",
@@ -656,8 +656,8 @@ class RecipeTrainerMixin:
                 "model shifts labels itself"
             )
         batch = drop_trivial_masks({k: v for k, v in inputs.items() if k in _MODEL_INPUTS})
-        dev = self._recipe_dist.device
-        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        on_host = model.recipe.plan.embedding == "host"
+        batch = batch_to_device(batch, self._recipe_dist.device, host_embedding=on_host)
         out = model(**batch)
         if out.loss_sum is None:
             raise ValueError("the batch has no labels: the recipe's Trainer needs them to compute the loss")

@@ -30,9 +30,24 @@ from recipe.data import count_targets
 from recipe.logging import log
 from recipe.optim import LossScaler
 
-__all__ = ["StepRules", "StepOutcome", "NonfiniteGuard", "TrainingDivergedError", "DIVERGED_EXIT_CODE"]
+__all__ = [
+    "StepRules",
+    "StepOutcome",
+    "NonfiniteGuard",
+    "TrainingDivergedError",
+    "DIVERGED_EXIT_CODE",
+    "batch_to_device",
+]
 
 DIVERGED_EXIT_CODE = 3
+
+
+def batch_to_device(batch: dict, device: torch.device, *, host_embedding: bool) -> dict:
+    """A micro-batch's tensors on ``device`` (asynchronously), except the token ids when the embedding
+    table lives on the host (``parallel.embedding.HostEmbedding``): its lookup would otherwise copy them
+    back, which waits for every kernel queued so far (the previous micro-batch's backward) and leaves
+    the GPU idle while the host catches up."""
+    return {k: v if host_embedding and k == "input_ids" else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class TrainingDivergedError(RuntimeError):

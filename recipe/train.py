@@ -83,7 +83,14 @@ from recipe.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from recipe.profiling import Profiler
 from recipe.run_report import report_results
 from recipe.seeding import rank_seed
-from recipe.step import DIVERGED_EXIT_CODE, NonfiniteGuard, StepOutcome, StepRules, TrainingDivergedError
+from recipe.step import (
+    DIVERGED_EXIT_CODE,
+    NonfiniteGuard,
+    StepOutcome,
+    StepRules,
+    TrainingDivergedError,
+    batch_to_device,
+)
 from recipe.versions import check_torch
 
 __all__ = ["Trainer", "main", "build_model", "memory_warning", "TrainingDivergedError", "DIVERGED_EXIT_CODE"]
@@ -380,13 +387,7 @@ class Trainer:
             if exact:
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
             mb = drop_trivial_masks(mb)
-            # With the embedding table on the host the token ids stay there too: its lookup would
-            # otherwise copy them back, which waits for every kernel queued so far (the previous
-            # micro-batch's backward) and leaves the GPU idle while the host catches up.
-            host_ids = self.plan.embedding == "host"
-            batch = {
-                k: v if host_ids and k == "input_ids" else v.to(self.device, non_blocking=True) for k, v in mb.items()
-            }
+            batch = batch_to_device(mb, self.device, host_embedding=self.plan.embedding == "host")
             out = self.model(**batch)
             self.rules.backward_loss(out.loss_sum, n32).backward()
             loss_sum += out.loss_sum.detach().to(loss_sum.dtype)
