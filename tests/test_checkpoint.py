@@ -248,7 +248,31 @@ def scenario_resume3(rank, world, root, base):
     dist.destroy_process_group()
 
 
-SCENARIOS = {"story": scenario_story, "resume3": scenario_resume3}
+def scenario_resume_from_one_rank(rank, world, root, base):
+    """N ranks resume from a checkpoint one rank wrote without FSDP (plain tensors, not DTensors): the
+    LoRA weights each rank loads, gathered, and the next step's loss."""
+    import torch.distributed as dist
+
+    from parallel.sharding import gather_rows
+    from recipe.train import Trainer
+
+    root = Path(root)
+    t = Trainer(make_cfg(base, root / "x1to2", "--lora.dropout=0", f"--training.steps={STEPS + 1}"))
+    loaded = {n: gather_rows(p.detach()).clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    res = {"start": t.step, "losses": t.train()}
+    finish(t)
+    if rank == 0:
+        torch.save(loaded, root / "x1to2_loaded.pt")
+        (root / "x1to2.json").write_text(json.dumps(res))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+SCENARIOS = {
+    "story": scenario_story,
+    "resume3": scenario_resume3,
+    "resume_from_one_rank": scenario_resume_from_one_rank,
+}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -329,7 +353,10 @@ def test_async_save_and_keep_latest_k(story, root):
 
 
 def test_resume_on_other_world_sizes(story, root, base):
-    """2 -> 1 (in this process) and 2 -> 3 (spawned) resume from step-3 give the 2-rank losses."""
+    """2 -> 1 (in this process) and 2 -> 3 (spawned) resume from step-3 give the 2-rank losses; a
+    checkpoint one rank wrote (without FSDP) resumes on 2 ranks."""
+    from torch.distributed.tensor import DTensor
+
     from recipe.train import Trainer
 
     assert story["x2_start"] == 3
@@ -349,6 +376,25 @@ def test_resume_on_other_world_sizes(story, root, base):
     assert set(listing(ck)) == {"step-6", "step-9"}
     assert snapshot(ck / "step-9") == partial
 
+    # 1 -> 2: step-6 as one rank wrote it (no FSDP: plain tensors) loads into two ranks' shards exactly,
+    # and their next step equals one rank's next step from the same checkpoint.
+    for d in ("x1to2", "x1to1"):
+        shutil.copytree(ck / "step-6", root / d / "checkpoint" / "step-6")
+    t = Trainer(make_cfg(base, root / "x1to1", "--lora.dropout=0", f"--training.steps={STEPS + 1}"))
+    assert t.step == 6 and not any(isinstance(p, DTensor) for p in t.model.parameters())
+    one_rank = t.train()
+    finish(t)
+    spawn(2, "resume_from_one_rank", root=str(root), base=str(base))
+    res = json.loads((root / "x1to2.json").read_text())
+    assert res["start"] == 6 and len(res["losses"]) == len(one_rank) == 1
+    close(res["losses"], one_rank)
+    from recipe.export import read_checkpoint_lora
+
+    meta1, w1 = read_checkpoint_lora(ck / "step-6")
+    loaded = torch.load(root / "x1to2_loaded.pt")
+    assert meta1["world_size"] == 1 and loaded.keys() == w1.keys()
+    assert all(torch.equal(loaded[k], w1[k]) for k in w1)
+
     # 2 -> 3 (LoRA rank 8 -> uneven 3/3/2 rows), async saves
     spawn(3, "resume3", root=str(root), base=str(base))
     res = json.loads((root / "x3.json").read_text())
@@ -361,8 +407,6 @@ def test_resume_on_other_world_sizes(story, root, base):
     saved = FileSystemReader(str(root / "x3" / "checkpoint" / "step-6")).read_metadata().state_dict_metadata
     assert not [k for k in saved if "embed_tokens" in k], sorted(saved)
     # the LoRA weights written by 3 ranks (uneven rows) equal those written by 2 ranks
-    from recipe.export import read_checkpoint_lora
-
     _, w3 = read_checkpoint_lora(root / "x3" / "checkpoint" / "step-6")
     meta2, w2 = read_checkpoint_lora(root / "x2" / "checkpoint" / "step-6")
     assert meta2["world_size"] == 2 and w3.keys() == w2.keys() and len(w2) == 56
