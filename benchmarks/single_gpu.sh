@@ -24,6 +24,8 @@
 #   oracle (alias compile_check)                     benchmarks/oracle.py: first-step LoRA gradients and 20 steps
 #                                                    of losses of each fast path against fp32 eager (accumulation 1)
 # EXTRA: more overrides for every recipe run (e.g. --metrics.memory_report=true).
+# COPY_TO: a folder (e.g. the device's $OUT) that gets each run's summary JSON as soon as that run ends, so
+# a call stopped by its time limit (or a machine taken back) still returns the runs that finished.
 # STEPS optimizer steps per run (tokens/s: median after 3 warm-up steps), TMO seconds per run (OTMO for oracle,
 # default 420).
 set -u
@@ -49,6 +51,7 @@ echo "[ckpt] $((SECONDS - t0))s"
 common=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint="$CK" --model.synthetic_shape=
         --training.steps="$STEPS" --metrics.log_freq=1 --checkpoint.export_adapter=false --training.compile=false
         ${EXTRA:-})
+keep() { [ -n "${COPY_TO:-}" ] && [ -f "$1" ] && mkdir -p "$COPY_TO" && cp "$1" "$COPY_TO/"; return 0; }
 recipe() {  # name tree nproc launcher... -- overrides
   local name=$1 tree=$2 n=$3; shift 3
   local t=$SECONDS
@@ -56,6 +59,7 @@ recipe() {  # name tree nproc launcher... -- overrides
       --nproc_per_node "$n" "$@" --job.dump_folder="$OUT/$name" >"$OUT/$name.log" 2>&1)
   echo "[$name] rc=$? $((SECONDS - t))s | $(grep -E '^step' "$OUT/$name.log" | tail -1)"
   cp "$OUT/$name/summary.json" "$OUT/$name.summary.json" 2>/dev/null  # the device copies back shallow files only
+  keep "$OUT/$name.summary.json"
   grep -E "Error|error:" "$OUT/$name.log" | grep -v "^\[rank[1-9]\]" | tail -4
 }
 script() {  # name nproc script args...
@@ -64,6 +68,7 @@ script() {  # name nproc script args...
   PYTHONPATH="$SITE:$ROOT" timeout "$TMO" $PY -m torch.distributed.run --standalone --nproc_per_node "$n" "$@" \
       >"$OUT/$name.log" 2>&1
   echo "[$name] rc=$? $((SECONDS - t))s"
+  keep "$OUT/$name.json"
   grep -E "Error|error:" "$OUT/$name.log" | grep -v "^\[rank[1-9]\]" | tail -4
 }
 two=(.whl/tools/one_gpu_ranks.py -m recipe.train)
@@ -109,6 +114,7 @@ for r in $RUNS; do
           >"$OUT/unsloth.log" 2>&1
       echo "[unsloth] rc=$? $((SECONDS - t))s"
       grep -E "^RESULT" "$OUT/unsloth.log" | tail -1 | sed 's/^RESULT //' >"$OUT/unsloth.json"
+      keep "$OUT/unsloth.json"
       grep -E "Error|error:" "$OUT/unsloth.log" | tail -4 ;;
     *) echo "unknown run $r" ;;
   esac
