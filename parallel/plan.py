@@ -36,7 +36,7 @@ class ParallelPlan:
     shard_device: torch.device  # where parameter shards live (the host with cpu_offload)
     # False: a one-rank job with nothing to shard, offload or reduce runs without FSDP; the LoRA weights
     # stay fp32 masters, cast to param_dtype where they are used (``parallel.parallelize``).
-    fsdp: bool = True
+    fsdp: bool
 
     def __post_init__(self):
         if self.embedding not in EMBEDDING_PLACES:

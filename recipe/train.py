@@ -381,7 +381,8 @@ class Trainer:
     def _forward_backward(self, micro, n32, loss_sum, exact: bool) -> torch.Tensor:
         if self.pipeline is not None:  # the schedule runs the micro-batches; it splits them again itself
             batch = drop_trivial_masks({k: torch.cat([mb[k] for mb in micro]) for k in micro[0]})
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            # All on the device, token ids too: the schedule splits the batch into micro-batches there.
+            batch = batch_to_device(batch, self.device, host_embedding=False)
             return self.pipeline.step(batch, lambda s: self.rules.backward_loss(s, n32), loss_sum)
         for i, mb in enumerate(micro):
             if exact:
