@@ -17,7 +17,7 @@ Shape of the module tree, chosen for the parallel code that wraps it:
 ``forward`` takes ``input_ids`` (or ``inputs_embeds``), ``attention_mask``, ``labels`` (aligned with
 input_ids; the model shifts them) and ``position_ids``, HF's names for them, and nothing else; it returns
 ``CausalLMOutput`` with ``.loss``, ``.logits``, ``.loss_sum`` and ``.num_tokens``. HF ``Trainer``'s calling
-convention (extra keywords, ``num_items_in_batch``, indexing the output) lives in ``recipe.hf_trainer``.
+convention (extra keywords, ``num_items_in_batch``, indexing the output) lives in ``recipe.hf_model``.
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         """Logits without ``labels``; with them the summed token loss, the target count and their quotient.
         Any other keyword is a TypeError: the HF Trainer's calling convention (``num_items_in_batch``,
-        logits next to the loss, extra keywords) is ``recipe.hf_trainer``'s wrapper's."""
+        logits next to the loss, extra keywords) is ``recipe.hf_model``'s wrapper's."""
         h = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
         return self.causal_lm_output(h, labels)
 

@@ -106,7 +106,7 @@ def build_model(
     """Meta model -> parallelize -> this rank's shards.
 
     ``plan``: the run's decisions (``recipe.plan.resolve_plan``). ``model_cls``: ``LlamaForCausalLM`` or a
-    subclass that only adds attributes and a calling convention (``recipe.hf_trainer``'s HF-facing model);
+    subclass that only adds attributes and a calling convention (``recipe.hf_model``'s HF-facing model);
     its parameters and modules must be the base class's."""
     model = _meta_model(cfg, reader, plan, model_cls)
     _parallelize_and_load(model, cfg, reader, dist_info, plan)

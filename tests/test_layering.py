@@ -262,7 +262,7 @@ def test_checker_reports_longer_cycles_and_accepts_a_clean_tree(tmp_path):
     assert "models/shapes.py:1: `from models.m import thing`" in problems[0], problems
 
 
-# HF Trainer / transformers calling-convention names: the HF driver's wrapper (recipe/hf_trainer.py) holds
+# HF Trainer / transformers calling-convention names: the HF driver's wrapper (recipe/hf_model.py) holds
 # them; the model code in models/ takes its own inputs only (CONTRIBUTING.md).
 HF_ONLY_NAMES = frozenset(
     {
@@ -304,7 +304,7 @@ def hf_names_in_models(root: Path) -> list[str]:
             for name in names:
                 if name in HF_ONLY_NAMES:
                     problems.append(
-                        f"{rel}:{node.lineno}: HF-only name `{name}` in models/ (it belongs in recipe/hf_trainer.py)"
+                        f"{rel}:{node.lineno}: HF-only name `{name}` in models/ (it belongs in recipe/hf_model.py)"
                     )
             if isinstance(node, ast.FunctionDef) and node.name == "forward" and node.args.kwarg is not None:
                 problems.append(
