@@ -9,11 +9,15 @@
 # Workload (train_configs/llama3_8b_qlora.toml): LoRA r=64 alpha=128 on the seven projections, seq 2048,
 # micro-batch 2, accumulation 4 (16,384 tokens per step), bf16, full activation checkpointing.
 # RUNS picks and orders the runs (default below); each is one of
+#   default                                          the config as a user runs it: compile, host embedding and
+#                                                    activation offload 'auto' (all on for one CUDA rank)
 #   eager compiled eager_offload compiled_offload   this recipe (--training.compile / --activation_checkpoint.offload)
 #   eager_lean compiled_lean                         the same with offload and --parallelism.host_embedding
 #   fused_eager fused_compiled                       eager / compiled with --model.fuse_projections=true (q/k/v, gate/up fused)
 #   compiled_host                                    compiled with --parallelism.host_embedding only
-#   compiled_cg                                      compiled with --training.compile_mode=reduce-overhead (CUDA graphs)
+#   compiled_noac compiled_cg                        compiled without activation checkpointing, and the same with
+#                                                    --training.compile_mode=reduce-overhead (CUDA graphs; with
+#                                                    checkpointing it stopped the step: BENCHMARKS.md 2026-12-07)
 #   eager_fsdp1 compiled_fsdp1                       eager / compiled with FSDP kept on the one rank
 #                                                    (--parallelism.single_rank_fsdp=true; the default runs without FSDP)
 #   old_eager old_compiled                           the same from the tree in $OLD (e.g. git archive <commit>)
@@ -46,11 +50,13 @@ t0=$SECONDS
 [ -f "$CK/config.json" ] || PYTHONPATH="$SITE:$ROOT" $PY -m models.synthetic --shape llama3_1_8b --out "$CK" --device cuda | tail -1
 echo "[ckpt] $((SECONDS - t0))s"
 
-# --training.compile=false: the eager runs stay eager now that compile defaults to 'auto' (on for CUDA);
-# the compiled runs override it with true (the last override wins).
+# --training.compile=false and both memory savers off: every named run is the layout its name says, now
+# that compile, host_embedding and activation offload default to 'auto' (on for one CUDA rank); the runs
+# override what they measure (the last override wins); `default` puts all three back to 'auto'.
 common=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint="$CK" --model.synthetic_shape=
         --training.steps="$STEPS" --metrics.log_freq=1 --checkpoint.export_adapter=false --training.compile=false
-        ${EXTRA:-})
+        --parallelism.host_embedding=false --activation_checkpoint.offload=false ${EXTRA:-})
+auto=(--training.compile=auto --parallelism.host_embedding=auto --activation_checkpoint.offload=auto)
 keep() { [ -n "${COPY_TO:-}" ] && [ -f "$1" ] && mkdir -p "$COPY_TO" && cp "$1" "$COPY_TO/"; return 0; }
 recipe() {  # name tree nproc launcher... -- overrides
   local name=$1 tree=$2 n=$3; shift 3
@@ -77,6 +83,7 @@ fused=(--model.fuse_projections=true)
 hfargs=(--checkpoint "$CK" --steps "$STEPS")
 for r in $RUNS; do
   case $r in
+    default) recipe default "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" ;;
     eager) recipe eager "$ROOT" 1 -m recipe.train "${common[@]}" ;;
     compiled) recipe compiled "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true ;;
     eager_offload) recipe eager_offload "$ROOT" 1 -m recipe.train "${common[@]}" --activation_checkpoint.offload=true ;;
@@ -87,8 +94,10 @@ for r in $RUNS; do
     fused_compiled) recipe fused_compiled "$ROOT" 1 -m recipe.train "${common[@]}" "${fused[@]}" --training.compile=true ;;
     compiled_host) recipe compiled_host "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --parallelism.host_embedding=true ;;
+    compiled_noac) recipe compiled_noac "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
+        --activation_checkpoint.mode=none ;;
     compiled_cg) recipe compiled_cg "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
-        --training.compile_mode=reduce-overhead ;;
+        --activation_checkpoint.mode=none --training.compile_mode=reduce-overhead ;;
     eager_fsdp1) recipe eager_fsdp1 "$ROOT" 1 -m recipe.train "${common[@]}" --parallelism.single_rank_fsdp=true ;;
     compiled_fsdp1) recipe compiled_fsdp1 "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --parallelism.single_rank_fsdp=true ;;

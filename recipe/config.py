@@ -168,9 +168,10 @@ class Training:
     compile_mode: str = _f(
         "default",
         "torch.compile's mode for the blocks when compile is on. 'reduce-overhead' replays each block as a CUDA "
-        "graph (static shapes: one graph per sequence length; not with activation_checkpoint.offload, whose "
-        "host copies a graph cannot replay); 'max-autotune' also benchmarks GEMM and Triton configurations "
-        "while compiling (minutes longer). Only 'default' is measured so far (BENCHMARKS.md).",
+        "graph (static shapes: one graph per sequence length; not with activation checkpointing, whose "
+        "recompute a replay would overwrite: it stopped the step on an H100, BENCHMARKS.md); 'max-autotune' "
+        "also benchmarks GEMM and Triton configurations while compiling (minutes longer). Only 'default' is "
+        "measured so far.",
         ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     )
     loss_scale_init: float = _f(65536.0, "Initial loss scale (float16 only).")
@@ -237,11 +238,13 @@ class Parallelism:
         "the activations, instead of all-gathering the whole table per micro-batch (saves its memory and "
         "traffic). Experimental: not yet measured on GPUs. Ignored with tied embeddings or one rank.",
     )
-    host_embedding: bool = _f(
-        False,
+    host_embedding: bool | str = _f(
+        "auto",
         "Keep the frozen embedding table in pinned host memory and look tokens up there: the GPU holds only "
-        "the batch's rows (saves 1 GiB for Llama 3 8B; costs a short device->host wait for the token ids "
-        "per micro-batch). Not with tied embeddings or vocab_parallel_embedding.",
+        "the batch's rows (saves 1 GiB for Llama 3 8B). 'auto': on for one CUDA rank without FSDP, where it "
+        "was measured (BENCHMARKS.md), off elsewhere; the decision and its reason are logged. Not with tied "
+        "embeddings or vocab_parallel_embedding.",
+        ("auto", True, False),
     )
     pipeline_parallel_degree: int = _f(
         1,
@@ -279,11 +282,13 @@ class Parallelism:
 class ActivationCheckpoint:
     mode: str = _f("none", "Activation checkpointing of transformer blocks.", ("none", "full", "selective"))
     selective_every: int = _f(2, "With mode 'selective', checkpoint every k-th block.")
-    offload: bool = _f(
-        False,
+    offload: bool | str = _f(
+        "auto",
         "Keep each checkpointed block's input (batch x seq x hidden) in pinned host memory from forward "
         "to backward, copied on a side stream and prefetched one block ahead (parallel/activation_offload.py). "
-        "Needs mode full or selective.",
+        "Needs mode full or selective. 'auto': on for one CUDA rank without FSDP with mode full or selective, "
+        "where it was measured (BENCHMARKS.md), off elsewhere; the decision and its reason are logged.",
+        ("auto", True, False),
     )
 
 
@@ -571,7 +576,7 @@ def validate(cfg: JobConfig) -> None:
             if isinstance(default, list):  # in the comma-separated form the CLI takes
                 default = ",".join(str(x) for x in default)
             raise ConfigError(f"{sec}.{key} must be {req}, got {val!r}. Set e.g. --{sec}.{key}={default}.")
-    if cfg.parallelism.host_embedding and cfg.parallelism.vocab_parallel_embedding:
+    if cfg.parallelism.host_embedding is True and cfg.parallelism.vocab_parallel_embedding:
         raise ConfigError(
             "parallelism.host_embedding and parallelism.vocab_parallel_embedding both place the embedding "
             "table: keep one of them (--parallelism.vocab_parallel_embedding=false or "
@@ -582,13 +587,16 @@ def validate(cfg: JobConfig) -> None:
             "model.packed_attention = 'segments' loops over each row's documents, which torch.compile would "
             "recompile for every new layout: set --training.compile=false or --model.packed_attention=mask."
         )
-    if cfg.training.compile_mode == "reduce-overhead" and cfg.activation_checkpoint.offload:
+    if cfg.training.compile_mode == "reduce-overhead" and cfg.activation_checkpoint.mode != "none":
+        # Measured on an H100 (BENCHMARKS.md, 2026-12-07): the step stops with "accessing tensor output of
+        # CUDAGraphs that has been overwritten by a subsequent run".
         raise ConfigError(
-            "training.compile_mode = 'reduce-overhead' replays each block as a CUDA graph, which cannot replay "
-            "activation_checkpoint.offload's copies to and from the host: set --training.compile_mode=default "
-            "or --activation_checkpoint.offload=false."
+            "training.compile_mode = 'reduce-overhead' replays each block as one CUDA graph, whose outputs the "
+            f"next replay overwrites; activation_checkpoint.mode = {cfg.activation_checkpoint.mode!r} recomputes "
+            "blocks in backward while their saved outputs are still in use: set --activation_checkpoint.mode=none "
+            "or --training.compile_mode=default."
         )
-    if cfg.activation_checkpoint.offload and cfg.activation_checkpoint.mode == "none":
+    if cfg.activation_checkpoint.offload is True and cfg.activation_checkpoint.mode == "none":
         raise ConfigError(
             "activation_checkpoint.offload keeps checkpointed blocks' inputs on the host, and "
             "activation_checkpoint.mode is 'none': set --activation_checkpoint.mode=full (or selective), "

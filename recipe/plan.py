@@ -12,6 +12,11 @@ setting excludes it (``model.packed_attention = 'segments'``, a pipeline schedul
 An explicit ``true`` where it is impossible is a config error. When compile is on, inductor's FX-graph
 and AOT-autograd caches are on, in a directory that outlives /tmp cleanups (``compile_cache``), so a
 rerun reuses the compiled code.
+
+``parallelism.host_embedding`` and ``activation_checkpoint.offload`` = 'auto' (the defaults) are decided
+here too, each with its logged line: on where they were measured to pay, one CUDA rank without FSDP
+(the 8B workload on one H100: train peak 10.45 -> 8.55 GiB for both, tokens/s -0.6 %, BENCHMARKS.md
+2026-12-07), off elsewhere until measured there. ``recipe.estimate`` predicts with the same decisions.
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ from parallel.plan import ParallelPlan
 from recipe.config import ConfigError, JobConfig
 from recipe.logging import log
 
-__all__ = ["resolve_plan", "resolve_compile", "CompileDecision", "compile_cache"]
+__all__ = [
+    "resolve_plan",
+    "resolve_compile",
+    "resolve_host_embedding",
+    "resolve_ac_offload",
+    "CompileDecision",
+    "Decision",
+    "compile_cache",
+    "needs_fsdp",
+]
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,62 @@ def resolve_compile(cfg: JobConfig, device_type: str) -> CompileDecision:
     return CompileDecision(True, "CUDA")
 
 
+@dataclass(frozen=True)
+class Decision:
+    """An on/off decision of the plan with the reason that is logged."""
+
+    key: str
+    on: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.key}: {'on' if self.on else 'off'} ({self.reason})"
+
+
+def _auto_saver_excluded(cfg: JobConfig, device_type: str, world_size: int) -> str | None:
+    """Why an 'auto' memory saver stays off here, or None where it was measured to pay: one CUDA rank
+    without FSDP (BENCHMARKS.md, 2026-12-07: host embedding and activation offload together took the 8B
+    workload's train peak from 10.45 to 8.55 GiB on an H100 at -0.6 % tokens/s)."""
+    if device_type != "cuda":
+        return f"{device_type.upper()} device: the host is where the tensors already are"
+    if world_size > 1:
+        return f"{world_size} ranks: measured on one rank only so far"
+    if needs_fsdp(cfg, world_size):
+        return "FSDP runs this one-rank job (CPU offload, a reduce dtype or single_rank_fsdp): not measured there"
+    return None
+
+
+def resolve_host_embedding(cfg: JobConfig, device_type: str, world_size: int, tied: bool) -> Decision:
+    """``parallelism.host_embedding`` (true, false or 'auto'); an explicit true with tied embeddings is a
+    ``ConfigError``."""
+    key, setting = "parallelism.host_embedding", cfg.parallelism.host_embedding
+    if setting is True and tied:
+        raise ConfigError(
+            "parallelism.host_embedding: this checkpoint ties lm_head to the embedding table, which then "
+            "must stay on the GPU; set --parallelism.host_embedding=false"
+        )
+    if isinstance(setting, bool):
+        return Decision(key, bool(setting), f"{key} = {str(setting).lower()}")
+    if tied:
+        return Decision(key, False, "tied embeddings: lm_head needs the table on the GPU")
+    if cfg.parallelism.vocab_parallel_embedding and world_size > 1:
+        return Decision(key, False, "parallelism.vocab_parallel_embedding places the table")
+    why = _auto_saver_excluded(cfg, device_type, world_size)
+    return Decision(key, why is None, why or "one CUDA rank without FSDP: 1 GiB less for Llama 3 8B")
+
+
+def resolve_ac_offload(cfg: JobConfig, device_type: str, world_size: int) -> Decision:
+    """``activation_checkpoint.offload`` (true, false or 'auto')."""
+    key, ac = "activation_checkpoint.offload", cfg.activation_checkpoint
+    setting, mode = ac.offload, ac.mode
+    if isinstance(setting, bool):
+        return Decision(key, bool(setting), f"{key} = {str(setting).lower()}")
+    if mode == "none":
+        return Decision(key, False, "activation_checkpoint.mode = 'none': nothing is checkpointed")
+    why = _auto_saver_excluded(cfg, device_type, world_size)
+    return Decision(key, why is None, why or "one CUDA rank without FSDP: the blocks' inputs wait on the host")
+
+
 def resolve_plan(
     cfg: JobConfig,
     device: torch.device,
@@ -90,12 +160,10 @@ def resolve_plan(
     ``world_size``: all ranks of the job (default ``shard_degree``)."""
     p, t, ac = cfg.parallelism, cfg.training, cfg.activation_checkpoint
     tied = shape.tie_word_embeddings
-    if p.host_embedding and tied:
-        raise ConfigError(
-            "parallelism.host_embedding: this checkpoint ties lm_head to the embedding table, which then "
-            "must stay on the GPU; set --parallelism.host_embedding=false"
-        )
-    if p.host_embedding:
+    world = shard_degree if world_size is None else world_size
+    host = resolve_host_embedding(cfg, device.type, world, tied)
+    ac_offload = resolve_ac_offload(cfg, device.type, world)
+    if host.on:
         embedding = "host"
     elif tied:
         embedding = "tied"
@@ -104,7 +172,8 @@ def resolve_plan(
     else:
         embedding = "fsdp"
     decision = resolve_compile(cfg, device.type)
-    log(decision.describe(), rank)
+    for line in (decision.describe(), host.describe(), ac_offload.describe()):
+        log(line, rank)
     if decision.on:
         where, entries = compile_cache()
         log(f"compile cache: {where} ({f'warm, {entries} graphs' if entries else 'cold'})", rank)
@@ -116,17 +185,17 @@ def resolve_plan(
         reshard_after_forward=p.reshard_after_forward,
         ac_mode=ac.mode,
         ac_every=ac.selective_every,
-        ac_offload=ac.offload,
+        ac_offload=ac_offload.on,
         compile=decision.on,
         compile_mode=t.compile_mode,
         embedding=embedding,
         compute_device=device,
         shard_device=torch.device("cpu") if p.cpu_offload else device,
-        fsdp=_needs_fsdp(cfg, shard_degree if world_size is None else world_size),
+        fsdp=needs_fsdp(cfg, world),
     )
 
 
-def _needs_fsdp(cfg: JobConfig, world_size: int) -> bool:
+def needs_fsdp(cfg: JobConfig, world_size: int) -> bool:
     """FSDP is for more than one rank, or for what only it does on one: CPU offload (it moves each
     block's weights in), an fp32 or fp64 gradient accumulation other than autograd's own (reduce dtype
     not float32), a pipeline stage. Else the job runs without it (``parallelism.single_rank_fsdp`` keeps

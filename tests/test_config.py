@@ -393,15 +393,63 @@ def test_plan_resolves_each_decision_once(tmp_path, monkeypatch):
     assert compile_cache() == (str(tmp_path / "inductor"), 1)
 
 
-def test_cuda_graph_mode_refuses_activation_offload():
-    """training.compile_mode = 'reduce-overhead' (CUDA graphs) cannot replay the offload's host copies:
-    one message naming both keys and the fixes, before anything is loaded."""
-    with pytest.raises(ConfigError, match="compile_mode.*offload.*compile_mode=default"):
-        load_config(
-            ["--training.compile_mode=reduce-overhead", "--activation_checkpoint.offload=true"]
-            + ["--activation_checkpoint.mode=full"]
-        )
-    cfg = load_config(["--training.compile_mode=reduce-overhead"])
+def test_cuda_graph_mode_refuses_activation_checkpointing():
+    """training.compile_mode = 'reduce-overhead' (CUDA graphs) with activation checkpointing stopped the
+    step on an H100 (a replay overwrote outputs the recompute still used): one message naming both keys
+    and the fixes, before anything is loaded; with or without activation offload."""
+    for extra in ([], ["--activation_checkpoint.offload=true"]):
+        for mode in ("full", "selective"):
+            with pytest.raises(ConfigError, match=f"compile_mode.*'{mode}'.*mode=none.*compile_mode=default"):
+                load_config(["--training.compile_mode=reduce-overhead", f"--activation_checkpoint.mode={mode}", *extra])
+    cfg = load_config(["--training.compile_mode=reduce-overhead", "--activation_checkpoint.mode=none"])
     assert cfg.training.compile_mode == "reduce-overhead"
     with pytest.raises(ConfigError, match="compile_mode"):
         load_config(["--training.compile_mode=fast"])
+
+
+def test_auto_memory_savers_are_on_only_where_measured():
+    """parallelism.host_embedding and activation_checkpoint.offload = 'auto' (the defaults): on for one
+    CUDA rank without FSDP (where the H100 run measured them: BENCHMARKS.md 2026-12-07), off on CPU, for
+    several ranks, where FSDP runs one rank, with tied embeddings, without checkpointing; an explicit
+    value is kept; the plan and the estimator take the same decisions; the reason is logged."""
+    import dataclasses
+
+    import torch
+
+    import recipe.estimate as E
+    from models.shapes import SHAPES
+    from recipe.plan import resolve_ac_offload, resolve_host_embedding, resolve_plan
+
+    full = ["--activation_checkpoint.mode=full"]
+    cfg = load_config(full)
+    assert (cfg.parallelism.host_embedding, cfg.activation_checkpoint.offload) == ("auto", "auto")
+
+    def both(args, device="cuda", world=1, tied=False):
+        c = load_config(args)
+        return resolve_host_embedding(c, device, world, tied).on, resolve_ac_offload(c, device, world).on
+
+    assert both(full) == (True, True)
+    assert both(full, device="cpu") == (False, False)
+    assert both(full, world=2) == (False, False)
+    for fsdp in ("--parallelism.cpu_offload=true", "--parallelism.single_rank_fsdp=true"):
+        assert both([*full, fsdp]) == (False, False)
+    assert both([*full, "--training.mixed_precision_reduce=float64"]) == (False, False)
+    assert both([*full], tied=True) == (False, True)
+    assert both([]) == (True, False)  # activation_checkpoint.mode = 'none': nothing to offload
+    explicit = [*full, "--parallelism.host_embedding=false", "--activation_checkpoint.offload=true"]
+    assert both(explicit, device="cpu", world=2) == (False, True)
+    why = resolve_host_embedding(load_config(full), "cuda", 2, False)
+    assert why.describe() == "parallelism.host_embedding: off (2 ranks: measured on one rank only so far)"
+
+    shape = SHAPES["debug"]
+    plan = resolve_plan(cfg, torch.device("cuda"), 1, shape, world_size=1)
+    assert plan.embedding == "host" and plan.ac_offload and not plan.fsdp
+    plan = resolve_plan(cfg, torch.device("cpu"), 1, shape, world_size=1)
+    assert plan.embedding == "fsdp" and not plan.ac_offload
+    tied = dataclasses.replace(shape, tie_word_embeddings=True)
+    assert resolve_plan(cfg, torch.device("cuda"), 1, tied, world_size=1).embedding == "tied"
+
+    cfg8 = load_config(["--job.config_file", "train_configs/llama3_8b_qlora.toml", "--model.checkpoint=/nonexistent/x"])
+    one, two = E._job(cfg8, 1), E._job(cfg8, 2)
+    assert (one.host_embedding, one.act_offload, one.fsdp) == (True, True, False)
+    assert (two.host_embedding, two.act_offload, two.fsdp) == (False, False, True)

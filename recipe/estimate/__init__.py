@@ -49,6 +49,7 @@ from models.dtypes import DTYPES
 from models.shapes import LlamaShape, get_shape, shape_from_hf_config
 from recipe.config import ConfigError, JobConfig, load_config
 from recipe.metrics import PEAK_FLOPS, ac_fraction, model_flops_per_token
+from recipe.plan import needs_fsdp, resolve_ac_offload, resolve_compile, resolve_host_embedding
 from recipe.profiling import PHASES
 
 __all__ = [
@@ -98,6 +99,14 @@ class Measured:
     # Measured before frozen weights left FSDP on one shard rank (main cb917b8, 2026-12-07): every row so
     # far. Such rows are compared with the layout they ran (``measured_job``).
     frozen_in_fsdp: bool = True
+    # Measured eager and with host_embedding and activation offload off unless set (the benchmarks passed
+    # --training.compile=false; the savers' 'auto' defaults came 2026-12-07): ``job_overrides`` says so,
+    # so the row's job is the one that ran.
+    before_auto_defaults: bool = True
+
+    @property
+    def job_overrides(self) -> dict:
+        return (_BEFORE_AUTO if self.before_auto_defaults else {}) | self.overrides
 
 
 _1B = {
@@ -110,6 +119,10 @@ _1B = {
 _LEAN = {"activation_checkpoint.offload": True, "parallelism.host_embedding": True}
 _LONG = _LEAN | {"training.micro_batch_size": 1, "training.global_batch_size": 1, "model.mlp_chunk_tokens": 8192}
 _T4 = {"model.synthetic_shape": "llama3_1_8b", "training.attention_backend": "auto"}
+_OFF = {"activation_checkpoint.offload": False, "parallelism.host_embedding": False}
+_BEFORE_AUTO = _OFF | {"training.compile": False}
+_HOST, _ACT = {"parallelism.host_embedding": True}, {"activation_checkpoint.offload": True}
+_FSDP1, _FUSED = {"parallelism.single_rank_fsdp": True}, {"model.fuse_projections": True}
 _B, _R0, _R0B = "BENCHMARKS.md", "REFERENCE.md 0", "REFERENCE.md 0b"
 # Every measured row of BENCHMARKS.md and shared/REFERENCE.md sections 0 / 0b that the recipe's current
 # layout ran (2 ranks "on one GPU" are gloo ranks sharing a card: per-rank memory as on 2 cards, speed
@@ -199,6 +212,32 @@ CALIBRATION: list[Measured] = [
         False,
         _R0,
         "llama3_8b_qlora_t4.toml",
+    ),
+    # 2026-12-07, one H100, the tree that runs one rank without FSDP (BENCHMARKS.md "2026-12-07, third
+    # session"): each row's savers as set, compile on (the speed column is compiled except for eager).
+    *(
+        Measured(what, _OFF | ov, 1, train, load, tps, "h100", False, _B + " 12-07", frozen_in_fsdp=False)
+        for what, ov, train, load, tps in (
+            ("8B, 1 GPU, eager, no FSDP", {"training.compile": False}, 10.21, 6.27, 7682),
+            ("8B, 1 GPU, compiled, no FSDP", {"training.compile": True}, 10.45, 6.27, 10460),
+            ("8B, 1 GPU, compiled, FSDP on one rank", _FSDP1 | {"training.compile": True}, 10.44, 6.27, 10255),
+            ("8B, 1 GPU, compiled + host embedding", _HOST | {"training.compile": True}, 9.47, 5.29, 10443),
+            ("8B, 1 GPU, compiled + act. offload", _ACT | {"training.compile": True}, 9.52, 6.27, 10388),
+            ("8B, 1 GPU, compiled + fused projections", _FUSED | {"training.compile": True}, 10.47, 6.26, 10571),
+        )
+    ),
+    Measured(
+        "8B, 1 GPU, the default (compile, host embedding, act. offload: 'auto')",
+        {},
+        1,
+        8.55,
+        5.29,
+        10401,
+        "h100",
+        False,
+        _B + " 12-07",
+        frozen_in_fsdp=False,
+        before_auto_defaults=False,
     ),
 ]
 
@@ -361,6 +400,7 @@ class _Job:
     compile: bool = False
     frozen_local: bool = False  # frozen weights outside FSDP (one shard rank, no CPU offload)
     fused: bool = False  # model.fuse_projections: gate and up dequantize as one matrix
+    fsdp: bool = True  # FSDP wraps the blocks (recipe.plan: more than one rank, or what needs it on one)
 
 
 def _job(cfg: JobConfig, ngpu: int) -> _Job:
@@ -395,20 +435,21 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         reduce=DTYPES[t.mixed_precision_reduce].itemsize,
         accum=gb // (t.micro_batch_size * ngpu),
         offload=p.cpu_offload,
-        # The lead's activation-offload key, when that section has it.
-        act_offload=cfg.activation_checkpoint.offload,
+        # 'auto' as recipe.plan decides it on CUDA for this many ranks.
+        act_offload=resolve_ac_offload(cfg, "cuda", ngpu).on,
         ac_mode=cfg.activation_checkpoint.mode,
         ac_every=cfg.activation_checkpoint.selective_every,
         reshard=p.reshard_after_forward,
         vocab_parallel=p.vocab_parallel_embedding and n > 1 and not shape.tie_word_embeddings,
-        host_embedding=p.host_embedding and not shape.tie_word_embeddings,
+        host_embedding=resolve_host_embedding(cfg, "cuda", ngpu, shape.tie_word_embeddings).on,
         mlp_chunk=cfg.model.mlp_chunk_tokens,
         replicate=rep,
-        # Only an explicit true counts: 'auto' (on for CUDA, recipe.plan) is estimated at eager's speed, as
-        # the calibration rows without a compile override were measured eager (memory is the same either way).
-        compile=cfg.training.compile is True,
+        # As recipe.plan decides it for a CUDA run ('auto': on); step_time uses the compiled fit only on
+        # the cards where compile was measured (memory is the same either way).
+        compile=resolve_compile(cfg, "cuda").on,
         frozen_local=n == 1 and not p.cpu_offload,
         fused=cfg.model.fuse_projections,
+        fsdp=needs_fsdp(cfg, ngpu),
     )
 
 
@@ -607,12 +648,19 @@ _LINK = {
 # attention) and the host seconds per block per micro-batch C solve the three H100 rows at 4,096 / 32,768 /
 # 65,536 tokens per micro-batch (6,329 / 4,867 / 3,611 tokens/s) exactly. compile: C taken as 0 (a
 # compiled block launches few kernels), E from the compiled rows (9,099 H200 / 9,664 H100).
-# Activation offload: seconds per GiB copied (both ways) from the lean rows (eager 6,764 vs
-# 6,909; compiled 8,054 / 7,623 vs 9,099 / 9,664), on a 25 GB/s host link.
+# Activation offload: seconds per GiB copied (both ways) from the lean rows (eager 6,764 vs 6,909), on a
+# 25 GB/s host link. Refitted 2026-12-07 to the tree that runs one rank without FSDP (H100, one benchmark
+# call): compile E from 10,460 tokens/s; compiled offload from the default (compile + host embedding +
+# activation offload) at 10,393 against 10,460 (8 GiB copied per step: 0.0013 s/GiB; the 0.043 of the
+# earlier tree, whose copies did not overlap, is gone). Without FSDP's per-block hooks eager's host time
+# hides behind the GPU: eager at 7,682 is the compute term alone, so C counts only where FSDP runs.
 SPEED_FIT = {
     "eager": {"E": 0.373, "E_attn": 0.475, "C": 0.00355, "offload_s_per_gib": 0.0064},
-    "compile": {"E": 0.46, "E_attn": 0.475, "C": 0.0, "offload_s_per_gib": 0.043},
+    "compile": {"E": 0.515, "E_attn": 0.475, "C": 0.0, "offload_s_per_gib": 0.0013},
 }
+# The cards where compiled runs were measured; elsewhere (t4, l4, a100) a compiled run is estimated at
+# eager's speed until measured there.
+COMPILE_MEASURED_ON = ("h100", "h200")
 # CPU offload (not measured on a GPU): the rank's parameter shards are copied to the GPU for every
 # all-gather, and AdamW runs on the host at about 1 G parameters/s (assumed).
 _HOST_ADAM_PARAMS_PER_S = 1e9
@@ -625,13 +673,13 @@ def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
     T = j.mb * j.seq
     clock, gather_s, host_gbps, hides = _LINK[card]
     peak = dict(PEAK_FLOPS)[CARDS[card][0]]
-    fit = SPEED_FIT["compile" if j.compile else "eager"]
+    fit = SPEED_FIT["compile" if j.compile and card in COMPILE_MEASURED_ON else "eager"]
     f = model_flops_per_token(s, j.seq, j.rank, j.targets, j.ac_mode, j.ac_every)
     attn = 4 * L * j.seq * s.num_attention_heads * s.head_dim * (3 + ac_fraction(L, j.ac_mode, j.ac_every))
     dense = f - attn
     parts = {"compute": j.accum * T * (dense / fit["E"] + 0.5 * attn / fit["E_attn"]) / (peak * clock)}
     # Python launching each block's kernels; on a slow card (t4, l4) they queue ahead of the GPU instead.
-    parts["host"] = 0.0 if hides else j.accum * L * fit["C"]
+    parts["host"] = 0.0 if hides or not j.fsdp else j.accum * L * fit["C"]
     n, v = j.n, s.vocab_size
     base = L * _block_base_bytes(j, 1)
     emb = 0 if (s.tie_word_embeddings or j.host_embedding or j.vocab_parallel) else v * h * j.p
@@ -814,7 +862,7 @@ def warn_if_too_big(cfg: JobConfig, ngpu: int, device_gib: float) -> str | None:
 def measured_job(r: Measured, cfg: JobConfig) -> _Job:
     """The estimator's job for a measured row, in the layout of the tree that measured it."""
     j = _job(cfg, r.ngpu)
-    return dataclasses.replace(j, frozen_local=False) if r.frozen_in_fsdp else j
+    return dataclasses.replace(j, frozen_local=False, fsdp=True) if r.frozen_in_fsdp else j
 
 
 def calibration_table() -> str:
@@ -826,7 +874,7 @@ def calibration_table() -> str:
     ]
     for r in CALIBRATION:
         args = ["--job.config_file", str(root / r.config), "--model.checkpoint=/nonexistent/estimate"]
-        cfg = load_config(args + [f"--{k}={v}" for k, v in r.overrides.items()])
+        cfg = load_config(args + [f"--{k}={v}" for k, v in r.job_overrides.items()])
         j = measured_job(r, cfg)
         g = gpu_phases(j)
         peak = max(g[p] for p in PHASES[2:])
