@@ -585,7 +585,11 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     recompute = _block_saved_bytes(j, T) if n_ck else 0
     # Two moments of a block's backward: its MLP (the (tokens x intermediate) working set, scaled) and
     # its attention (the kernel's gradients, counted whole: no double count at long sequences).
-    mlp_moment = w * (recompute + _block_work_bytes(j, T, True))
+    # Compiled blocks keep two more (tokens x intermediate) tensors for the MLP's backward than eager does
+    # (inductor's partition saves what eager recomputes): measured +0.27 GiB (FSDP, 2026-12-05) and
+    # +0.24 GiB (no FSDP, 2026-12-07) for the 8B workload, against 0.22 for this term.
+    compiled = 2 * _mlp_tokens(j, T) * j.p * s.intermediate_size if j.compile else 0
+    mlp_moment = w * (recompute + _block_work_bytes(j, T, True)) + compiled
     attn_moment = (
         (_block_saved_bytes(j, T, attention_only=True) if n_ck else 0) + T * 2 * j.p * h + _attn_bwd_bytes(j, T)
     )
