@@ -12,6 +12,7 @@ All runs train the same workload, so one FLOP count serves them all:
 
 (``recipe.metrics.model_flops_per_token`` with ``recompute=False`` / ``True``; the peak from
 ``recipe.metrics.PEAK_FLOPS`` by card name.) Runs on several ranks of one GPU report memory only.
+Then issue 20's targets (``TARGETS``) for the runs the folder has, each met or not, also in the JSON.
 """
 
 from __future__ import annotations
@@ -90,6 +91,42 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+# Issue 20's targets, each (what, run, baseline run(s) in order of preference, measure, bound): tokens/s
+# ratios must reach the bound, the memory difference (GiB) must not exceed it. A target is checked only
+# when both of its runs are in the folder (one call: compare within it).
+TARGETS = (
+    ("default tokens/s >= 1.2x Unsloth's", "default", ("unsloth",), "speed", 1.2),
+    ("default train peak <= Unsloth's", "default", ("unsloth",), "memory", 0.0),
+    ("eager tokens/s >= the plain HF loop's", "eager", ("hf_loop",), "speed", 1.0),
+    ("HF Trainer adapter >= 95 % of the recipe loop", "adapter", ("default", "compiled"), "speed", 0.95),
+    ("moonshot: default >= 1.4x Unsloth", "default", ("unsloth",), "speed", 1.4),
+)
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Each target of ``TARGETS`` whose runs are present: the measured ratio (or GiB over) and whether it
+    is met."""
+    by = {r["run"]: r for r in rows}
+    out = []
+    for what, run, bases, kind, bound in TARGETS:
+        base = next((b for b in bases if b in by), None)
+        if run not in by or base is None:
+            continue
+        a, b = by[run], by[base]
+        if kind == "speed":
+            if not a["tokens_per_s"] or not b["tokens_per_s"]:
+                continue
+            value = a["tokens_per_s"] / b["tokens_per_s"]
+            met, shown = value >= bound, f"{value:.3f}x ({a['tokens_per_s']:,.0f} / {b['tokens_per_s']:,.0f})"
+        else:
+            if a["train_peak_gib"] is None or b["train_peak_gib"] is None:
+                continue
+            value = a["train_peak_gib"] - b["train_peak_gib"]
+            met, shown = value <= bound, f"{value:+.2f} GiB ({a['train_peak_gib']:.2f} / {b['train_peak_gib']:.2f})"
+        out.append({"target": what, "run": run, "baseline": base, "value": value, "met": met, "shown": shown})
+    return out
+
+
 def main(out: Path) -> dict:
     from models.shapes import get_shape
     from recipe.metrics import model_flops_per_token, peak_flops_for_name
@@ -118,6 +155,12 @@ def main(out: Path) -> dict:
         )
         print(line + (" ERROR: " + str(r["error"])[:80] if r.get("error") else ""))
     res = {"card": card, "peak_flops": peak, "flops_per_token": {"mfu": f_model, "hfu": f_hw}, "runs": rows}
+    res["targets"] = targets(rows)
+    if res["targets"]:
+        print("\ntargets (issue 20; runs of this folder only):")
+        for t in res["targets"]:
+            verdict = "met    " if t["met"] else "NOT met"
+            print(f"  {verdict}  {t['target']}: {t['shown']} [{t['run']} vs {t['baseline']}]")
     oracle = _load(out / "oracle.json")
     if oracle:
         from recipe.oracle import format_table
