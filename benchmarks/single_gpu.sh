@@ -24,7 +24,7 @@
 #   hf_loop hf_trainer adapter                       HF + peft + bnb plain loop / HF Trainer / recipe.hf_trainer
 #   adapter2 recipe2 recipe2_lean                    2 ranks on the one GPU (gloo, 1 step; memory only, speed means nothing)
 #   unsloth                                          .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth)
-#   profile profile_compiled                         benchmarks/profile_step.py on the eager / compiled recipe (top kernels)
+#   profile profile_compiled profile_default         benchmarks/profile_step.py on the eager / compiled / default recipe (top kernels)
 #   oracle (alias compile_check)                     benchmarks/oracle.py: first-step LoRA gradients and 20 steps
 #                                                    of losses of each fast path against fp32 eager (accumulation 1)
 # EXTRA: more overrides for every recipe run (e.g. --metrics.memory_report=true).
@@ -117,6 +117,8 @@ for r in $RUNS; do
     profile) script profile 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 --job.dump_folder="$OUT/profile" ;;
     profile_compiled) script profile_compiled 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 \
         --training.compile=true --job.dump_folder="$OUT/profile_compiled" ;;
+    profile_default) script profile_default 1 benchmarks/profile_step.py "${common[@]}" "${auto[@]}" \
+        --training.steps=4 --job.dump_folder="$OUT/profile_default" ;;
     unsloth)
       t=$SECONDS
       OUT="$OUT/unsloth_logs" BENCH_ARGS="--steps $STEPS" timeout "${UTMO:-300}" bash .whl/tools/unsloth/run.sh "$CK" \
