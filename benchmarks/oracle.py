@@ -45,8 +45,11 @@ VARIANTS = [
         ("--training.mixed_precision_param=float16", EAGER, "--training.attention_backend=efficient"),
     ),
 ]
-# By name only (--variants): bf16 eager again, the kernels' run-to-run noise.
-EXTRA = [Variant("bf16_eager_again", (BF16, EAGER))]
+# By name only (--variants): bf16 eager again, the kernels' run-to-run noise; the compiled loss chunks.
+EXTRA = [
+    Variant("bf16_eager_again", (BF16, EAGER)),
+    Variant("bf16_compiled_loss", (BF16, COMPILED, "--training.compile_loss=true")),
+]
 
 
 def main(argv: list[str]) -> int:

@@ -11,6 +11,8 @@
 # RUNS picks and orders the runs (default below); each is one of
 #   default                                          the config as a user runs it: compile, host embedding and
 #                                                    activation offload 'auto' (all on for one CUDA rank)
+#   default_loss compiled_loss                       default / compiled with --training.compile_loss=true (the loss
+#                                                    chunks' cross-entropy compiled too)
 #   eager compiled eager_offload compiled_offload   this recipe (--training.compile / --activation_checkpoint.offload)
 #   eager_lean compiled_lean                         the same with offload and --parallelism.host_embedding
 #   fused_eager fused_compiled                       eager / compiled with --model.fuse_projections=true (q/k/v, gate/up fused)
@@ -26,7 +28,8 @@
 #   unsloth                                          .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth)
 #   profile profile_compiled profile_default         benchmarks/profile_step.py on the eager / compiled / default recipe (top kernels)
 #   oracle (alias compile_check)                     benchmarks/oracle.py: first-step LoRA gradients and 20 steps
-#                                                    of losses of each fast path against fp32 eager (accumulation 1)
+#                                                    of losses of each fast path against fp32 eager (accumulation 1);
+#                                                    OVARIANTS=a,b,... picks them (e.g. bf16_eager,bf16_compiled_loss)
 # EXTRA: more overrides for every recipe run (e.g. --metrics.memory_report=true).
 # COPY_TO: a folder (e.g. the device's $OUT) that gets each run's summary JSON as soon as that run ends, so
 # a call stopped by its time limit (or a machine taken back) still returns the runs that finished.
@@ -84,6 +87,9 @@ hfargs=(--checkpoint "$CK" --steps "$STEPS")
 for r in $RUNS; do
   case $r in
     default) recipe default "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" ;;
+    default_loss) recipe default_loss "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.compile_loss=true ;;
+    compiled_loss) recipe compiled_loss "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
+        --training.compile_loss=true ;;
     eager) recipe eager "$ROOT" 1 -m recipe.train "${common[@]}" ;;
     compiled) recipe compiled "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true ;;
     eager_offload) recipe eager_offload "$ROOT" 1 -m recipe.train "${common[@]}" --activation_checkpoint.offload=true ;;
@@ -112,7 +118,8 @@ for r in $RUNS; do
     adapter) script adapter 1 benchmarks/hf_trainer_fsdp.py "${hfargs[@]}" --recipe --out "$OUT/adapter.json" ;;
     adapter2) script adapter2 2 .whl/tools/one_gpu_ranks.py benchmarks/hf_trainer_fsdp.py --checkpoint "$CK" \
         --steps 1 --warmup 0 --recipe --ddp-backend gloo --out "$OUT/adapter2.json" ;;
-    oracle|compile_check) TMO=${OTMO:-420} script oracle 1 benchmarks/oracle.py --out "$OUT/oracle.json" "${common[@]}" \
+    oracle|compile_check) TMO=${OTMO:-420} script oracle 1 benchmarks/oracle.py --out "$OUT/oracle.json" \
+        ${OVARIANTS:+--variants "$OVARIANTS"} "${common[@]}" \
         --training.global_batch_size=2 --job.dump_folder="$OUT/oracle" ;;
     profile) script profile 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 --job.dump_folder="$OUT/profile" ;;
     profile_compiled) script profile_compiled 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 \

@@ -332,6 +332,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head.weight.requires_grad_(False)
         if s.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.token_loss = TokenLoss()  # no parameters; parallel/ may compile it (training.compile_loss)
 
     def forward(
         self, input_ids=None, attention_mask=None, labels=None, position_ids=None, inputs_embeds=None
@@ -347,7 +348,7 @@ class LlamaForCausalLM(nn.Module):
         computed only when ``with_logits`` (the chunked loss never holds them all)."""
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h).float())
-        loss_sum, n_tokens = chunked_cross_entropy(h, self.lm_head, labels, self.loss_chunk())
+        loss_sum, n_tokens = chunked_cross_entropy(h, self.lm_head, labels, self.loss_chunk(), self.token_loss)
         logits = self.lm_head(h).float() if with_logits else None
         return CausalLMOutput(
             loss=loss_sum / n_tokens.clamp(min=1), logits=logits, loss_sum=loss_sum, num_tokens=n_tokens
@@ -380,6 +381,7 @@ class LlamaForCausalLM(nn.Module):
         inner.packed_attention = self.model.packed_attention
         part.model = inner
         part.lm_head = None
+        part.token_loss = self.token_loss if last else None
         if last:
             part.lm_head = self.lm_head if not tied or first else copy.deepcopy(self.lm_head)
             if tied:
@@ -405,10 +407,20 @@ class LlamaPart(LlamaForCausalLM):
             return h
         # (1,), not 0-dim: the schedule concatenates the last stage's outputs over micro-batches. Not a
         # view (reshape would be): FSDP's pre-backward hook does not survive in-place use of a view output.
-        return torch.stack([chunked_cross_entropy(h, self.lm_head, labels, self.loss_chunk())[0]])
+        loss = chunked_cross_entropy(h, self.lm_head, labels, self.loss_chunk(), self.token_loss)[0]
+        return torch.stack([loss])
 
 
-def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int):
+class TokenLoss(nn.Module):
+    """The summed cross-entropy of one chunk's logits (any dtype; upcast to fp32 first). A module of its
+    own so that ``parallel.parallelize`` can compile it (``training.compile_loss``): the upcast, the
+    log-softmax and the target gather then run as fused kernels instead of materialising fp32 logits."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int, token_loss: nn.Module | None = None):
     """Sum of next-token losses and the number of target tokens, computed chunk by chunk.
 
     Each chunk's logits are recomputed in backward (checkpoint), so peak memory holds one chunk of
@@ -420,13 +432,13 @@ def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int):
     # checkpointed chunks would keep that copy alive until backward. The last position has no target.
     targets = F.pad(labels[:, 1:].to(h.device), (0, 1), value=IGNORE_INDEX).reshape(-1)
     h = h.reshape(-1, h.shape[-1])
+    loss = token_loss if token_loss is not None else TokenLoss()
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_tokens):
         hc, tc = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        total = total + torch.utils.checkpoint.checkpoint(_ce_chunk, hc, tc, lm_head, use_reentrant=False)
+        total = total + torch.utils.checkpoint.checkpoint(_ce_chunk, hc, tc, lm_head, loss, use_reentrant=False)
     return total, (targets != IGNORE_INDEX).sum()
 
 
-def _ce_chunk(h, targets, lm_head):
-    logits = lm_head(h).float()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+def _ce_chunk(h, targets, lm_head, token_loss):
+    return token_loss(lm_head(h), targets)

@@ -10,7 +10,8 @@ The order is torchtitan's and it matters:
      with ``activation_checkpoint.offload`` the root module gets the saved-tensor hooks that keep the
      checkpointed blocks' inputs on the host (parallel/activation_offload.py): on the root, which is
      never compiled, they are active around the compiled blocks too;
-  2. torch.compile compiles each block in place (names unchanged, so checkpoint keys still match);
+  2. torch.compile compiles each block in place (names unchanged, so checkpoint keys still match), and
+     with ``compile_loss`` the parameter-free cross-entropy of the loss chunks (``model.token_loss``);
   3. ``fully_shard`` on every block, then on the embeddings (unless tied to lm_head), then the root
      (norm + lm_head + whatever is left). 4-bit weights shard through ``Weight4bit``'s all-gather
      extension; LoRA parameters and frozen dense weights shard as ordinary parameters. On a shard
@@ -144,6 +145,9 @@ def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: b
     if plan.compile:
         for block in model.model.blocks():
             block.compile(fullgraph=False, mode=None if plan.compile_mode == "default" else plan.compile_mode)
+        if plan.compile_loss and getattr(model, "token_loss", None) is not None:
+            # One graph per chunk length (the batch's last chunk may be shorter): static shapes.
+            model.token_loss.compile(fullgraph=True, dynamic=False)
         if plan.compile_mode == "reduce-overhead":
             # CUDA graph trees must know where an iteration starts, or a graph's outputs kept by the
             # previous micro-batch's autograd graph look still alive to them: every model forward is one.

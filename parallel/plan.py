@@ -31,6 +31,7 @@ class ParallelPlan:
     ac_offload: bool  # checkpointed blocks' inputs kept in pinned host memory
     compile: bool  # torch.compile each block
     compile_mode: str  # torch.compile's mode ("default", "reduce-overhead", ...)
+    compile_loss: bool  # torch.compile the loss chunks' cross-entropy too (model.token_loss)
     embedding: str  # one of EMBEDDING_PLACES
     compute_device: torch.device  # where compute, buffers and dense-to-4-bit quantization run
     shard_device: torch.device  # where parameter shards live (the host with cpu_offload)

@@ -174,6 +174,8 @@ def resolve_plan(
     decision = resolve_compile(cfg, device.type)
     for line in (decision.describe(), host.describe(), ac_offload.describe()):
         log(line, rank)
+    if t.compile_loss and not decision.on:
+        log("training.compile_loss: off (training.compile is off)", rank)
     if decision.on:
         where, entries = compile_cache()
         log(f"compile cache: {where} ({f'warm, {entries} graphs' if entries else 'cold'})", rank)
@@ -188,6 +190,7 @@ def resolve_plan(
         ac_offload=ac_offload.on,
         compile=decision.on,
         compile_mode=t.compile_mode,
+        compile_loss=decision.on and t.compile_loss,
         embedding=embedding,
         compute_device=device,
         shard_device=torch.device("cpu") if p.cpu_offload else device,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.shapes import SHAPES
 from recipe.config import ConfigError, load_config
 
 BASE = [
@@ -92,6 +93,36 @@ def test_compiled_offload_matches(tmp_path, debug_nf4_ckpt, eager_full_ac):
     # Compiled (4-bit linear as custom operators) against eager: same first forward, close after.
     eager = eager_full_ac[0]
     assert abs(ref[0] - eager[0]) < 1e-5 and max(abs(a - b) for a, b in zip(ref, eager, strict=True)) < 1e-3
+
+
+def test_compiled_loss_matches_the_eager_loss(tmp_path, debug_nf4_ckpt, monkeypatch):
+    """training.compile_loss compiles the chunks' cross-entropy (model.token_loss): the same losses and
+    first-step LoRA gradients as compiled blocks with the eager loss (fp32, 3 steps), and the loss module
+    is what was compiled; with compile off it stays eager."""
+    from models.llama import TokenLoss
+
+    full = ["--activation_checkpoint.mode=full", "--training.compile=true"]
+    compiled = []
+    real_compile = TokenLoss.compile
+    monkeypatch.setattr(TokenLoss, "compile", lambda self, **kw: (compiled.append(kw), real_compile(self, **kw)))
+    ref, ref_grads, _ = _run(tmp_path, debug_nf4_ckpt, "compiled", *full)
+    assert compiled == []
+    got, got_grads, _ = _run(tmp_path, debug_nf4_ckpt, "compiled_loss", *full, "--training.compile_loss=true")
+    assert compiled == [{"fullgraph": True, "dynamic": False}]
+    assert max(abs(a - b) for a, b in zip(ref, got, strict=True)) < 1e-5
+    for name, g in ref_grads[0].items():
+        assert torch.allclose(got_grads[0][name], g, rtol=1e-4, atol=1e-6), name
+
+    from recipe.plan import resolve_plan
+
+    cfg = load_config(["--training.compile=false", "--training.compile_loss=true"])
+    assert not resolve_plan(cfg, torch.device("cpu"), 1, SHAPES["debug"]).compile_loss
+    cfg = load_config(["--training.compile=true", "--training.compile_loss=true"])
+    assert resolve_plan(cfg, torch.device("cpu"), 1, SHAPES["debug"]).compile_loss
+    loss = TokenLoss()
+    logits, targets = torch.randn(5, 11, dtype=torch.bfloat16), torch.tensor([1, -100, 3, 4, 10])
+    want = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    assert torch.equal(loss(logits, targets), want)
 
 
 def test_offload_needs_checkpointing():
