@@ -8,13 +8,12 @@ training (the global batch is kept, so the optimizer sees the same batches): rep
 checkpointing mode and the micro-batch. It keeps the model, data, dtypes, ``training.compile`` and
 ``vocab_parallel_embedding`` as configured.
 
-Fit: the memory of ``recipe.estimate`` (per rank, CUDA allocated) times ``1 + MARGIN`` plus ``RESERVE_GIB``
-must stay under the card. MARGIN = 10 %: the largest under-prediction over every measured row of
-``recipe.estimate.CALIBRATION`` is 5.9 % (the one-GPU default: compile, host embedding, activation
-offload), so 10 % keeps every
-measured layout inside with room; RESERVE_GIB = 1 GiB for what the allocator's peak does not count (the
-CUDA context and cuBLAS / NCCL workspaces, about 0.5-0.8 GiB on the H100 / H200 runs) and its
-fragmentation.
+Fit: the memory of ``recipe.estimate`` (per rank, CUDA allocated) times ``1 + MARGIN`` plus
+``RESERVE_GIB`` must stay under the card. MARGIN = 10 %: the largest under-prediction over every measured
+row of ``recipe.estimate.CALIBRATION`` is 5.9 % (the one-GPU default: compile, host embedding, activation
+offload), so 10 % keeps every measured layout inside with room; RESERVE_GIB = 1 GiB for what the
+allocator's peak does not count (the CUDA context and cuBLAS / NCCL workspaces, about 0.5-0.8 GiB on the
+H100 / H200 runs) and its fragmentation.
 
 Speed (``step_time``): per micro-batch of T tokens, GPU time ``T x F / (peak x E)`` (F: model FLOPs
 per token with the recompute of the checkpointing mode, causal attention counted at half its square:

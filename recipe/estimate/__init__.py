@@ -119,7 +119,7 @@ _1B = {
 _LEAN = {"activation_checkpoint.offload": True, "parallelism.host_embedding": True}
 _LONG = _LEAN | {"training.micro_batch_size": 1, "training.global_batch_size": 1, "model.mlp_chunk_tokens": 8192}
 _T4 = {"model.synthetic_shape": "llama3_1_8b", "training.attention_backend": "auto"}
-_OFF = {"activation_checkpoint.offload": False, "parallelism.host_embedding": False}
+_OFF = {key: False for key in _LEAN}  # both memory savers off
 _BEFORE_AUTO = _OFF | {"training.compile": False}
 _HOST, _ACT = {"parallelism.host_embedding": True}, {"activation_checkpoint.offload": True}
 _FSDP1, _FUSED = {"parallelism.single_rank_fsdp": True}, {"model.fuse_projections": True}
@@ -650,14 +650,14 @@ _LINK = {
 # Fitted to the 1-GPU rows of recipe.estimate.CALIBRATION (``python -m recipe.estimate --calibration``
 # prints predicted against measured): eager: the efficiencies E (dense matmul work) and E_attn (causal
 # attention) and the host seconds per block per micro-batch C solve the three H100 rows at 4,096 / 32,768 /
-# 65,536 tokens per micro-batch (6,329 / 4,867 / 3,611 tokens/s) exactly. compile: C taken as 0 (a
-# compiled block launches few kernels), E from the compiled rows (9,099 H200 / 9,664 H100).
-# Activation offload: seconds per GiB copied (both ways) from the lean rows (eager 6,764 vs 6,909), on a
-# 25 GB/s host link. Refitted 2026-12-07 to the tree that runs one rank without FSDP (H100, one benchmark
-# call): compile E from 10,460 tokens/s; compiled offload from the default (compile + host embedding +
-# activation offload) at 10,393 against 10,460 (8 GiB copied per step: 0.0013 s/GiB; the 0.043 of the
-# earlier tree, whose copies did not overlap, is gone). Without FSDP's per-block hooks eager's host time
-# hides behind the GPU: eager at 7,682 is the compute term alone, so C counts only where FSDP runs.
+# 65,536 tokens per micro-batch (6,329 / 4,867 / 3,611 tokens/s) exactly. compile: C taken as 0 (a compiled
+# block launches few kernels), E from the tree that runs one rank without FSDP (H100, 2026-12-07: 10,460
+# tokens/s; the earlier tree's 9,099 H200 / 9,664 H100 gave 0.46). Activation offload: seconds per GiB
+# copied (both ways), on a 25 GB/s host link: eager from the lean rows (6,764 vs 6,909); compiled from the
+# default (compile + host embedding + activation offload) at 10,393 against 10,460 in one call (8 GiB copied
+# per step: 0.0013 s/GiB; the earlier tree's 0.043, whose copies did not overlap, is gone). Without FSDP's
+# per-block hooks eager's host time hides behind the GPU: eager at 7,682 is the compute term alone, so C
+# counts only where FSDP runs.
 SPEED_FIT = {
     "eager": {"E": 0.373, "E_attn": 0.475, "C": 0.00355, "offload_s_per_gib": 0.0064},
     "compile": {"E": 0.515, "E_attn": 0.475, "C": 0.0, "offload_s_per_gib": 0.0013},
