@@ -181,7 +181,10 @@ def init_distributed(
             # A plain `python -m recipe.train`: a private rendezvous on a free port, without writing
             # MASTER_* into the environment (child processes and later runs would inherit a stale port).
             kwargs["init_method"] = f"tcp://127.0.0.1:{_free_port()}"
-        if device.type == "cuda":
+        if device.type == "cuda" and "nccl" in backend:
+            # Binding the device initialises NCCL eagerly (and lets meshes split it). Not for gloo on CUDA
+            # (one-GPU emulation): torch 2.11's mesh then splits the gloo group, whose options cannot be
+            # copied ("cannot pickle ... _Options"), and an HSDP mesh fails before training.
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
     dims = (("dp_replicate", replicate),) if replicate > 1 else ()

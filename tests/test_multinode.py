@@ -416,3 +416,27 @@ def test_a_rank_on_a_node_without_rank_0_does_not_wait_for_its_record(tmp_path, 
     assert (tmp_path / "rank2").read_text() == "2\nValueError: bad value\n"
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert exit_status._rank0_on_this_node(1)  # rank 1, local rank 1: rank 0 is on this node
+
+
+@pytest.mark.parametrize(
+    ("backend", "bound"), [("gloo", False), ("nccl", True), ("auto", True)], ids=["gloo", "nccl", "auto"]
+)
+def test_cuda_device_is_bound_only_for_nccl(monkeypatch, backend, bound):
+    """Found on torch 2.11 (one-GPU emulation of 2x T4, HSDP 2x1, 2026-12-07): a gloo group bound to a CUDA
+    device makes init_device_mesh split it, which deep-copies gloo's options ("cannot pickle ... _Options")
+    and stops an HSDP run before training. Bind the device (eager NCCL init) only where NCCL is the backend;
+    CUDA faked so that the arguments can be checked on CPU."""
+    import parallel.distributed as pd
+
+    calls = {}
+    monkeypatch.setattr(pd, "resolve_device", lambda kind, local_rank: torch.device("cuda", local_rank))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(pd.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(pd.dist, "init_process_group", lambda **kw: calls.setdefault("init", kw))
+    monkeypatch.setattr(pd, "init_device_mesh", lambda *a, **kw: calls.setdefault("mesh", (a, kw)))
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    pd.init_distributed(device="cuda", backend=backend, dp_replicate=2, dp_shard=1)
+    assert ("device_id" in calls["init"]) is bound, calls["init"]
+    assert calls["init"]["backend"] == ("gloo" if backend == "gloo" else "nccl")
+    assert calls["mesh"] == (("cuda", (2, 1)), {"mesh_dim_names": ("dp_replicate", "dp_shard")})
