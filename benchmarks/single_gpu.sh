@@ -11,6 +11,7 @@
 # RUNS picks and orders the runs (default below); each is one of
 #   default                                          the config as a user runs it: compile, host embedding and
 #                                                    activation offload 'auto' (all on for one CUDA rank)
+#   default_mb4                                      default at micro-batch 4 (accumulation 2: the same 16,384 tokens/step)
 #   default_loss compiled_loss                       default / compiled with --training.compile_loss=true (the loss
 #                                                    chunks' cross-entropy compiled too)
 #   eager compiled eager_offload compiled_offload   this recipe (--training.compile / --activation_checkpoint.offload)
@@ -87,6 +88,7 @@ hfargs=(--checkpoint "$CK" --steps "$STEPS")
 for r in $RUNS; do
   case $r in
     default) recipe default "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" ;;
+    default_mb4) recipe default_mb4 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.micro_batch_size=4 ;;
     default_loss) recipe default_loss "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.compile_loss=true ;;
     compiled_loss) recipe compiled_loss "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --training.compile_loss=true ;;

@@ -15,6 +15,7 @@
 #   STAGES="r1_60 report" bash benchmarks/t4_emulation.sh OUTDIR   # 60 fp16 steps on 1 rank (OOM? overflow skips?)
 #   STAGES="offload report" bash benchmarks/t4_emulation.sh OUTDIR # 2 ranks, OFFLOAD_STEPS steps, CPU offload
 #   STAGES="r2_plan report" bash benchmarks/t4_emulation.sh OUTDIR  # 2 ranks, the planner's T4 layout, CMP_STEPS steps
+#   STAGES="shard_mem noreshard_mem report" ...   # 2 ranks, full sharding with / without resharding, MEM_STEPS steps
 #
 # r1_cmp / r2_cmp: 1 and 2 ranks, CMP_STEPS (10) steps at the config's seq 2048 for the per-step loss
 # comparison (within 2e-3); the 2-rank run is split at CMP_SPLIT (5): the first part is stopped by SIGTERM
@@ -36,6 +37,7 @@ CK8=${CK8:-/tmp/ck_llama3_1_8b_nf4}
 DATA=$OUT/oig.jsonl
 CMP_STEPS=${CMP_STEPS:-10}  # the issue asks for 10; at ~65 s per 2-rank step that is ~11 min: split in two calls
 OFFLOAD_STEPS=${OFFLOAD_STEPS:-3}
+MEM_STEPS=${MEM_STEPS:-1}  # shard_mem / noreshard_mem: a step through gloo takes about 65 s
 TMO=${TMO:-590}
 SITE=${SITE:-$PWD/.whl/site}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GPU_MEM_CAP_GIB=15 PYTHONPATH="$SITE:$PWD"
@@ -95,6 +97,8 @@ EOF
     r1_60) run r1_60 1 60 ;;
     offload) run offload 2 "$OFFLOAD_STEPS" --parallelism.cpu_offload=true ;;
     r2_plan) run r2_plan 2 "$CMP_STEPS" $PLAN_ARGS ${CMP_ARGS:-} ;;
+    shard_mem) run shard_mem 2 "$MEM_STEPS" ;;  # the two sharded layouts' memory per rank (item 6 of issue 21)
+    noreshard_mem) run noreshard_mem 2 "$MEM_STEPS" --parallelism.reshard_after_forward=false ;;
     report)
       $PY - "$OUT" <<'EOF'
 import json, sys
@@ -111,7 +115,7 @@ def longest_skip_run(rs):
         cur = cur + 1 if r["skipped"] else 0
         best = max(best, cur)
     return best
-for n in ("r1_cmp", "r2_cmp", "r2_plan", "r1_60", "offload"):
+for n in ("r1_cmp", "r2_cmp", "r2_plan", "shard_mem", "noreshard_mem", "r1_60", "offload"):
     p = out / f"{n}.summary.json"
     if not p.exists():
         print(f"{n}: no summary"); continue
