@@ -32,13 +32,18 @@ from recipe.train import Trainer  # noqa: E402
 
 BF16 = "--training.mixed_precision_param=bfloat16"
 EAGER, COMPILED = "--training.compile=false", "--training.compile=true"
-AUTO = ("--training.compile=auto", "--parallelism.host_embedding=auto", "--activation_checkpoint.offload=auto")
+AUTO = (
+    "--training.compile=auto",
+    "--training.compile_loss=auto",
+    "--parallelism.host_embedding=auto",
+    "--activation_checkpoint.offload=auto",
+)
 FUSED = "--model.fuse_projections=true"  # q/k/v and gate/up as one 4-bit matrix each (issue 20, point 4)
 
 VARIANTS = [
     Variant("bf16_eager", (BF16, EAGER)),  # the baseline the verdict scales
     Variant("bf16_compiled", (BF16, COMPILED)),
-    # What a one-GPU run does by default: compile, the host embedding and activation offload ('auto').
+    # What a one-GPU run does by default: compile (blocks and loss), host embedding, activation offload.
     Variant("bf16_default", (BF16, *AUTO)),
     Variant("bf16_fused", (BF16, EAGER, FUSED)),
     Variant("bf16_fused_compiled", (BF16, COMPILED, FUSED)),

@@ -12,8 +12,8 @@
 #   default                                          the config as a user runs it: compile, host embedding and
 #                                                    activation offload 'auto' (all on for one CUDA rank)
 #   default_mb4                                      default at micro-batch 4 (accumulation 2: the same 16,384 tokens/step)
-#   default_loss compiled_loss                       default / compiled with --training.compile_loss=true (the loss
-#                                                    chunks' cross-entropy compiled too)
+#   default_eager_loss compiled_loss                 default with --training.compile_loss=false (the loss chunks'
+#                                                    cross-entropy eager, as before 2026-12-07) / compiled with it true
 #   eager compiled eager_offload compiled_offload   this recipe (--training.compile / --activation_checkpoint.offload)
 #   eager_lean compiled_lean                         the same with offload and --parallelism.host_embedding
 #   fused_eager fused_compiled                       eager / compiled with --model.fuse_projections=true (q/k/v, gate/up fused)
@@ -54,13 +54,17 @@ t0=$SECONDS
 [ -f "$CK/config.json" ] || PYTHONPATH="$SITE:$ROOT" $PY -m models.synthetic --shape llama3_1_8b --out "$CK" --device cuda | tail -1
 echo "[ckpt] $((SECONDS - t0))s"
 
-# --training.compile=false and both memory savers off: every named run is the layout its name says, now
-# that compile, host_embedding and activation offload default to 'auto' (on for one CUDA rank); the runs
-# override what they measure (the last override wins); `default` puts all three back to 'auto'.
+# compile (blocks and loss) off and both memory savers off: every named run is the layout its name says,
+# now that these four default to 'auto' (on for one CUDA rank); the runs override what they measure (the
+# last override wins); `default` puts all four back to 'auto'.
 common=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint="$CK" --model.synthetic_shape=
         --training.steps="$STEPS" --metrics.log_freq=1 --checkpoint.export_adapter=false --training.compile=false
+        --training.compile_loss=false
         --parallelism.host_embedding=false --activation_checkpoint.offload=false ${EXTRA:-})
-auto=(--training.compile=auto --parallelism.host_embedding=auto --activation_checkpoint.offload=auto)
+auto=(--training.compile=auto --training.compile_loss=auto --parallelism.host_embedding=auto
+      --activation_checkpoint.offload=auto)
+old_common=()  # the tree in $OLD (git archive 72f1883) predates training.compile_loss (its loss is eager)
+for a in "${common[@]}"; do [[ $a == --training.compile_loss=* ]] || old_common+=("$a"); done
 keep() { [ -n "${COPY_TO:-}" ] && [ -f "$1" ] && mkdir -p "$COPY_TO" && cp "$1" "$COPY_TO/"; return 0; }
 recipe() {  # name tree nproc launcher... -- overrides
   local name=$1 tree=$2 n=$3; shift 3
@@ -89,7 +93,8 @@ for r in $RUNS; do
   case $r in
     default) recipe default "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" ;;
     default_mb4) recipe default_mb4 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.micro_batch_size=4 ;;
-    default_loss) recipe default_loss "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.compile_loss=true ;;
+    default_eager_loss) recipe default_eager_loss "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" \
+        --training.compile_loss=false ;;
     compiled_loss) recipe compiled_loss "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --training.compile_loss=true ;;
     eager) recipe eager "$ROOT" 1 -m recipe.train "${common[@]}" ;;
@@ -110,8 +115,8 @@ for r in $RUNS; do
     compiled_fsdp1) recipe compiled_fsdp1 "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \
         --parallelism.single_rank_fsdp=true ;;
     compiled_lean) recipe compiled_lean "$ROOT" 1 -m recipe.train "${common[@]}" "${lean[@]}" --training.compile=true ;;
-    old_eager) recipe old_eager "$OLD" 1 -m recipe.train "${common[@]}" ;;
-    old_compiled) recipe old_compiled "$OLD" 1 -m recipe.train "${common[@]}" --training.compile=true ;;
+    old_eager) recipe old_eager "$OLD" 1 -m recipe.train "${old_common[@]}" ;;
+    old_compiled) recipe old_compiled "$OLD" 1 -m recipe.train "${old_common[@]}" --training.compile=true ;;
     recipe2) recipe recipe2 "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=1 --parallelism.backend=gloo ;;
     recipe2_lean) recipe recipe2_lean "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=1 \
         --parallelism.backend=gloo "${lean[@]}" ;;

@@ -98,10 +98,10 @@ def test_compiled_offload_matches(tmp_path, debug_nf4_ckpt, eager_full_ac):
 def test_compiled_loss_matches_the_eager_loss(tmp_path, debug_nf4_ckpt, monkeypatch):
     """training.compile_loss compiles the chunks' cross-entropy (model.token_loss): the same losses and
     first-step LoRA gradients as compiled blocks with the eager loss (fp32, 3 steps), and the loss module
-    is what was compiled; with compile off it stays eager."""
+    is what was compiled; with compile off it stays eager, and 'auto' follows the blocks' compile."""
     from models.llama import TokenLoss
 
-    full = ["--activation_checkpoint.mode=full", "--training.compile=true"]
+    full = ["--activation_checkpoint.mode=full", "--training.compile=true", "--training.compile_loss=false"]
     compiled = []
     real_compile = TokenLoss.compile
     monkeypatch.setattr(TokenLoss, "compile", lambda self, **kw: (compiled.append(kw), real_compile(self, **kw)))
@@ -115,10 +115,17 @@ def test_compiled_loss_matches_the_eager_loss(tmp_path, debug_nf4_ckpt, monkeypa
 
     from recipe.plan import resolve_plan
 
-    cfg = load_config(["--training.compile=false", "--training.compile_loss=true"])
-    assert not resolve_plan(cfg, torch.device("cpu"), 1, SHAPES["debug"]).compile_loss
-    cfg = load_config(["--training.compile=true", "--training.compile_loss=true"])
-    assert resolve_plan(cfg, torch.device("cpu"), 1, SHAPES["debug"]).compile_loss
+    def planned(compile_: str, loss_: str) -> bool:
+        cfg = load_config([f"--training.compile={compile_}", f"--training.compile_loss={loss_}"])
+        return resolve_plan(cfg, torch.device("cpu"), 1, SHAPES["debug"]).compile_loss
+
+    # 'auto' (the default) follows the blocks' compile; an explicit true cannot compile it alone.
+    assert [planned(c, lo) for c in ("true", "false", "auto") for lo in ("auto", "true", "false")] == [
+        *(True, True, False),
+        *(False, False, False),
+        *(False, False, False),  # compile 'auto' is off on CPU
+    ]
+    assert load_config([]).training.compile_loss == "auto"
     loss = TokenLoss()
     logits, targets = torch.randn(5, 11, dtype=torch.bfloat16), torch.tensor([1, -100, 3, 4, 10])
     want = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
