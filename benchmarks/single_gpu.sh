@@ -27,7 +27,7 @@
 #   hf_loop hf_trainer adapter                       HF + peft + bnb plain loop / HF Trainer / recipe.hf_trainer
 #   adapter2 recipe2 recipe2_lean                    2 ranks on the one GPU (gloo, 1 step; memory only, speed means nothing)
 #   unsloth                                          .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth)
-#   profile profile_compiled profile_default         benchmarks/profile_step.py on the eager / compiled / default recipe (top kernels)
+#   profile profile_compiled profile_default         benchmarks/profile_step.py on the eager / compiled / default recipe (top kernels, GPU idle time and the host work it waits for)
 #   oracle (alias compile_check)                     benchmarks/oracle.py: first-step LoRA gradients and 20 steps
 #                                                    of losses of each fast path against fp32 eager (accumulation 1);
 #                                                    OVARIANTS=a,b,... picks them (e.g. bf16_eager,bf16_compiled_loss)

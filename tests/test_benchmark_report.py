@@ -42,3 +42,84 @@ def test_targets_are_ratios_of_the_folders_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "NOT met  HF Trainer adapter >= 95 % of the recipe loop: 0.942x (11,300 / 12,000)" in out
     assert json.loads((tmp_path / "single_gpu.json").read_text())["targets"] == res["targets"]
+
+
+def _profile_step():
+    spec = importlib.util.spec_from_file_location("profile_step", REPO / "benchmarks" / "profile_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_idle_gaps_and_their_attribution():
+    """benchmarks/profile_step.py: the GPU's idle intervals are the window minus the union of compute
+    kernels (copies excluded), and each is charged to the innermost host operator open at its middle,
+    and to that operator's step phase."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    ps = _profile_step()
+    assert ps.idle_gaps([(10, 20), (15, 30), (50, 60), (58, 59)], (0, 100)) == [(0, 10), (30, 50), (60, 100)]
+    assert ps.idle_gaps([(0, 98)], (0, 100)) == []  # 2 us: below the 5 us floor
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, s, e, dev=cpu, thread=1, parent=None):
+        return NS(
+            name=name,
+            time_range=NS(start=s, end=e),
+            device_type=dev,
+            thread=thread,
+            cpu_parent=parent,
+            is_user_annotation=False,
+        )
+
+    ms = 1000  # the profiler's times are microseconds
+    step = ev("profiled step", 0, 100 * ms)
+    fwd = ev("step: forward", 0, 40 * ms, parent=step)
+    mm = ev("aten::mm", 5 * ms, 8 * ms, parent=fwd)
+    fin = ev("step: finish", 60 * ms, 100 * ms, parent=step)
+    item = ev("aten::item", 62 * ms, 98 * ms, parent=fin)
+    bwd = ev("autograd::engine::evaluate_function: MmBackward0", 30 * ms, 60 * ms, thread=2)
+    kernels = [
+        ev("gemm", 10 * ms, 30 * ms, cuda),
+        ev("gemm", 40 * ms, 70 * ms, cuda),
+        ev("Memcpy DtoH", 70 * ms, 90 * ms, cuda),
+    ]
+    out = ps.analyse_gaps(
+        NS(events=lambda: [step, fwd, mm, fin, item, bwd, *kernels]), {"step: forward", "step: finish"}, "profiled step"
+    )
+    # Window 0-70 ms (the step's start to the last compute kernel; the copy is not compute): idle 0-10
+    # (mid 5: aten::mm in forward) and 30-40 (mid 35: forward on the main thread, the backward thread busy).
+    assert "GPU idle: 20.0 ms of 70.0 ms (28.6%) in 2 gaps" in out, out
+    assert "    20.0 ms  main       step: forward" in out, out  # the phase table
+    assert "    10.0 ms  main       aten::mm" in out and "    10.0 ms  thread 2   autograd::engine" in out, out
+    assert "    10.0 ms  thread 2   (idle)" in out, out
+    assert ps.analyse_gaps(NS(events=lambda: [step, fwd]), set(), "profiled step") is None  # no GPU: no report
+
+
+def test_profile_phases_wrap_a_real_trainer(tmp_path):
+    """The phase ranges hook the Trainer's real attributes: one profiled step of the debug model records
+    all five (data, forward, backward, finish, optimizer) with the same loss as an unwrapped step."""
+    import torch
+
+    from recipe.config import load_config
+    from recipe.train import Trainer
+
+    ps = _profile_step()
+    cfg = REPO / "train_configs" / "debug_model.toml"
+    losses = []
+    for wrapped in (False, True):
+        tr = Trainer(load_config([f"--job.config_file={cfg}", f"--job.dump_folder={tmp_path / str(wrapped)}"]))
+        try:
+            phases = ps._Phases(tr) if wrapped else None
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                losses.append(float(tr.train_step().loss))
+            if phases:
+                phases.close()
+                names = {e.name for e in prof.events()}
+                assert set(ps._Phases.NAMES) <= names, set(ps._Phases.NAMES) - names
+        finally:
+            tr.close()
+    assert losses[0] == losses[1]
+    assert torch.autograd.backward.__module__ == "torch.autograd"  # restored
