@@ -12,6 +12,8 @@
 #   default                                          the config as a user runs it: compile, host embedding and
 #                                                    activation offload 'auto' (all on for one CUDA rank)
 #   default_mb4                                      default at micro-batch 4 (accumulation 2: the same 16,384 tokens/step)
+#   default_keep default_keep2 default_keep_o        default keeping o/gate/up's frozen outputs (not recomputed; offloaded)
+#                                                    in every block / every 2nd block, or o_proj's only
 #   default_eager_loss compiled_loss                 default with --training.compile_loss=false (the loss chunks'
 #                                                    cross-entropy eager, as before 2026-12-07) / compiled with it true
 #   eager compiled eager_offload compiled_offload   this recipe (--training.compile / --activation_checkpoint.offload)
@@ -88,11 +90,17 @@ script() {  # name nproc script args...
 two=(.whl/tools/one_gpu_ranks.py -m recipe.train)
 lean=(--activation_checkpoint.offload=true --parallelism.host_embedding=true)
 fused=(--model.fuse_projections=true)
+keep=(--activation_checkpoint.keep_outputs=o_proj,gate_proj,up_proj)
 hfargs=(--checkpoint "$CK" --steps "$STEPS")
 for r in $RUNS; do
   case $r in
     default) recipe default "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" ;;
     default_mb4) recipe default_mb4 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.micro_batch_size=4 ;;
+    default_keep) recipe default_keep "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${keep[@]}" ;;
+    default_keep2) recipe default_keep2 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${keep[@]}" \
+        --activation_checkpoint.keep_every=2 ;;
+    default_keep_o) recipe default_keep_o "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" \
+        --activation_checkpoint.keep_outputs=o_proj ;;
     default_eager_loss) recipe default_eager_loss "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" \
         --training.compile_loss=false ;;
     compiled_loss) recipe compiled_loss "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \

@@ -24,9 +24,9 @@
 # checkpoint (exact: tests/test_checkpoint.py) and appends steps 6-10 to the same metrics.jsonl.
 # CMP_ARGS adds overrides to both runs. r1_60: 1 rank, 60 steps (no out-of-memory, fp16 skips counted
 # and the longest run of consecutive skips); offload: 2 ranks with --parallelism.cpu_offload; r2_plan: 2 ranks
-# in the layout recipe.planner chooses for 2x T4 (HSDP 2x1, micro-batch 1: PLAN_ARGS; the notebook's 2-GPU
-# run takes it with --parallelism.plan=auto, which here would plan for the emulating GPU instead), its
-# memory per rank and its losses against r1_cmp (no 4-bit all-gather: faster than r2_cmp through gloo).
+# in the layout recipe.planner chooses for 2x T4 (PLAN_ARGS: `python -m recipe.estimate ... --plan
+# --plan-args`; the notebook's 2-GPU run takes it with --parallelism.plan=auto), its memory per rank and
+# its losses against r1_cmp (replication: no 4-bit all-gather, faster than r2_cmp through gloo).
 # report: per run the skipped steps, peak GPU memory per rank (load, train), host peak per rank and their
 # sum (Kaggle: 29 GiB for both), and max |loss(2 ranks) - loss(1 rank)|.
 set -u
@@ -71,7 +71,12 @@ run() {  # name nproc steps overrides...; PART=a|b names the log of a split run,
 # The split 2-rank comparison run: a checkpoint kept only for the resume (large interval: saved on SIGTERM).
 SPLIT=(--checkpoint.enable=true --checkpoint.interval=1000 --checkpoint.keep_latest_k=1)
 CMP_SPLIT=${CMP_SPLIT:-5}
-PLAN_ARGS=${PLAN_ARGS:---parallelism.data_parallel_replicate_degree=2 --training.micro_batch_size=1}
+# What --parallelism.plan=auto runs on two real T4s (the notebook's 2-GPU run), from the planner itself,
+# so that the emulation follows the planner when its model changes (here plan=auto would plan for the
+# emulating GPU instead).
+PLAN_ARGS=${PLAN_ARGS:-$($PY -m recipe.estimate --job.config_file train_configs/llama3_8b_qlora_t4.toml \
+  --model.synthetic_shape="$SHAPE" --ngpu 2 --card t4 --plan --host-gib 29 --plan-args | tail -1)}
+echo "planned 2x T4 layout: $PLAN_ARGS"
 
 for st in ${STAGES:-ckpt r1_cmp r2_cmp}; do
   case $st in

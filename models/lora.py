@@ -60,16 +60,24 @@ class QLoRALinear(nn.Module):
             self.lora_B = nn.Linear(rank, out_features, bias=False)
             self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
             self.scaling = alpha / rank
+        # Non-empty: activation checkpointing keeps this projection's frozen output for backward instead
+        # of recomputing it (``activation_checkpoint.keep_outputs``; set by parallel/parallelize.py).
+        self.keep_tag = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             raise RuntimeError("an adapter without a base weight runs through its FusedQLoRALinear")
-        y = base_linear(x, self.weight)
-        if self.rank > 0:
-            # The scale multiplies the rank-r intermediate, not the (tokens x out_features) output:
-            # r/out as many elements (1/224 for gate/up of Llama 3 8B at r=64), same product.
-            y = self.lora_up(nn.functional.linear(self.lora_input(x), self.lora_weight("A")) * self.scaling, y)
-        return y
+        if self.rank == 0:
+            return base_linear(x, self.weight, self.keep_tag)
+        # The scale multiplies the rank-r intermediate, not the (tokens x out_features) output:
+        # r/out as many elements (1/224 for gate/up of Llama 3 8B at r=64), same product.
+        xa = nn.functional.linear(self.lora_input(x), self.lora_weight("A")) * self.scaling
+        lora = nn.functional.linear(xa, self.lora_weight("B"))
+        # The adapter before the frozen product (the same sum as lora_up): in a checkpointed block's
+        # recompute, nothing after down_proj's adapter is saved for backward, so non-reentrant
+        # checkpointing stops there and never runs down_proj's frozen GEMM again (a compiled block's
+        # partition already leaves it out).
+        return base_linear(x, self.weight, self.keep_tag) + lora.to(x.dtype)
 
     def lora_weight(self, which: str) -> torch.Tensor:
         """``lora_A`` or ``lora_B``'s weight in the adapter's compute dtype (a no-op cast unless a
@@ -91,10 +99,10 @@ class QLoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, base={kind}, rank={self.rank}"
 
 
-def base_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T for a frozen 4-bit or dense weight."""
+def base_linear(x: torch.Tensor, w: torch.Tensor, tag: str = "") -> torch.Tensor:
+    """x @ w.T for a frozen 4-bit or dense weight; ``tag``: see ``QLoRALinear.keep_tag`` (4-bit only)."""
     if isinstance(w, Weight4bit):
-        return linear_4bit(x, w)
+        return linear_4bit(x, w, tag)
     return nn.functional.linear(x, w.to(x.dtype))
 
 
@@ -123,10 +131,11 @@ class FusedQLoRALinear(nn.Module):
         self.sizes = [n for _, n in self.parts]
         self.out_features = sum(self.sizes)
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.keep_tag = ""  # as QLoRALinear.keep_tag, for the group's one output
 
     def forward(self, x: torch.Tensor, adapters) -> tuple[torch.Tensor, ...]:
         # split's backward is one concatenation of the parts' gradients.
-        outs = list(base_linear(x, self.weight).split(self.sizes, dim=-1))
+        outs = list(base_linear(x, self.weight, self.keep_tag).split(self.sizes, dim=-1))
         live = [(i, a) for i, a in enumerate(adapters) if a.rank > 0]
         if not live:
             return tuple(outs)

@@ -308,15 +308,19 @@ def _grad_input(grad, packed, absmax, in_features: int, quant_type: str, blocksi
 # backward. An operator that takes the packed bytes and returns only its product leaves nothing dense
 # to save. Eager mode runs the same two functions from an autograd.Function, which skips the custom
 # operators' dispatch cost (hundreds of calls per micro-batch).
+# ``tag`` names the projection for activation checkpointing's selective policy
+# (``activation_checkpoint.keep_outputs``: parallel/parallelize.py keeps the outputs of the tagged
+# projections instead of recomputing them); it changes nothing computed. A tagged projection runs
+# through the operator in eager mode too, so that the policy sees it.
 @torch.library.custom_op("qlora_recipe::linear_4bit", mutates_args=())
 def _linear_4bit_op(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, rows: int, quant_type: str, blocksize: int
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, rows: int, quant_type: str, blocksize: int, tag: str
 ) -> torch.Tensor:
     return _forward(x, packed, absmax, rows, quant_type, blocksize)
 
 
 @_linear_4bit_op.register_fake
-def _(x, packed, absmax, rows, quant_type, blocksize):
+def _(x, packed, absmax, rows, quant_type, blocksize, tag):
     return x.new_empty((*x.shape[:-1], rows))
 
 
@@ -333,16 +337,16 @@ def _(grad, packed, absmax, in_features, quant_type, blocksize):
 
 
 def _setup_context(ctx, inputs, output):
-    x, packed, absmax, rows, quant_type, blocksize = inputs
+    x, packed, absmax, rows, quant_type, blocksize, _tag = inputs
     ctx.save_for_backward(packed, absmax)
     ctx.meta = (x.shape[-1], quant_type, blocksize)
 
 
 def _backward(ctx, grad_out):
     if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     packed, absmax = ctx.saved_tensors
-    return _linear_4bit_grad_input_op(grad_out, packed, absmax, *ctx.meta), None, None, None, None, None
+    return _linear_4bit_grad_input_op(grad_out, packed, absmax, *ctx.meta), None, None, None, None, None, None
 
 
 _linear_4bit_op.register_autograd(_backward, setup_context=_setup_context)
@@ -368,8 +372,8 @@ class _Linear4bitFn(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-def linear_4bit(x: torch.Tensor, weight: Weight4bit) -> torch.Tensor:
+def linear_4bit(x: torch.Tensor, weight: Weight4bit, tag: str = "") -> torch.Tensor:
     args = (weight.packed, weight.absmax, weight.real_rows, weight.quant_type, weight.blocksize)
-    if torch.compiler.is_compiling():
-        return _linear_4bit_op(x, *args)
+    if tag or torch.compiler.is_compiling():
+        return _linear_4bit_op(x, *args, tag)
     return _Linear4bitFn.apply(x, *args)

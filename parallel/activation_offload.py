@@ -13,7 +13,14 @@ Non-reentrant checkpointing (eager) and torch.compile's checkpointed regions bot
 inputs through those hooks, whereas the tensors saved inside a checkpointed region go to the
 checkpoint's own hooks. A saved tensor moves when it has the hidden-state shape (batch, seq, hidden):
 the block inputs, and the last block's output that the final norm keeps. The rotary tables and the
-masks every block shares stay where they are; the same storage saved twice moves once.
+masks every block shares stay where they are; the same storage saved twice moves once. With
+``activation_checkpoint.keep_outputs`` a compiled block also saves the kept projections' outputs
+(batch, seq, width): ``extra_widths`` moves those too (eager checkpointing keeps them in its own cache,
+on the device).
+
+Prefetch goes by block: the tensors saved during one block's forward (``install(model, blocks)``) are
+one group, and when backward unpacks the first of a group, every tensor of the group before it starts
+coming back, so that a block with several saved tensors does not wait for the later ones.
 
 On a CPU device the "host copy" is a plain copy: the same code path runs in tests, without streams.
 """
@@ -37,17 +44,22 @@ class _Stored:
     prefetched: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
     restored: bool = False
+    group: int = 0  # the block (or, without blocks, the tensor) whose forward saved it
 
 
 class BlockInputOffload:
     """Saved-tensor hooks that offload each block's input; one instance per model.
 
-    ``install(model)`` makes every forward of ``model`` offload; ``hidden_size`` picks the tensors.
-    Counters ``offloaded`` / ``restored`` (distinct tensors) tell tests what moved.
+    ``install(model, blocks)`` makes every forward of ``model`` offload; ``hidden_size`` and
+    ``extra_widths`` pick the tensors (by their last dim). Counters ``offloaded`` / ``restored``
+    (distinct tensors) tell tests what moved.
     """
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, extra_widths=()):
         self.hidden_size = hidden_size
+        self.widths = {hidden_size, *extra_widths}
+        self._group = 0
+        self._by_block = False
         self.stream: torch.cuda.Stream | None = None  # created with the first CUDA tensor
         # Stored inputs not yet brought back, in forward order: backward walks them in reverse
         # and prefetches the one before the block it restores. Weak: a graph that is dropped
@@ -58,9 +70,15 @@ class BlockInputOffload:
         self.offloaded = 0
         self.restored = 0
 
-    def install(self, model: torch.nn.Module) -> None:
+    def install(self, model: torch.nn.Module, blocks=()) -> None:
         model.register_forward_pre_hook(lambda *_: self._enter())
         model.register_forward_hook(lambda *_: self._exit(), always_call=True)
+        for block in blocks:
+            block.register_forward_pre_hook(lambda *_: self._next_group())
+        self._by_block = bool(blocks)
+
+    def _next_group(self) -> None:
+        self._group += 1
 
     def _enter(self) -> None:
         if self._hooks is not None:  # a forward that raised before its hook could run
@@ -76,7 +94,7 @@ class BlockInputOffload:
         self._seen = {}
 
     def _pack(self, t: torch.Tensor):
-        if t.dim() != 3 or t.shape[-1] != self.hidden_size or not t.is_floating_point() or t.device.type == "meta":
+        if t.dim() != 3 or t.shape[-1] not in self.widths or not t.is_floating_point() or t.device.type == "meta":
             return t
         # The same tensor saved twice (e.g. by two checkpointed regions) moves once. Keyed by the
         # tensor itself: a freed tensor's address is soon reused by another of the same shape.
@@ -89,7 +107,9 @@ class BlockInputOffload:
 
     def _offload(self, t: torch.Tensor) -> _Stored:
         host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-        stored = _Stored(host=host, device=t.device)
+        if not self._by_block:
+            self._group += 1
+        stored = _Stored(host=host, device=t.device, group=self._group)
         if t.is_cuda:
             if self.stream is None:
                 self.stream = torch.cuda.Stream(t.device)
@@ -111,14 +131,18 @@ class BlockInputOffload:
         if not isinstance(stored, _Stored):
             return stored
         out = self._restore(stored)
-        # Start bringing back the input stored just before this one: backward needs it next.
+        # Start bringing back the rest of this block's tensors and all of the block's before it:
+        # backward needs them next.
         self._pending = [r for r in self._pending if r() is not None]
         i = next((k for k, r in enumerate(self._pending) if r() is stored), None)
         if i is not None:
             del self._pending[i]
-            before = self._pending[i - 1]() if i > 0 else None
-            if before is not None and before.device.type == "cuda":
-                self._prefetch(before)
+            live = [s for s in (r() for r in self._pending) if s is not None]
+            earlier = [s.group for s in live if s.group < stored.group]
+            wanted = {stored.group, max(earlier)} if earlier else {stored.group}
+            for s in live:
+                if s.group in wanted and s.device.type == "cuda":
+                    self._prefetch(s)
         if not stored.restored:
             stored.restored = True
             self.restored += 1

@@ -37,7 +37,7 @@ import functools
 import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from models.lora import QLoRALinear
 from parallel.activation_offload import BlockInputOffload
@@ -48,28 +48,63 @@ from parallel.sharding import pad_4bit_rows, shard_submesh
 __all__ = ["parallelize", "apply_activation_checkpointing", "frozen_params_left_local"]
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> int:
+def apply_activation_checkpointing(
+    model: nn.Module, mode: str, every: int = 1, keep: tuple[str, ...] = (), keep_every: int = 1
+) -> list[int]:
     """Recompute block activations in backward: ``full`` = every block, ``selective`` = every k-th.
 
     Non-reentrant checkpointing, patched onto the block instance so parameter names do not change.
-    Returns the number of checkpointed blocks.
+    ``keep``: projections (``activation_checkpoint.keep_outputs``) whose frozen output every
+    ``keep_every``-th checkpointed block keeps for backward instead of recomputing: they are tagged
+    (``QLoRALinear.keep_tag``) and the block's checkpoint gets a selective policy that saves the tagged
+    4-bit products and recomputes everything else. Returns the widths (last dims) of the kept
+    outputs, which activation offload then also moves to the host.
     """
     if mode == "none":
-        return 0
+        return []
     if mode not in ("full", "selective"):
         raise ValueError(f"activation_checkpoint.mode must be none, full or selective, got {mode!r}")
     step = 1 if mode == "full" else every
-    count = 0
+    count, widths = 0, set()
     # Children are named by their block index in the full model, also in a pipeline stage's part.
     for name, block in model.model.layers.named_children():
         if int(name) % step == 0:
-            inner = block.forward
-            block.forward = functools.partial(_checkpointed_forward, inner)
+            tags = _tag_kept(block, keep) if keep and count % keep_every == 0 else {}
+            widths.update(tags.values())
+            block.forward = functools.partial(_checkpointed_forward, block.forward, frozenset(tags))
             count += 1
-    return count
+    return sorted(widths)
 
 
-def _checkpointed_forward(inner, *args, **kwargs):
+def _tag_kept(block: nn.Module, keep: tuple[str, ...]) -> dict[str, int]:
+    """Tag the frozen products of ``keep`` in one block; {tag: output width}. A fused group (q/k/v,
+    gate/up) has one product: it is kept when any of its parts is named."""
+    tags = {}
+    for owner, fused in ((block.self_attn, "qkv_proj"), (block.mlp, "gate_up_proj")):
+        group = getattr(owner, fused)
+        if group is not None and any(part in keep for part, _ in group.parts):
+            group.keep_tag = fused
+            tags[fused] = group.out_features
+    for owner in (block.self_attn, block.mlp):
+        for proj in keep:
+            linear = getattr(owner, proj, None)
+            if isinstance(linear, QLoRALinear) and linear.weight is not None:
+                linear.keep_tag = proj
+                tags[proj] = linear.out_features
+    return tags
+
+
+def _keep_policy(tags: frozenset[str], ctx, func, *args, **kwargs):
+    # The 4-bit operator's last argument is its tag (models.quant.linear_4bit).
+    if func is torch.ops.qlora_recipe.linear_4bit.default and args[-1] in tags:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed_forward(inner, tags: frozenset[str], *args, **kwargs):
+    if tags:
+        policy = functools.partial(_keep_policy, tags)
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
     return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
 
@@ -137,11 +172,11 @@ def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: b
             emb.num_embeddings, emb.embedding_dim, dtype=emb.weight.dtype, key="model.embed_tokens.weight"
         )
     pad_4bit_rows(model, shard_mesh.size())
-    apply_activation_checkpointing(model, plan.ac_mode, plan.ac_every)
+    widths = apply_activation_checkpointing(model, plan.ac_mode, plan.ac_every, plan.ac_keep, plan.ac_keep_every)
     if plan.ac_offload:
         # On the root module, which is never compiled: the hooks are active around compiled blocks.
-        model.activation_offload = BlockInputOffload(model.args.shape.hidden_size)
-        model.activation_offload.install(model)
+        model.activation_offload = BlockInputOffload(model.args.shape.hidden_size, extra_widths=widths)
+        model.activation_offload.install(model, blocks=list(model.model.layers))
     if plan.compile:
         for block in model.model.blocks():
             block.compile(fullgraph=False, mode=None if plan.compile_mode == "default" else plan.compile_mode)

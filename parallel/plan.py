@@ -29,6 +29,8 @@ class ParallelPlan:
     ac_mode: str  # activation checkpointing: none, full or selective
     ac_every: int  # selective: every k-th block
     ac_offload: bool  # checkpointed blocks' inputs kept in pinned host memory
+    ac_keep: tuple[str, ...]  # projections whose frozen output checkpointed blocks keep (not recompute)
+    ac_keep_every: int  # ... in every k-th checkpointed block
     compile: bool  # torch.compile each block
     compile_mode: str  # torch.compile's mode ("default", "reduce-overhead", ...)
     compile_loss: bool  # torch.compile the loss chunks' cross-entropy too (model.token_loss)

@@ -242,8 +242,11 @@ def model_flops_per_token(
     ac_mode: str = "none",
     ac_every: int = 1,
     recompute: bool = True,
+    kept: Iterable[str] = (),
+    keep_every: int = 1,
 ) -> float:
-    """Training FLOPs per token of QLoRA on ``shape`` (a models.shapes.LlamaShape); see the module doc."""
+    """Training FLOPs per token of QLoRA on ``shape`` (a models.shapes.LlamaShape); see the module doc.
+    ``kept`` / ``keep_every``: activation_checkpoint.keep_outputs / keep_every (not recomputed)."""
     dims = _proj_dims(shape)
     targets = set(lora_targets)
     L, s = shape.num_hidden_layers, seq_len
@@ -256,11 +259,13 @@ def model_flops_per_token(
     forward = 2 * (n_blocks + n_head) + 2 * p_lora + attn_fwd
     backward = 2 * (n_blocks + n_head) + 4 * p_lora + 2 * attn_fwd
     # Non-reentrant checkpointing stops recomputing once the last tensor backward needs is rebuilt:
-    # the block's final matmul (down_proj's lora_B, or without a down_proj adapter its frozen base
-    # matmul, whose input is what it saves) is not re-run.
+    # down_proj's adapter runs before its frozen matmul (models/lora.py), so neither its lora_B matmul
+    # (whose inputs are the last tensors saved) nor the frozen matmul after it is re-run.
     h, inter = shape.hidden_size, shape.intermediate_size
-    not_rerun = L * 2 * (lora_rank * h if "down_proj" in targets and lora_rank else inter * h)
-    recomp = f * (2 * n_blocks + 2 * p_lora + attn_fwd - not_rerun) + 2 * n_head if recompute else 0.0
+    not_rerun = L * 2 * (inter * h + (lora_rank * h if "down_proj" in targets and lora_rank else 0))
+    n_kept = math.ceil(round(f * L) / max(keep_every, 1)) if kept else 0
+    kept_rerun = n_kept * 2 * sum(i * o for name, (i, o) in dims.items() if name in set(kept))
+    recomp = f * (2 * n_blocks + 2 * p_lora + attn_fwd - not_rerun) - kept_rerun + 2 * n_head if recompute else 0.0
     return float(forward + backward + recomp)
 
 

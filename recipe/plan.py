@@ -198,6 +198,8 @@ def resolve_plan(
         ac_mode=ac.mode,
         ac_every=ac.selective_every,
         ac_offload=ac_offload.on,
+        ac_keep=tuple(ac.keep_outputs),
+        ac_keep_every=ac.keep_every,
         compile=decision.on,
         compile_mode=t.compile_mode,
         compile_loss=loss.on,

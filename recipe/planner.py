@@ -262,15 +262,34 @@ def no_fit_message(options: list[Option], ngpu: int, card: str, gpu_gib: float, 
     )
 
 
+def layout_keys(lay: Layout) -> dict[str, object]:
+    """``lay`` as config keys: what ``apply`` writes, and what ``--plan-args`` prints as overrides."""
+    return {
+        "training.micro_batch_size": lay.micro_batch,
+        "parallelism.data_parallel_replicate_degree": lay.replicate,
+        "parallelism.data_parallel_shard_degree": lay.shard,
+        "parallelism.reshard_after_forward": lay.reshard,
+        "parallelism.cpu_offload": lay.cpu_offload,
+        "parallelism.host_embedding": lay.host_embedding,
+        "activation_checkpoint.mode": lay.ac_mode,
+        "activation_checkpoint.selective_every": lay.ac_every,
+        "activation_checkpoint.offload": lay.act_offload,
+    }
+
+
+def layout_overrides(lay: Layout) -> list[str]:
+    """``lay`` as command-line overrides (``--section.key=value``)."""
+    fmt = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+    return [f"--{key}={fmt(value)}" for key, value in layout_keys(lay).items()]
+
+
 def apply(cfg: JobConfig, lay: Layout, ngpu: int) -> None:
     """Write ``lay`` into the config (the global batch is kept)."""
-    t, p, ac = cfg.training, cfg.parallelism, cfg.activation_checkpoint
-    if t.global_batch_size <= 0:
-        t.global_batch_size = t.micro_batch_size * ngpu
-    t.micro_batch_size = lay.micro_batch
-    p.data_parallel_replicate_degree, p.data_parallel_shard_degree = lay.replicate, lay.shard
-    p.reshard_after_forward, p.cpu_offload, p.host_embedding = lay.reshard, lay.cpu_offload, lay.host_embedding
-    ac.mode, ac.selective_every, ac.offload = lay.ac_mode, lay.ac_every, lay.act_offload
+    if cfg.training.global_batch_size <= 0:
+        cfg.training.global_batch_size = cfg.training.micro_batch_size * ngpu
+    for key, value in layout_keys(lay).items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
 
 
 def best(cfg: JobConfig, ngpu: int, card: str, gpu_gib: float | None = None, host_gib: float | None = None):

@@ -324,6 +324,8 @@ class Trainer:
                 cfg.lora.target_modules,
                 cfg.activation_checkpoint.mode,
                 cfg.activation_checkpoint.selective_every,
+                kept=cfg.activation_checkpoint.keep_outputs,
+                keep_every=cfg.activation_checkpoint.keep_every,
             ),
             peak_flops=peak_flops(self.device, cfg.metrics.peak_tflops),
             world_size=self.dist.world_size,

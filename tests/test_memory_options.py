@@ -322,3 +322,103 @@ def test_one_rank_leaves_frozen_weights_out_of_fsdp(tmp_path, debug_nf4_ckpt, la
         assert tr.train_step().loss > 0
     finally:
         tr.close()
+
+
+KEEP = ("--activation_checkpoint.mode=full", "--activation_checkpoint.keep_outputs=o_proj,gate_proj,up_proj")
+
+
+def _count_frozen_products(monkeypatch):
+    """Calls of the 4-bit product per (phase, output rows): 'backward' ones are the recompute's."""
+    import collections
+
+    import models.quant as q
+
+    calls, phase = collections.Counter(), ["forward"]
+    real, real_backward = q._forward, torch.autograd.backward
+
+    def forward(x, packed, absmax, rows, *rest):
+        calls[(phase[0], rows)] += 1
+        return real(x, packed, absmax, rows, *rest)
+
+    def backward(*a, **k):
+        phase[0] = "backward"
+        try:
+            return real_backward(*a, **k)
+        finally:
+            phase[0] = "forward"
+
+    monkeypatch.setattr(q, "_forward", forward)
+    monkeypatch.setattr(torch.autograd, "backward", backward)
+    return calls
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_kept_outputs_are_not_recomputed(tmp_path, debug_nf4_ckpt, monkeypatch, compiled):
+    """activation_checkpoint.keep_outputs: the recompute skips the kept projections' 4-bit products
+    (counted per output width: debug shape hidden 256 = q/o/down, 640 = gate/up, 128 = k/v), the losses
+    and LoRA gradients are those of plain full checkpointing, and with activation offload the kept
+    outputs of compiled blocks go to the host too. down_proj's product is never recomputed (the
+    adapter runs first: checkpointing stops after it)."""
+    mode = ["--training.compile=true"] if compiled else []
+    offload = ["--activation_checkpoint.offload=true"]
+    calls = _count_frozen_products(monkeypatch)
+    ref, ref_grads, ref_off = _run(
+        tmp_path, debug_nf4_ckpt, "full", "--activation_checkpoint.mode=full", *mode, *offload
+    )
+    plain = dict(calls)
+    calls.clear()
+    got, got_grads, off = _run(tmp_path, debug_nf4_ckpt, "keep", *KEEP, *mode, *offload)
+    kept = dict(calls)
+    block_mbs = 4 * 2 * 3  # blocks x micro-batches x steps
+    # Plain: q and o again (not down), gate and up, k and v; kept: q only, no gate/up, k and v.
+    assert {w: plain.get(("backward", w), 0) for w in (256, 640, 128)} == {
+        256: 2 * block_mbs,
+        640: 2 * block_mbs,
+        128: 2 * block_mbs,
+    }
+    assert {w: kept.get(("backward", w), 0) for w in (256, 640, 128)} == {256: block_mbs, 640: 0, 128: 2 * block_mbs}
+    assert {k: v for k, v in kept.items() if k[0] == "forward"} == {k: v for k, v in plain.items() if k[0] == "forward"}
+    tol = 1e-5 if compiled else 0.0
+    assert max(abs(a - b) for a, b in zip(ref, got, strict=True)) <= tol
+    for name, g in ref_grads[0].items():
+        assert torch.allclose(got_grads[0][name], g, rtol=tol, atol=tol), name
+    assert off.restored == off.offloaded and off._pending == []
+    if compiled:  # the block input, o's output (hidden wide), gate's and up's outputs: 3 more per block
+        assert off.offloaded - ref_off.offloaded == 3 * block_mbs
+    else:  # eager checkpointing keeps them in its own cache, on the device
+        assert off.offloaded == ref_off.offloaded
+
+
+def test_keep_every_k_th_block(tmp_path, debug_nf4_ckpt, monkeypatch):
+    calls = _count_frozen_products(monkeypatch)
+    _run(tmp_path, debug_nf4_ckpt, "keep2", *KEEP, "--activation_checkpoint.keep_every=2")
+    # Blocks 0 and 2 keep gate/up; blocks 1 and 3 recompute them: 2 blocks x 2 x 6 micro-batches.
+    assert calls[("backward", 640)] == 2 * 2 * 6
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--activation_checkpoint.keep_outputs=gate_proj"], "mode=full"),
+        (["--activation_checkpoint.mode=full", "--activation_checkpoint.keep_outputs=down_proj"], "not recomputed"),
+        (["--activation_checkpoint.mode=full", "--activation_checkpoint.keep_outputs=lm_head"], "unknown projection"),
+        ([*KEEP, "--model.quant_type=none"], "4-bit"),
+        ([*KEEP, "--model.mlp_chunk_tokens=64"], "mlp_chunk_tokens=0"),
+        (["--activation_checkpoint.keep_every=0"], "keep_every must be >= 1"),
+    ],
+)
+def test_keep_outputs_refuses(args, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(args)
+
+
+def test_kept_fused_group(tmp_path, debug_nf4_ckpt, monkeypatch):
+    """With fused projections, naming one part keeps the group's one product (gate+up: 1280 rows)."""
+    calls = _count_frozen_products(monkeypatch)
+    fused = ["--model.fuse_projections=true", "--activation_checkpoint.mode=full"]
+    ref, _, _ = _run(tmp_path, debug_nf4_ckpt, "fused", *fused)
+    assert calls[("backward", 1280)] == 4 * 2 * 3
+    calls.clear()
+    got, _, _ = _run(tmp_path, debug_nf4_ckpt, "fused_keep", *fused, "--activation_checkpoint.keep_outputs=gate_proj")
+    assert calls[("backward", 1280)] == 0 and calls[("forward", 1280)] == 4 * 2 * 3
+    assert got == ref

@@ -90,6 +90,30 @@ def test_cli_prints_plan_runner_up_and_why():
     assert "chosen: HSDP 2x1" in out and "runner-up:" in out and "why:" in out and "of 29 GiB" in out
 
 
+def test_cli_plan_args_are_the_chosen_layout(capsys):
+    """--plan-args ends the output with the chosen layout as overrides: applied to the config they give
+    that layout back (what benchmarks/t4_emulation.sh runs as the planner's 2x T4 layout)."""
+    base = [
+        "--job.config_file",
+        str(REPO / "train_configs/llama3_8b_qlora_t4.toml"),
+        *T4[1:],
+        "--model.checkpoint=/nonexistent/p",
+    ]
+    assert CLI.main([*base, "--ngpu", "2", "--card", "t4", "--plan", "--host-gib", "29", "--plan-args"]) == 0
+    overrides = capsys.readouterr().out.strip().splitlines()[-1].split()
+    chosen = P.plan(_cfg(*T4), 2, "t4", host_gib=29)[0].layout
+    assert overrides == P.layout_overrides(chosen)
+    cfg = load_config([*base, *overrides])
+    applied = _cfg(*T4)
+    P.apply(applied, chosen, 2)
+    assert {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in P.layout_keys(chosen)} == (
+        P.layout_keys(chosen)
+    )
+    assert applied.activation_checkpoint == cfg.activation_checkpoint and applied.parallelism == cfg.parallelism
+    assert CLI.main([*base, "--ngpu", "2", "--card", "t4", "--plan-args"]) == 2
+    assert "add --plan" in capsys.readouterr().err
+
+
 def test_impossible_request_exits_2_with_one_line(capsys):
     args = ["--job.config_file", str(REPO / "train_configs/llama3_70b_qlora_2gpu.toml"), "--ngpu", "1"]
     assert CLI.main(args + ["--card", "t4", "--plan", "--host-gib", "29"]) == 2
@@ -118,7 +142,12 @@ def test_plan_auto_changes_the_runs_config(monkeypatch):
         raise Stop
 
     monkeypatch.setattr(T, "Trainer", fake_trainer)
-    base = ["--job.config_file", str(REPO / "train_configs/llama3_8b_qlora_t4.toml"), *T4[1:]]
+    base = [
+        "--job.config_file",
+        str(REPO / "train_configs/llama3_8b_qlora_t4.toml"),
+        *T4[1:],
+        "--model.checkpoint=/nonexistent/p",
+    ]
     base += ["--model.checkpoint=/nonexistent/p"]
     with pytest.raises(Stop):
         T.main(base + ["--parallelism.plan=auto"])

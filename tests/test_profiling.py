@@ -193,15 +193,23 @@ def test_flops_formula_by_hand():
     # attention forward 4*L*s*h = 4*2*4*8 = 256
     # forward   = 2*(1152+256) + 2*512 + 256        = 4096
     # backward  = 2*(1152+256) + 4*512 + 2*256      = 5376
-    # recompute (full AC) = 2*1152 + 2*512 + 256 - D + 2*256 (lm_head, chunked CE) = 4032, where
-    # D = 2*L*r*h = 64: the last matmul of a block (down_proj's lora_B) is not re-run (early stop)
-    assert model_flops_per_token(TINY, 4, 2, ac_mode="full") == 4096 + 5376 + 4032
+    # recompute (full AC) = 2*1152 + 2*512 + 256 - D + 2*256 (lm_head, chunked CE) = 3520, where
+    # D = 2*L*(i*h + r*h) = 576: down_proj's lora_B and then its frozen matmul are not re-run (early stop)
+    assert model_flops_per_token(TINY, 4, 2, ac_mode="full") == 4096 + 5376 + 3520
+    # keep_outputs o_proj, gate_proj, up_proj: their frozen matmuls not re-run either, in every block
+    # (2*L*(8*8 + 2*8*16) = 1280) or every second one (640)
+    assert model_flops_per_token(TINY, 4, 2, ac_mode="full", kept=("o_proj", "gate_proj", "up_proj")) == (
+        4096 + 5376 + 3520 - 1280
+    )
+    assert model_flops_per_token(TINY, 4, 2, ac_mode="full", kept=("o_proj", "gate_proj", "up_proj"), keep_every=2) == (
+        4096 + 5376 + 3520 - 640
+    )
     # no AC: only the lm_head recompute of the chunked cross-entropy
     assert model_flops_per_token(TINY, 4, 2, ac_mode="none") == 4096 + 5376 + 512
     # selective every 2 of 2 layers: block 0 recomputed -> half of the block recompute
     assert (
         model_flops_per_token(TINY, 4, 2, ac_mode="selective", ac_every=2)
-        == 4096 + 5376 + 512 + (2304 + 1024 + 256 - 64) / 2
+        == 4096 + 5376 + 512 + (2304 + 1024 + 256 - 576) / 2
     )
     # PaLM-style (no recompute counted)
     assert model_flops_per_token(TINY, 4, 2, ac_mode="full", recompute=False) == 4096 + 5376

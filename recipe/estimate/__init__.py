@@ -456,6 +456,8 @@ class _Job:
     frozen_local: bool = False  # frozen weights outside FSDP (one shard rank, no CPU offload)
     fused: bool = False  # model.fuse_projections: gate and up dequantize as one matrix
     fsdp: bool = True  # FSDP wraps the blocks (recipe.plan: more than one rank, or what needs it on one)
+    keep: tuple[str, ...] = ()  # activation_checkpoint.keep_outputs
+    keep_every: int = 1
 
 
 def _job(cfg: JobConfig, ngpu: int) -> _Job:
@@ -505,6 +507,8 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         frozen_local=n == 1 and not p.cpu_offload,
         fused=cfg.model.fuse_projections,
         fsdp=needs_fsdp(cfg, ngpu),
+        keep=tuple(cfg.activation_checkpoint.keep_outputs),
+        keep_every=cfg.activation_checkpoint.keep_every,
     )
 
 
@@ -604,6 +608,20 @@ def _checkpointed_blocks(j: _Job) -> int:
     return {"full": L, "selective": math.ceil(L / j.ac_every), "none": 0}[j.ac_mode]
 
 
+def _kept(j: _Job, tokens: int) -> tuple[int, int]:
+    """(blocks that keep outputs, bytes one such block keeps): activation_checkpoint.keep_outputs. A
+    compiled block's kept outputs go through activation offload like its input; eager checkpointing
+    holds them in its own cache on the device (parallel/activation_offload.py)."""
+    if not j.keep:
+        return 0, 0
+    width = sum(o for name, (_, o) in _proj(j.shape).items() if name in j.keep)
+    return math.ceil(_checkpointed_blocks(j) / j.keep_every), tokens * width * j.p
+
+
+def _kept_offloaded(j: _Job) -> bool:
+    return j.act_offload and j.compile
+
+
 def gpu_phases(j: _Job) -> dict[str, float]:
     """GiB per phase of the memory report, one rank."""
     s = j.shape
@@ -629,6 +647,10 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     n_ck = _checkpointed_blocks(j)
     ck_in = (2 if j.act_offload else n_ck) * T * h * j.p
     saved = ck_in + (L - n_ck) * _block_saved_bytes(j, T, compiled=j.compile)
+    n_keep, kept = _kept(j, T)
+    # Kept outputs: on the host, and on the GPU in backward those of the block being differentiated and
+    # of the one prefetched before it (itself keeping only with keep_every = 1); else all of them.
+    saved += ((2 if j.keep_every == 1 else 1) * kept if n_keep else 0) if _kept_offloaded(j) else n_keep * kept
     # Final norm: fp32 input + output (hidden-shaped: activation offload moves them to the host too).
     root_act = 0 if j.act_offload else T * h * (4 + 2 * j.p)
     w, wl = _WORK_SCALE, _LOSS_SCALE
@@ -681,6 +703,9 @@ def host_gib(j: _Job, device: str) -> float:
         on_host += shard + 3 * lora
     if j.act_offload:  # pinned copies of the checkpointed blocks' inputs of one micro-batch
         on_host += _checkpointed_blocks(j) * j.mb * j.seq * j.shape.hidden_size * j.p
+        if _kept_offloaded(j):  # and of the kept outputs
+            n_keep, kept = _kept(j, j.mb * j.seq)
+            on_host += n_keep * kept
     if j.host_embedding:  # the whole table, pinned, on every rank
         on_host += j.shape.vocab_size * j.shape.hidden_size * j.p
     return _HOST_BASE_GIB[device] + on_host / _GIB
@@ -698,6 +723,9 @@ def host_gib(j: _Job, device: str) -> float:
 #    (PCIe 3.0 x16, about 12 GB/s each way, both directions on one host): 5 GiB/s effective, not hidden
 #    (assumed, not measured). A T4 sustains about 0.75 of its boost clock under its 70 W cap (assumed,
 #    from the card's 585-1590 MHz range under tensor load; not measured here).
+# Host copy bandwidth, one way, GB/s, where measured: the H100's PCIe 5 moved 33.5 MB block inputs in
+# 646 us (the profile of 2026-12-07); the H200 is assumed the same. Elsewhere _LINK's host figure.
+_COPY_GBPS = {"h100": 52.0, "h200": 52.0}
 _LINK = {
     "h200": (1.0, 0.023, 25.0, False),
     "h100": (1.0, 0.023, 25.0, False),
@@ -716,10 +744,15 @@ _LINK = {
 # default (compile + host embedding + activation offload) at 10,393 against 10,460 in one call (8 GiB copied
 # per step: 0.0013 s/GiB; the earlier tree's 0.043, whose copies did not overlap, is gone). Without FSDP's
 # per-block hooks eager's host time hides behind the GPU: eager at 7,682 is the compute term alone, so C
-# counts only where FSDP runs.
+# counts only where FSDP runs. The FLOP count (recipe.metrics) leaves down_proj's frozen matmul out of
+# the recompute since 2026-12-07 (fourth session): a compiled block's partition never re-ran it (its output
+# is not needed in backward; the H100 profile's 20 dequantizations per block and micro-batch), so compile's
+# E is refitted to the same 10,460 tokens/s with the smaller count (0.515 -> 0.473); eager re-ran it until
+# models/lora.py ran the adapter first, so its E (fitted on those runs with the count that was right for
+# them) now predicts the current eager code about 8 % faster than the eager rows measured: unmeasured.
 SPEED_FIT = {
     "eager": {"E": 0.373, "E_attn": 0.475, "C": 0.00355, "offload_s_per_gib": 0.0064},
-    "compile": {"E": 0.515, "E_attn": 0.475, "C": 0.0, "offload_s_per_gib": 0.0013},
+    "compile": {"E": 0.473, "E_attn": 0.475, "C": 0.0, "offload_s_per_gib": 0.0013},
 }
 # The cards where compiled runs were measured; elsewhere (t4, l4, a100) a compiled run is estimated at
 # eager's speed until measured there.
@@ -737,7 +770,7 @@ def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
     clock, gather_s, host_gbps, hides = _LINK[card]
     peak = dict(PEAK_FLOPS)[CARDS[card][0]]
     fit = SPEED_FIT["compile" if j.compile and card in COMPILE_MEASURED_ON else "eager"]
-    f = model_flops_per_token(s, j.seq, j.rank, j.targets, j.ac_mode, j.ac_every)
+    f = model_flops_per_token(s, j.seq, j.rank, j.targets, j.ac_mode, j.ac_every, kept=j.keep, keep_every=j.keep_every)
     attn = 4 * L * j.seq * s.num_attention_heads * s.head_dim * (3 + ac_fraction(L, j.ac_mode, j.ac_every))
     dense = f - attn
     parts = {"compute": j.accum * T * (dense / fit["E"] + 0.5 * attn / fit["E_attn"]) / (peak * clock)}
@@ -754,8 +787,13 @@ def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
     parts["all-gather"] = j.accum * gathered_per_mb / _GIB * gather_s
     parts["gradients"] = grads / _GIB * gather_s
     if j.act_offload:
-        moved = 2 * _checkpointed_blocks(j) * T * h * j.p
-        parts["act. offload"] = j.accum * moved / _GIB * fit["offload_s_per_gib"] * 25.0 / host_gbps
+        n_keep, kept = _kept(j, T)
+        moved = 2 * (_checkpointed_blocks(j) * T * h * j.p + (n_keep * kept if _kept_offloaded(j) else 0))
+        overlapped = j.accum * moved / _GIB * fit["offload_s_per_gib"] * 25.0 / host_gbps
+        # The device-to-host copies of a micro-batch hide behind its forward (about a third of the
+        # compute with full checkpointing: forward, recompute, backward) only while the link keeps up.
+        exposed = j.accum * moved / 2 / (_COPY_GBPS.get(card, host_gbps) * 1e9) - parts["compute"] / 3
+        parts["act. offload"] = max(overlapped, exposed)
     if j.offload:
         shard = (L * _block_base_bytes(j, n) + 2 * v * h * j.p / n) * (2 if j.reshard else 1)
         parts["cpu offload"] = j.accum * shard / (host_gbps * 1e9) + _lora_params(j, True) / _HOST_ADAM_PARAMS_PER_S
@@ -826,7 +864,7 @@ def estimate(cfg: JobConfig, ngpu: int, card: str | None = None, device: str = "
         raise ConfigError(f"unknown card {card!r}; known cards: {', '.join(CARDS)} (or leave --card out)")
     j = _job(cfg, ngpu)
     flops = model_flops_per_token(
-        j.shape, j.seq, j.rank, j.targets, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every
+        j.shape, j.seq, j.rank, j.targets, j.ac_mode, j.ac_every, kept=j.keep, keep_every=j.keep_every
     )
     tps, card_gib, notes = None, None, []
     if card is not None:

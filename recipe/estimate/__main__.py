@@ -6,7 +6,7 @@ import sys
 
 from recipe.config import ConfigError, load_config
 from recipe.estimate import calibration_table, estimate, fit, format_estimate
-from recipe.planner import best
+from recipe.planner import best, layout_overrides
 
 __all__ = ["USAGE", "main"]
 
@@ -23,6 +23,8 @@ options:
                       with the runner-up and why; exit 2 when none fits (needs --card)
   --gpu-gib G         with --plan: the GPU memory to plan for instead of the card's (e.g. a capped GPU)
   --host-gib G        with --plan: host RAM of the machine (all ranks together), e.g. 29 on Kaggle
+  --plan-args         with --plan: end with one line, the chosen layout as --section.key=value overrides
+                      (what --parallelism.plan=auto would run on those GPUs; benchmarks/t4_emulation.sh)
   --calibration       predicted against every measured row (BENCHMARKS.md's estimator table)
   -h, --help          this help; the job keys (--section.key) are those of `python -m recipe.train --help`
 
@@ -55,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         want_plan = "--plan" in argv
+        want_args = "--plan-args" in argv
         want_cal = "--calibration" in argv
-        argv = [a for a in argv if a not in ("--plan", "--calibration")]
+        argv = [a for a in argv if a not in ("--plan", "--plan-args", "--calibration")]
+        if want_args and not want_plan:
+            raise ConfigError("--plan-args prints the plan's layout: add --plan (and --card)")
         ngpu_s, gib_s, card = _pop(argv, "--ngpu"), _pop(argv, "--fit-gpu-gib"), _pop(argv, "--card")
         gpu_s, host_s = _pop(argv, "--gpu-gib"), _pop(argv, "--host-gib")
         if want_cal:
@@ -86,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"seq_len <= {f['seq_len']:,} at micro_batch_size {cfg.training.micro_batch_size}"
             )
         if want_plan:
-            _, report = best(cfg, ngpu, card, gpu_gib, host)
+            options, report = best(cfg, ngpu, card, gpu_gib, host)
             print(report)
+            if want_args:
+                print(" ".join(layout_overrides(options[0].layout)))
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
