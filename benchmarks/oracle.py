@@ -57,6 +57,16 @@ VARIANTS = [
 EXTRA = [
     Variant("bf16_eager_again", (BF16, EAGER)),
     Variant("bf16_compiled_loss", (BF16, COMPILED, "--training.compile_loss=true")),
+    # The default keeping o/gate/up's frozen outputs in every second block (activation_checkpoint.keep_outputs).
+    Variant(
+        "bf16_keep",
+        (
+            BF16,
+            *AUTO,
+            "--activation_checkpoint.keep_outputs=o_proj,gate_proj,up_proj",
+            "--activation_checkpoint.keep_every=2",
+        ),
+    ),
 ]
 
 
