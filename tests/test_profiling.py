@@ -253,7 +253,10 @@ def test_flops_formula_matches_torch_flop_counter(ac, targets):
     counter = FlopCounterMode(display=False)
     with counter:
         m(input_ids=ids, labels=ids).loss_sum.backward()
-    measured = counter.get_total_flops() / ids.numel()
+    # Matmuls only: from torch 2.15 the counter also counts SDPA's CPU kernels, which the formula's
+    # attention term (taken out below) stands for.
+    per_op = counter.get_flop_counts()["Global"]
+    measured = sum(n for op, n in per_op.items() if "attention" not in str(op)) / ids.numel()
     L, h = shape.num_hidden_layers, shape.hidden_size
     attention = (16 if ac == "full" else 12) * L * s * h
     q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
