@@ -61,8 +61,8 @@ class BlockInputOffload:
         self._group = 0
         self._by_block = False
         self.stream: torch.cuda.Stream | None = None  # created with the first CUDA tensor
-        # Stored inputs not yet brought back, in forward order: backward walks them in reverse
-        # and prefetches the one before the block it restores. Weak: a graph that is dropped
+        # Stored tensors not yet brought back, in forward order: backward walks them in reverse
+        # and prefetches the group (block) before the one it restores. Weak: a graph that is dropped
         # without a backward takes its host copies with it.
         self._pending: list[weakref.ref] = []
         self._seen: dict[int, tuple[weakref.ref, _Stored]] = {}

@@ -6,7 +6,8 @@ The order is torchtitan's and it matters:
      get zero rows up to a multiple of the shard degree (parallel/sharding.py), so that their packed
      shards are even;
   1. activation checkpointing wraps each block's forward, so FSDP's hooks (added later, around the
-     module call) stay outside the recomputed region and re-gather the block before its recompute;
+     module call) stay outside the recomputed region and re-gather the block before its recompute
+     (with ``ac_keep`` a selective policy keeps the named projections' frozen outputs instead);
      with ``activation_checkpoint.offload`` the root module gets the saved-tensor hooks that keep the
      checkpointed blocks' inputs on the host (parallel/activation_offload.py): on the root, which is
      never compiled, they are active around the compiled blocks too;

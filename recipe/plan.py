@@ -186,6 +186,16 @@ def resolve_plan(
     loss = resolve_compile_loss(cfg, decision.on)
     for line in (decision.describe(), loss.describe(), host.describe(), ac_offload.describe()):
         log(line, rank)
+    if ac.keep_outputs:
+        every = (
+            "every checkpointed block" if ac.keep_every == 1 else f"one of every {ac.keep_every} checkpointed blocks"
+        )
+        where = (
+            "on the host (activation offload)"
+            if ac_offload.on and decision.on
+            else "on the device" + (" (eager checkpointing keeps them in its own cache)" if ac_offload.on else "")
+        )
+        log(f"activation_checkpoint.keep_outputs: {', '.join(ac.keep_outputs)} kept in {every}, {where}", rank)
     if decision.on:
         where, entries = compile_cache()
         log(f"compile cache: {where} ({f'warm, {entries} graphs' if entries else 'cold'})", rank)

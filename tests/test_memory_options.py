@@ -422,3 +422,17 @@ def test_kept_fused_group(tmp_path, debug_nf4_ckpt, monkeypatch):
     got, _, _ = _run(tmp_path, debug_nf4_ckpt, "fused_keep", *fused, "--activation_checkpoint.keep_outputs=gate_proj")
     assert calls[("backward", 1280)] == 0 and calls[("forward", 1280)] == 4 * 2 * 3
     assert got == ref
+
+
+def test_keep_outputs_are_logged_with_where_they_wait(capsys):
+    from recipe.plan import resolve_plan
+
+    keep = [*KEEP, "--activation_checkpoint.offload=true", "--activation_checkpoint.keep_every=2"]
+    for compile_, where in (("true", "on the host (activation offload)"), ("false", "eager checkpointing keeps")):
+        plan = resolve_plan(
+            load_config([*keep, f"--training.compile={compile_}"]), torch.device("cpu"), 1, SHAPES["debug"]
+        )
+        assert plan.ac_keep == ("o_proj", "gate_proj", "up_proj") and plan.ac_keep_every == 2
+        out = capsys.readouterr().out
+        assert "keep_outputs: o_proj, gate_proj, up_proj kept in one of every 2 checkpointed blocks" in out, out
+        assert where in out, out
