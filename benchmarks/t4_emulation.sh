@@ -13,6 +13,7 @@
 #   STAGES="r2_cmp_a" bash benchmarks/t4_emulation.sh OUTDIR       # 2 ranks, steps 1-5, then SIGTERM: saved, exit 75
 #   STAGES="r2_cmp_b report" bash benchmarks/t4_emulation.sh OUTDIR  # resumed: steps 6-10; max |loss diff| over 10
 #   STAGES="r1_60 report" bash benchmarks/t4_emulation.sh OUTDIR   # 60 fp16 steps on 1 rank (OOM? overflow skips?)
+#   STAGES="r1_bf16 report" ...                                    # r1_cmp in bf16: the fp16 losses against bf16's
 #   STAGES="offload report" bash benchmarks/t4_emulation.sh OUTDIR # 2 ranks, OFFLOAD_STEPS steps, CPU offload
 #   STAGES="r2_plan report" bash benchmarks/t4_emulation.sh OUTDIR  # 2 ranks, the planner's T4 layout, CMP_STEPS steps
 #   STAGES="shard_mem noreshard_mem report" ...   # 2 ranks, full sharding with / without resharding, MEM_STEPS steps
@@ -100,6 +101,7 @@ EOF
     r2_cmp_a) rm -rf "$OUT/r2_cmp"; PART=a STOP_AT=$CMP_SPLIT run r2_cmp 2 "$CMP_STEPS" "${SPLIT[@]}" ${CMP_ARGS:-} ;;
     r2_cmp_b) PART=b run r2_cmp 2 "$CMP_STEPS" "${SPLIT[@]}" ${CMP_ARGS:-} ;;
     r1_60) run r1_60 1 60 ;;
+    r1_bf16) run r1_bf16 1 "$CMP_STEPS" --training.mixed_precision_param=bfloat16 ${CMP_ARGS:-} ;;  # the fp16 path's course
     offload) run offload 2 "$OFFLOAD_STEPS" --parallelism.cpu_offload=true ;;
     r2_plan) run r2_plan 2 "$CMP_STEPS" $PLAN_ARGS ${CMP_ARGS:-} ;;
     shard_mem) run shard_mem 2 "$MEM_STEPS" ;;  # the two sharded layouts' memory per rank (item 6 of issue 21)
@@ -120,7 +122,7 @@ def longest_skip_run(rs):
         cur = cur + 1 if r["skipped"] else 0
         best = max(best, cur)
     return best
-for n in ("r1_cmp", "r2_cmp", "r2_plan", "shard_mem", "noreshard_mem", "r1_60", "offload"):
+for n in ("r1_cmp", "r1_bf16", "r2_cmp", "r2_plan", "shard_mem", "noreshard_mem", "r1_60", "offload"):
     p = out / f"{n}.summary.json"
     if not p.exists():
         print(f"{n}: no summary"); continue
@@ -132,6 +134,10 @@ for n in ("r1_cmp", "r2_cmp", "r2_plan", "shard_mem", "noreshard_mem", "r1_60", 
                       f"host {gib(r['host_peak_rss_gib'])} GiB" for r in rs)
           + f"; host all ranks {sum(r['host_peak_rss_gib'] for r in rs):.2f} GiB")
 a = {r["step"]: r["loss"] for r in rows("r1_cmp")}
+bf = {r["step"]: r["loss"] for r in rows("r1_bf16")}
+if a and bf:  # fp16 with the loss scaler against bf16, same data and steps (issue 20, point 5)
+    d = [abs(a[k] - bf[k]) / abs(bf[k]) for k in sorted(set(a) & set(bf))]
+    print(f"max |loss(fp16) - loss(bf16)| / loss(bf16) over {len(d)} steps, 1 rank: {max(d):.2e}")
 for n in ("r2_cmp", "r2_plan"):
     b = {r["step"]: r["loss"] for r in rows(n)}
     if a and b:
