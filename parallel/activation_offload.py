@@ -131,22 +131,26 @@ class BlockInputOffload:
         if not isinstance(stored, _Stored):
             return stored
         out = self._restore(stored)
-        # Start bringing back the rest of this block's tensors and all of the block's before it:
-        # backward needs them next.
-        self._pending = [r for r in self._pending if r() is not None]
-        i = next((k for k, r in enumerate(self._pending) if r() is stored), None)
-        if i is not None:
-            del self._pending[i]
-            live = [s for s in (r() for r in self._pending) if s is not None]
-            earlier = [s.group for s in live if s.group < stored.group]
-            wanted = {stored.group, max(earlier)} if earlier else {stored.group}
-            for s in live:
-                if s.group in wanted and s.device.type == "cuda":
-                    self._prefetch(s)
+        for s in self._next_needed(stored):
+            if s.device.type == "cuda":
+                self._prefetch(s)
         if not stored.restored:
             stored.restored = True
             self.restored += 1
         return out
+
+    def _next_needed(self, stored: _Stored) -> list[_Stored]:
+        """Drop ``stored`` from the pending list and return what backward needs next: the rest of its
+        block's tensors and all of the block's before it."""
+        self._pending = [r for r in self._pending if r() is not None]
+        i = next((k for k, r in enumerate(self._pending) if r() is stored), None)
+        if i is None:
+            return []
+        del self._pending[i]
+        live = [s for s in (r() for r in self._pending) if s is not None]
+        earlier = [s.group for s in live if s.group < stored.group]
+        wanted = {stored.group, max(earlier)} if earlier else {stored.group}
+        return [s for s in live if s.group in wanted]
 
     def _prefetch(self, stored: _Stored) -> None:
         if stored.prefetched is not None:

@@ -436,3 +436,48 @@ def test_keep_outputs_are_logged_with_where_they_wait(capsys):
         out = capsys.readouterr().out
         assert "keep_outputs: o_proj, gate_proj, up_proj kept in one of every 2 checkpointed blocks" in out, out
         assert where in out, out
+
+
+def test_offload_prefetches_whole_blocks():
+    """Backward asks for a block's saved tensors together: unpacking the first of block k prefetches
+    the rest of block k and every tensor of block k-1 (with one tensor per block: the one before)."""
+    from torch import nn
+
+    from parallel.activation_offload import BlockInputOffload
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            wide = torch.cat([x, x[..., :2]], dim=-1) * self.w  # (b, s, 6): saves the (b, s, 6) input
+            return x * self.w + wide[..., :4].sin()  # saves x (b, s, 4) and the sin input (a slice)
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    for by_block in (True, False):
+        root, off = Root(), BlockInputOffload(4, extra_widths=(6,))
+        off.install(root, blocks=list(root.blocks) if by_block else ())
+        stored = []
+        real = off._offload
+        off._offload = lambda t, stored=stored, real=real: stored.append(real(t)) or stored[-1]
+        root(torch.randn(1, 2, 4)).sum()
+        groups = [s.group for s in stored]
+        if by_block:
+            assert groups == sorted(groups) and len(set(groups)) == 3 and len(stored) >= 6
+            last = [s for s in stored if s.group == groups[-1]]
+            nxt = off._next_needed(last[0])
+            # the rest of the last block, then all of the block before it
+            assert set(map(id, nxt)) == set(map(id, last[1:] + [s for s in stored if s.group == groups[-1] - 1]))
+        else:
+            assert groups == list(range(1, len(stored) + 1))  # one group per tensor: as before blocks
+            assert [id(s) for s in off._next_needed(stored[-1])] == [id(stored[-2])]
