@@ -182,8 +182,10 @@ def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: b
         for block in model.model.blocks():
             block.compile(fullgraph=False, mode=None if plan.compile_mode == "default" else plan.compile_mode)
         if plan.compile_loss and getattr(model, "token_loss", None) is not None:
-            # One graph per chunk length (the batch's last chunk may be shorter): static shapes.
-            model.token_loss.compile(fullgraph=True, dynamic=False)
+            # Static for the first chunk length (all chunks but a batch's last), then one graph dynamic
+            # in the length for every other: batches of varying length (HF collators pad to the longest)
+            # would otherwise compile a graph per last-chunk length until dynamo's recompile limit.
+            model.token_loss.compile(fullgraph=True, dynamic=None)
         if plan.compile_mode == "reduce-overhead":
             # CUDA graph trees must know where an iteration starts, or a graph's outputs kept by the
             # previous micro-batch's autograd graph look still alive to them: every model forward is one.

@@ -108,7 +108,7 @@ def test_compiled_loss_matches_the_eager_loss(tmp_path, debug_nf4_ckpt, monkeypa
     ref, ref_grads, _ = _run(tmp_path, debug_nf4_ckpt, "compiled", *full)
     assert compiled == []
     got, got_grads, _ = _run(tmp_path, debug_nf4_ckpt, "compiled_loss", *full, "--training.compile_loss=true")
-    assert compiled == [{"fullgraph": True, "dynamic": False}]
+    assert compiled == [{"fullgraph": True, "dynamic": None}]
     assert max(abs(a - b) for a, b in zip(ref, got, strict=True)) < 1e-5
     for name, g in ref_grads[0].items():
         assert torch.allclose(got_grads[0][name], g, rtol=1e-4, atol=1e-6), name
@@ -130,6 +130,17 @@ def test_compiled_loss_matches_the_eager_loss(tmp_path, debug_nf4_ckpt, monkeypa
     logits, targets = torch.randn(5, 11, dtype=torch.bfloat16), torch.tensor([1, -100, 3, 4, 10])
     want = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
     assert torch.equal(loss(logits, targets), want)
+    # Compiled as parallelize does: chunks of many lengths (varying batches) cost two graphs, not one each.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    loss.compile(fullgraph=True, dynamic=None)
+    before = counters["stats"]["unique_graphs"]
+    for n in (64, 64, 37, 21, 50, 9):
+        x, t = torch.randn(n, 11), torch.randint(0, 11, (n,))
+        want = torch.nn.functional.cross_entropy(x, t, reduction="sum")
+        assert torch.allclose(loss(x, t), want, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - before == 2
 
 
 def test_offload_needs_checkpointing():
