@@ -131,7 +131,6 @@ def analyse_gaps(prof, phases: set[str], main_thread_op: str) -> str | None:
             continue
         name = "main" if e.thread == main else f"thread {e.thread}"
         threads[name].append((e.name, e.time_range.start, e.time_range.end, _phase_of(e, phases)))
-    # Threads that never had an operator open during the window tell nothing: keep the busy ones.
     gaps = idle_gaps(busy, window)
     by_op, by_phase = attribute(gaps, threads)
     return gap_report(gaps, window, by_op, by_phase)

@@ -420,7 +420,7 @@ class TokenLoss(nn.Module):
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int, token_loss: nn.Module | None = None):
+def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int, token_loss: nn.Module):
     """Sum of next-token losses and the number of target tokens, computed chunk by chunk.
 
     Each chunk's logits are recomputed in backward (checkpoint), so peak memory holds one chunk of
@@ -432,11 +432,10 @@ def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int, token_loss: nn.
     # checkpointed chunks would keep that copy alive until backward. The last position has no target.
     targets = F.pad(labels[:, 1:].to(h.device), (0, 1), value=IGNORE_INDEX).reshape(-1)
     h = h.reshape(-1, h.shape[-1])
-    loss = token_loss if token_loss is not None else TokenLoss()
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_tokens):
         hc, tc = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        total = total + torch.utils.checkpoint.checkpoint(_ce_chunk, hc, tc, lm_head, loss, use_reentrant=False)
+        total = total + torch.utils.checkpoint.checkpoint(_ce_chunk, hc, tc, lm_head, token_loss, use_reentrant=False)
     return total, (targets != IGNORE_INDEX).sum()
 
 

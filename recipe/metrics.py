@@ -263,8 +263,9 @@ def model_flops_per_token(
     # (whose inputs are the last tensors saved) nor the frozen matmul after it is re-run.
     h, inter = shape.hidden_size, shape.intermediate_size
     not_rerun = L * 2 * (inter * h + (lora_rank * h if "down_proj" in targets and lora_rank else 0))
+    kept = set(kept)
     n_kept = math.ceil(round(f * L) / max(keep_every, 1)) if kept else 0
-    kept_rerun = n_kept * 2 * sum(i * o for name, (i, o) in dims.items() if name in set(kept))
+    kept_rerun = n_kept * 2 * sum(i * o for name, (i, o) in dims.items() if name in kept)
     recomp = f * (2 * n_blocks + 2 * p_lora + attn_fwd - not_rerun) - kept_rerun + 2 * n_head if recompute else 0.0
     return float(forward + backward + recomp)
 

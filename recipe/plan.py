@@ -43,6 +43,7 @@ __all__ = [
     "Decision",
     "compile_cache",
     "needs_fsdp",
+    "kept_outputs_on_host",
 ]
 
 
@@ -102,6 +103,11 @@ class Decision:
     def describe(self) -> str:
         return f"{self.key}: {'on' if self.on else 'off'} ({self.reason})"
 
+    @classmethod
+    def explicit(cls, key: str, setting: bool) -> Decision:
+        """What an explicit true/false in the config decides, and says so."""
+        return cls(key, setting, f"{key} = {str(setting).lower()}")
+
 
 def resolve_compile_loss(cfg: JobConfig, compile_on: bool) -> Decision:
     """``training.compile_loss`` (true, false or 'auto'): only with compiled blocks (it is their compile
@@ -110,8 +116,15 @@ def resolve_compile_loss(cfg: JobConfig, compile_on: bool) -> Decision:
     if not compile_on:
         return Decision(key, False, "training.compile is off")
     if isinstance(setting, bool):
-        return Decision(key, setting, f"{key} = {str(setting).lower()}")
+        return Decision.explicit(key, setting)
     return Decision(key, True, "with the compiled blocks: +0.8 to +2.0 % tokens/s on one H100")
+
+
+def kept_outputs_on_host(ac_offload: bool, compiled: bool) -> bool:
+    """Where ``activation_checkpoint.keep_outputs`` waits: a compiled block's kept outputs are saved
+    tensors of its graph, which activation offload's hooks move to the host; eager checkpointing holds
+    them in its own cache, on the device (parallel/activation_offload.py)."""
+    return ac_offload and compiled
 
 
 def _auto_saver_excluded(cfg: JobConfig, device_type: str, world_size: int) -> str | None:
@@ -137,7 +150,7 @@ def resolve_host_embedding(cfg: JobConfig, device_type: str, world_size: int, ti
             "must stay on the GPU; set --parallelism.host_embedding=false"
         )
     if isinstance(setting, bool):
-        return Decision(key, bool(setting), f"{key} = {str(setting).lower()}")
+        return Decision.explicit(key, setting)
     if tied:
         return Decision(key, False, "tied embeddings: lm_head needs the table on the GPU")
     if cfg.parallelism.vocab_parallel_embedding and world_size > 1:
@@ -151,7 +164,7 @@ def resolve_ac_offload(cfg: JobConfig, device_type: str, world_size: int) -> Dec
     key, ac = "activation_checkpoint.offload", cfg.activation_checkpoint
     setting, mode = ac.offload, ac.mode
     if isinstance(setting, bool):
-        return Decision(key, bool(setting), f"{key} = {str(setting).lower()}")
+        return Decision.explicit(key, setting)
     if mode == "none":
         return Decision(key, False, "activation_checkpoint.mode = 'none': nothing is checkpointed")
     why = _auto_saver_excluded(cfg, device_type, world_size)
@@ -190,11 +203,10 @@ def resolve_plan(
         every = (
             "every checkpointed block" if ac.keep_every == 1 else f"one of every {ac.keep_every} checkpointed blocks"
         )
-        where = (
-            "on the host (activation offload)"
-            if ac_offload.on and decision.on
-            else "on the device" + (" (eager checkpointing keeps them in its own cache)" if ac_offload.on else "")
-        )
+        if kept_outputs_on_host(ac_offload.on, decision.on):
+            where = "on the host (activation offload)"
+        else:
+            where = "on the device" + (" (eager checkpointing keeps them in its own cache)" if ac_offload.on else "")
         log(f"activation_checkpoint.keep_outputs: {', '.join(ac.keep_outputs)} kept in {every}, {where}", rank)
     if decision.on:
         where, entries = compile_cache()

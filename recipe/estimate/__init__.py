@@ -49,7 +49,7 @@ from models.dtypes import DTYPES
 from models.shapes import LlamaShape, get_shape, shape_from_hf_config
 from recipe.config import ConfigError, JobConfig, load_config
 from recipe.metrics import PEAK_FLOPS, ac_fraction, model_flops_per_token
-from recipe.plan import needs_fsdp, resolve_ac_offload, resolve_compile, resolve_host_embedding
+from recipe.plan import kept_outputs_on_host, needs_fsdp, resolve_ac_offload, resolve_compile, resolve_host_embedding
 from recipe.profiling import PHASES
 
 __all__ = [
@@ -609,9 +609,8 @@ def _checkpointed_blocks(j: _Job) -> int:
 
 
 def _kept(j: _Job, tokens: int) -> tuple[int, int]:
-    """(blocks that keep outputs, bytes one such block keeps): activation_checkpoint.keep_outputs. A
-    compiled block's kept outputs go through activation offload like its input; eager checkpointing
-    holds them in its own cache on the device (parallel/activation_offload.py)."""
+    """(blocks that keep outputs, bytes one such block keeps): activation_checkpoint.keep_outputs (where
+    they wait: ``_kept_offloaded``)."""
     if not j.keep:
         return 0, 0
     width = sum(o for name, (_, o) in _proj(j.shape).items() if name in j.keep)
@@ -619,7 +618,7 @@ def _kept(j: _Job, tokens: int) -> tuple[int, int]:
 
 
 def _kept_offloaded(j: _Job) -> bool:
-    return j.act_offload and j.compile
+    return kept_outputs_on_host(j.act_offload, j.compile)
 
 
 def gpu_phases(j: _Job) -> dict[str, float]:
@@ -650,7 +649,7 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     n_keep, kept = _kept(j, T)
     # Kept outputs: on the host, and on the GPU in backward those of the block being differentiated and
     # of the one prefetched before it (itself keeping only with keep_every = 1); else all of them.
-    saved += ((2 if j.keep_every == 1 else 1) * kept if n_keep else 0) if _kept_offloaded(j) else n_keep * kept
+    saved += (2 if j.keep_every == 1 else 1) * kept if _kept_offloaded(j) else n_keep * kept
     # Final norm: fp32 input + output (hidden-shaped: activation offload moves them to the host too).
     root_act = 0 if j.act_offload else T * h * (4 + 2 * j.p)
     w, wl = _WORK_SCALE, _LOSS_SCALE
