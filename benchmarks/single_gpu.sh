@@ -13,6 +13,7 @@
 #                                                    activation offload 'auto' (all on for one CUDA rank)
 #   default_mb4                                      default at micro-batch 4 (accumulation 2: the same 16,384 tokens/step)
 #   default_keep default_keep2 default_keep_o        default keeping o/gate/up's frozen outputs (not recomputed; offloaded)
+#   default_head default_head_mb4 default_head_keep2 default_head_mb4_keep2   with lm_head's matrix on the host
 #                                                    in every block / every 2nd block, or o_proj's only
 #   default_eager_loss compiled_loss                 default with --training.compile_loss=false (the loss chunks'
 #                                                    cross-entropy eager, as before 2026-12-07) / compiled with it true
@@ -91,6 +92,7 @@ two=(.whl/tools/one_gpu_ranks.py -m recipe.train)
 lean=(--activation_checkpoint.offload=true --parallelism.host_embedding=true)
 fused=(--model.fuse_projections=true)
 keep=(--activation_checkpoint.keep_outputs=o_proj,gate_proj,up_proj)
+head=(--parallelism.host_lm_head=true)
 hfargs=(--checkpoint "$CK" --steps "$STEPS")
 for r in $RUNS; do
   case $r in
@@ -101,6 +103,13 @@ for r in $RUNS; do
         --activation_checkpoint.keep_every=2 ;;
     default_keep_o) recipe default_keep_o "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" \
         --activation_checkpoint.keep_outputs=o_proj ;;
+    default_head) recipe default_head "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${head[@]}" ;;
+    default_head_mb4) recipe default_head_mb4 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${head[@]}" \
+        --training.micro_batch_size=4 ;;
+    default_head_keep2) recipe default_head_keep2 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${head[@]}" \
+        "${keep[@]}" --activation_checkpoint.keep_every=2 ;;
+    default_head_mb4_keep2) recipe default_head_mb4_keep2 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" \
+        "${head[@]}" "${keep[@]}" --activation_checkpoint.keep_every=2 --training.micro_batch_size=4 ;;
     default_eager_loss) recipe default_eager_loss "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" \
         --training.compile_loss=false ;;
     compiled_loss) recipe compiled_loss "$ROOT" 1 -m recipe.train "${common[@]}" --training.compile=true \

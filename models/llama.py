@@ -348,7 +348,9 @@ class LlamaForCausalLM(nn.Module):
         computed only when ``with_logits`` (the chunked loss never holds them all)."""
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h).float())
-        loss_sum, n_tokens = chunked_cross_entropy(h, self.lm_head, labels, self.loss_chunk(), self.token_loss)
+        loss_sum, n_tokens = chunked_cross_entropy(
+            h, output_weight(self.lm_head), labels, self.loss_chunk(), self.token_loss
+        )
         logits = self.lm_head(h).float() if with_logits else None
         return CausalLMOutput(
             loss=loss_sum / n_tokens.clamp(min=1), logits=logits, loss_sum=loss_sum, num_tokens=n_tokens
@@ -407,7 +409,7 @@ class LlamaPart(LlamaForCausalLM):
             return h
         # (1,), not 0-dim: the schedule concatenates the last stage's outputs over micro-batches. Not a
         # view (reshape would be): FSDP's pre-backward hook does not survive in-place use of a view output.
-        loss = chunked_cross_entropy(h, self.lm_head, labels, self.loss_chunk(), self.token_loss)[0]
+        loss = chunked_cross_entropy(h, output_weight(self.lm_head), labels, self.loss_chunk(), self.token_loss)[0]
         return torch.stack([loss])
 
 
@@ -420,7 +422,15 @@ class TokenLoss(nn.Module):
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int, token_loss: nn.Module):
+def output_weight(lm_head: nn.Module) -> torch.Tensor:
+    """lm_head's matrix on the compute device, read once per forward by the loss. A head module that
+    keeps it elsewhere (``parallel.embedding.HostLMHead``: in host memory) hands out a device copy
+    through ``device_weight``; the loss's checkpointed chunks keep that copy until their backward."""
+    fetch = getattr(lm_head, "device_weight", None)
+    return fetch() if fetch is not None else lm_head.weight
+
+
+def chunked_cross_entropy(h, weight: torch.Tensor, labels, chunk_tokens: int, token_loss: nn.Module):
     """Sum of next-token losses and the number of target tokens, computed chunk by chunk.
 
     Each chunk's logits are recomputed in backward (checkpoint), so peak memory holds one chunk of
@@ -435,9 +445,9 @@ def chunked_cross_entropy(h, lm_head, labels, chunk_tokens: int, token_loss: nn.
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_tokens):
         hc, tc = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        total = total + torch.utils.checkpoint.checkpoint(_ce_chunk, hc, tc, lm_head, token_loss, use_reentrant=False)
+        total = total + torch.utils.checkpoint.checkpoint(_ce_chunk, hc, tc, weight, token_loss, use_reentrant=False)
     return total, (targets != IGNORE_INDEX).sum()
 
 
-def _ce_chunk(h, targets, lm_head, token_loss):
-    return token_loss(lm_head(h), targets)
+def _ce_chunk(h, targets, weight, token_loss):
+    return token_loss(F.linear(h, weight), targets)

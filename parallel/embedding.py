@@ -26,7 +26,7 @@ from torch import nn
 
 from parallel.sharding import shard_rows
 
-__all__ = ["HostEmbedding", "VocabShardedEmbedding"]
+__all__ = ["HostEmbedding", "HostLMHead", "VocabShardedEmbedding"]
 
 
 class VocabShardedEmbedding(nn.Module):
@@ -120,3 +120,78 @@ class HostEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, on the host"
+
+
+class HostLMHead(nn.Module):
+    """lm_head's frozen matrix kept in pinned host memory, copied to the device once per forward.
+
+    The output projection is needed only from the loss's forward to the end of its backward, while the
+    training peak comes later, in the blocks' backward: on the device the 1 GiB of Llama 3 8B's lm_head
+    sits there unused (a ninth of the 8B workload's peak). Here it waits on the host; ``prefetch`` (a
+    forward pre-hook on the root module, set by ``parallel.parallelize``) starts the copy on a side stream
+    when a forward begins, so that it travels behind the blocks' forward, and ``device_weight`` hands the
+    copy to the loss (``models.llama.output_weight``), which keeps it as an input of its checkpointed
+    chunks until their backward: the device copy is freed before the blocks' backward. Without a
+    prefetch (a pipeline part, a CPU run) ``device_weight`` copies on the spot. No gradient: QLoRA never
+    trains lm_head. Not with tied embeddings (the table is also the input embedding).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, dtype, key: str):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.key = key  # checkpoint key of the matrix
+        self.device = torch.device("cpu")  # the compute device; set at load
+        # Not persistent: the matrix comes from the base checkpoint and stays out of training checkpoints.
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=dtype, device="meta"), persistent=False
+        )
+        self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self._stream = None
+
+    @torch.no_grad()
+    def load_shard(self, reader, device) -> None:
+        rows = reader.dense_rows(
+            self.key, (self.out_features, self.in_features), 0, self.out_features, self.weight.dtype
+        )
+        self.device = torch.device(device)
+        self.weight = rows.pin_memory() if self.device.type == "cuda" else rows
+
+    def _apply(self, fn, recurse=True):
+        # model.to(device) / .cuda() must not move the matrix: it is meant to stay on the host.
+        weight = self.weight
+        out = super()._apply(fn, recurse)
+        self.weight = weight
+        return out
+
+    @torch.no_grad()
+    def prefetch(self) -> None:
+        """Start copying the matrix to the device on a side stream (CUDA only; a no-op elsewhere or while
+        a copy is pending). The destination is allocated on the compute stream, which waits for the
+        copy in ``device_weight``: when the loss's backward frees it, nothing else still uses it."""
+        if self.device.type != "cuda" or self._pending is not None:
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        out = torch.empty_like(self.weight, device=self.device)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # out's memory may have just been freed
+        with torch.cuda.stream(self._stream):
+            out.copy_(self.weight, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        self._pending = (out, done)
+
+    def device_weight(self) -> torch.Tensor:
+        """The matrix on the compute device: the prefetched copy (the compute stream waits for it), or a
+        copy made now."""
+        if self._pending is None:
+            return self.weight.to(self.device, non_blocking=True)
+        out, done = self._pending
+        self._pending = None
+        torch.cuda.current_stream(self.device).wait_event(done)
+        return out
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(h, self.device_weight())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, on the host"

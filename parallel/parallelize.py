@@ -2,7 +2,8 @@
 
 The order is torchtitan's and it matters:
   0. optionally, the frozen embedding table becomes a vocabulary-sharded lookup split over the shard
-     group, or a lookup in host memory (parallel/embedding.py); FSDP manages neither. 4-bit weights
+     group, or a lookup in host memory, and lm_head's matrix waits in host memory between forwards
+     (parallel/embedding.py); FSDP manages none of them. 4-bit weights
      get zero rows up to a multiple of the shard degree (parallel/sharding.py), so that their packed
      shards are even;
   1. activation checkpointing wraps each block's forward, so FSDP's hooks (added later, around the
@@ -42,7 +43,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from models.lora import QLoRALinear
 from parallel.activation_offload import BlockInputOffload
-from parallel.embedding import HostEmbedding, VocabShardedEmbedding
+from parallel.embedding import HostEmbedding, HostLMHead, VocabShardedEmbedding
 from parallel.plan import ParallelPlan
 from parallel.sharding import pad_4bit_rows, shard_submesh
 
@@ -172,6 +173,12 @@ def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: b
         model.model.embed_tokens = HostEmbedding(
             emb.num_embeddings, emb.embedding_dim, dtype=emb.weight.dtype, key="model.embed_tokens.weight"
         )
+    if plan.lm_head_on_host and getattr(model, "lm_head", None) is not None and not tied:
+        head = model.lm_head
+        model.lm_head = HostLMHead(head.in_features, head.out_features, dtype=head.weight.dtype, key="lm_head.weight")
+        # At the start of every forward (LlamaModel, which both drivers and a pipeline's last part call;
+        # never compiled): the copy then travels behind the blocks' forward.
+        model.model.register_forward_pre_hook(lambda *_: model.lm_head.prefetch())
     pad_4bit_rows(model, shard_mesh.size())
     widths = apply_activation_checkpointing(model, plan.ac_mode, plan.ac_every, plan.ac_keep, plan.ac_keep_every)
     if plan.ac_offload:

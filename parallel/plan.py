@@ -35,6 +35,7 @@ class ParallelPlan:
     compile_mode: str  # torch.compile's mode ("default", "reduce-overhead", ...)
     compile_loss: bool  # torch.compile the loss chunks' cross-entropy too (model.token_loss)
     embedding: str  # one of EMBEDDING_PLACES
+    lm_head_on_host: bool  # lm_head's matrix in pinned host memory, copied per forward (parallel/embedding.py)
     compute_device: torch.device  # where compute, buffers and dense-to-4-bit quantization run
     shard_device: torch.device  # where parameter shards live (the host with cpu_offload)
     # False: a one-rank job with nothing to shard, offload or reduce runs without FSDP; the LoRA weights

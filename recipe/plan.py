@@ -38,6 +38,7 @@ __all__ = [
     "resolve_plan",
     "resolve_compile",
     "resolve_host_embedding",
+    "resolve_host_lm_head",
     "resolve_ac_offload",
     "CompileDecision",
     "Decision",
@@ -159,6 +160,25 @@ def resolve_host_embedding(cfg: JobConfig, device_type: str, world_size: int, ti
     return Decision(key, why is None, why or "one CUDA rank without FSDP: 1 GiB less for Llama 3 8B")
 
 
+def resolve_host_lm_head(cfg: JobConfig, device_type: str, world_size: int, tied: bool) -> Decision:
+    """``parallelism.host_lm_head`` (true, false or 'auto'); an explicit true with tied embeddings is a
+    ``ConfigError``."""
+    key, setting = "parallelism.host_lm_head", cfg.parallelism.host_lm_head
+    if setting is True and tied:
+        raise ConfigError(
+            "parallelism.host_lm_head: this checkpoint ties lm_head to the embedding table, which the "
+            "embedding lookup needs too; set --parallelism.host_lm_head=false"
+        )
+    if isinstance(setting, bool):
+        return Decision.explicit(key, setting)
+    if tied:
+        return Decision(key, False, "tied embeddings: the table is also the input embedding")
+    why = _auto_saver_excluded(cfg, device_type, world_size)
+    return Decision(
+        key, why is None, why or "one CUDA rank without FSDP: 1 GiB less at the backward peak for Llama 3 8B"
+    )
+
+
 def resolve_ac_offload(cfg: JobConfig, device_type: str, world_size: int) -> Decision:
     """``activation_checkpoint.offload`` (true, false or 'auto')."""
     key, ac = "activation_checkpoint.offload", cfg.activation_checkpoint
@@ -187,6 +207,7 @@ def resolve_plan(
     world = shard_degree if world_size is None else world_size
     host = resolve_host_embedding(cfg, device.type, world, tied)
     ac_offload = resolve_ac_offload(cfg, device.type, world)
+    head = resolve_host_lm_head(cfg, device.type, world, tied)
     if host.on:
         embedding = "host"
     elif tied:
@@ -197,7 +218,7 @@ def resolve_plan(
         embedding = "fsdp"
     decision = resolve_compile(cfg, device.type)
     loss = resolve_compile_loss(cfg, decision.on)
-    for line in (decision.describe(), loss.describe(), host.describe(), ac_offload.describe()):
+    for line in (decision.describe(), loss.describe(), host.describe(), head.describe(), ac_offload.describe()):
         log(line, rank)
     if ac.keep_outputs:
         every = (
@@ -226,6 +247,7 @@ def resolve_plan(
         compile_mode=t.compile_mode,
         compile_loss=loss.on,
         embedding=embedding,
+        lm_head_on_host=head.on,
         compute_device=device,
         shard_device=torch.device("cpu") if p.cpu_offload else device,
         fsdp=needs_fsdp(cfg, world),

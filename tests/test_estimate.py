@@ -221,6 +221,12 @@ def test_memory_options_lower_the_estimate():
     auto = E.estimate(_cfg(CFG_8B), 1)  # one CUDA rank: both on ('auto')
     assert auto.load_peak == host.load_peak and auto.train_peak < min(host.train_peak, off.train_peak)
     assert off.gpu["backward_peak"] < base.gpu["backward_peak"] - 0.5 and off.host > base.host + 0.9
+    # lm_head on the host: off the device at load and at the blocks' backward; its copy in the forward.
+    head = E.estimate(_cfg(CFG_8B, *none, "--parallelism.host_lm_head=true"), 1)
+    table = 128256 * 4096 * 2 / 2**30
+    assert abs(base.load_peak - head.load_peak - table) < 0.01 and abs(head.host - base.host - 0.24 * table) < 0.01
+    assert head.gpu["forward_peak"] == pytest.approx(base.gpu["forward_peak"], abs=1e-6)
+    assert head.gpu["backward_peak"] < base.gpu["backward_peak"]
     long = ["--data.seq_len=65536", "--training.micro_batch_size=1", "--training.global_batch_size=1"]
     j_chunked = E._job(_cfg(CFG_8B, *long, "--model.mlp_chunk_tokens=4096"), 1)
     j_whole = E._job(_cfg(CFG_8B, *long), 1)

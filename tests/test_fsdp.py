@@ -41,6 +41,8 @@ VARIANTS = {
     "ac_offload": (["--activation_checkpoint.mode=full", "--activation_checkpoint.offload=true"], 1e-5),
     # The frozen embedding table in host memory, outside FSDP: every rank looks up its own batch.
     "host_embedding": (["--parallelism.host_embedding=true"], 1e-5),
+    # lm_head's matrix in host memory, outside FSDP's root group: copied to the device per forward.
+    "host_lm_head": (["--parallelism.host_lm_head=true"], 1e-5),
     "cpu_offload": (["--parallelism.cpu_offload=true"], 1e-5),
     "no_reshard": (["--parallelism.reshard_after_forward=false"], 1e-5),
     # JSONL instructions, packing off: unequal target tokens per rank. lr 5e-3: at 1e-2 this data

@@ -1,9 +1,10 @@
 """What saves GPU memory: activation offload (parallel/activation_offload.py), the host embedding table
-(parallel/embedding.py) and the compiled 4-bit linear (models/quant.py).
+and lm_head's matrix on the host (parallel/embedding.py) and the compiled 4-bit linear (models/quant.py).
 
 Oracles: the same run without the option (bit-identical losses and LoRA gradients: offload and the
 host table only move tensors), eager mode for the compiled path, the dense weights' shapes for what
-compile saves. Their 1 vs 2 / 3 rank equality is in tests/test_fsdp.py (ac_offload, host_embedding).
+compile saves. Their 1 vs 2 / 3 rank equality is in tests/test_fsdp.py (ac_offload, host_embedding,
+host_lm_head).
 """
 
 from __future__ import annotations
@@ -222,6 +223,88 @@ def test_host_embedding_refuses_tied_and_vocab_parallel(tmp_path, debug_tied_nf4
             Trainer(cfg)
     finally:
         destroy()  # the failed Trainer left its process group
+
+
+def test_host_lm_head_is_bit_identical(tmp_path, debug_nf4_ckpt, eager_full_ac):
+    """parallelism.host_lm_head: the same losses and LoRA gradients as lm_head on the device (the loss
+    reads the same matrix, only from a copy), with the host embedding too; the matrix stays on the host,
+    out of the parameters, and each forward consumes the copy its prefetch started."""
+    from parallel.embedding import HostLMHead
+
+    ref_losses, ref_grads, _ = eager_full_ac
+    from recipe.train import Trainer
+
+    cfg = load_config(
+        [
+            f"--model.checkpoint={debug_nf4_ckpt}",
+            f"--job.dump_folder={tmp_path / 'head'}",
+            *BASE,
+            "--activation_checkpoint.mode=full",
+            "--parallelism.host_lm_head=true",
+            "--parallelism.host_embedding=true",
+        ]
+    )
+    tr = Trainer(cfg)
+    try:
+        head = tr.model.lm_head
+        assert isinstance(head, HostLMHead) and head.weight.device.type == "cpu"
+        assert not any("lm_head" in n for n, _ in tr.model.named_parameters())
+        assert "lm_head.weight" not in tr.model.state_dict()  # stays out of training checkpoints
+        named = [(n, p) for n, p in tr.model.named_parameters() if p.requires_grad]
+        grads, orig_clip = [], tr._clip
+
+        def clip():
+            grads.append({n: _full(p.grad).clone() for n, p in named})
+            return orig_clip()
+
+        tr._clip = clip
+        assert [tr.train_step().loss for _ in range(3)] == ref_losses
+        for got, want in zip(grads, ref_grads, strict=True):
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        x = torch.randint(0, head.out_features, (1, 5))
+        with torch.no_grad():  # logits without labels go through the module's own forward
+            logits = tr.model(input_ids=x).logits
+        assert logits.shape == (1, 5, head.out_features)
+    finally:
+        tr.close()
+
+
+def test_host_lm_head_prefetch_hands_out_the_copy():
+    """prefetch / device_weight on CUDA: the copy started by prefetch is the tensor the loss gets, once;
+    without a prefetch (or off CUDA) device_weight copies on the spot."""
+    from parallel.embedding import HostLMHead
+
+    head = HostLMHead(8, 16, dtype=torch.float32, key="lm_head.weight")
+    head.weight = torch.randn(16, 8)
+    head.prefetch()  # CPU: a no-op
+    assert head._pending is None and torch.equal(head.device_weight(), head.weight)
+    if not torch.cuda.is_available():
+        pytest.skip("the side-stream prefetch needs CUDA (run on a GPU machine)")
+    head.device, head.weight = torch.device("cuda"), head.weight.pin_memory()
+    head.prefetch()
+    pending = head._pending[0]
+    got = head.device_weight()
+    assert got is pending and got.is_cuda and torch.equal(got.cpu(), head.weight)
+    assert head._pending is None and head.device_weight() is not pending
+
+
+def test_host_lm_head_refuses_tied(tmp_path, debug_tied_nf4_ckpt):
+    from parallel.distributed import destroy
+    from recipe.train import Trainer
+
+    cfg = load_config(
+        [
+            f"--model.checkpoint={debug_tied_nf4_ckpt}",
+            f"--job.dump_folder={tmp_path / 'tied'}",
+            *BASE,
+            "--parallelism.host_lm_head=true",
+        ]
+    )
+    try:
+        with pytest.raises(ConfigError, match="ties lm_head.*--parallelism.host_lm_head=false"):
+            Trainer(cfg)
+    finally:
+        destroy()
 
 
 @pytest.mark.parametrize("mode", ["full", "none"])

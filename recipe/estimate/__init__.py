@@ -49,7 +49,14 @@ from models.dtypes import DTYPES
 from models.shapes import LlamaShape, get_shape, shape_from_hf_config
 from recipe.config import ConfigError, JobConfig, load_config
 from recipe.metrics import PEAK_FLOPS, ac_fraction, model_flops_per_token
-from recipe.plan import kept_outputs_on_host, needs_fsdp, resolve_ac_offload, resolve_compile, resolve_host_embedding
+from recipe.plan import (
+    kept_outputs_on_host,
+    needs_fsdp,
+    resolve_ac_offload,
+    resolve_compile,
+    resolve_host_embedding,
+    resolve_host_lm_head,
+)
 from recipe.profiling import PHASES
 
 __all__ = [
@@ -450,6 +457,7 @@ class _Job:
     reshard: bool
     vocab_parallel: bool
     host_embedding: bool
+    host_lm_head: bool
     mlp_chunk: int  # model.mlp_chunk_tokens (0: whole sequence)
     replicate: int = 1  # HSDP replicas (parameters whole within a replica of n ranks)
     compile: bool = False
@@ -499,6 +507,7 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         reshard=p.reshard_after_forward,
         vocab_parallel=p.vocab_parallel_embedding and n > 1 and not shape.tie_word_embeddings,
         host_embedding=resolve_host_embedding(cfg, "cuda", ngpu, shape.tie_word_embeddings).on,
+        host_lm_head=resolve_host_lm_head(cfg, "cuda", ngpu, shape.tie_word_embeddings).on,
         mlp_chunk=cfg.model.mlp_chunk_tokens,
         replicate=rep,
         # As recipe.plan decides it for a CUDA run ('auto': on); step_time uses the compiled fit only on
@@ -540,7 +549,8 @@ def _block_base_bytes(j: _Job, shard: int) -> int:
 def _static_bytes(j: _Job) -> int:
     """One rank's GPU shards after load: base, embeddings, norms, LoRA (fp32)."""
     s, n = j.shape, j.n
-    tables = 1 if s.tie_word_embeddings or j.host_embedding else 2
+    # lm_head's matrix (unless it waits on the host) and the embedding table (unless tied or on the host)
+    tables = (0 if j.host_lm_head else 1) + (0 if s.tie_word_embeddings or j.host_embedding else 1)
     norms = (2 * s.num_hidden_layers + 1) * _cdiv(s.hidden_size, n) * j.p
     return (
         s.num_hidden_layers * _block_base_bytes(j, n)
@@ -637,9 +647,11 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     # frozen_params_left_local) and are used in place: no gathered copy of lm_head, the embedding or a
     # block's 4-bit bytes.
     local = j.frozen_local
-    head = 0 if local else v * h * j.p  # the root group stays gathered from forward to backward
-    if j.offload:
+    head = 0 if local or j.host_lm_head else v * h * j.p  # the root group stays gathered from forward to backward
+    if j.offload and not j.host_lm_head:
         head += _cdiv(v, j.n) * h * j.p  # its shard, copied to the GPU for the all-gather
+    # parallelism.host_lm_head: lm_head's device copy, from the forward's start to the loss's backward.
+    head_copy = v * h * j.p if j.host_lm_head else 0
     emb = 0 if (s.tie_word_embeddings or j.vocab_parallel or j.host_embedding or local) else v * h * j.p
     block = (0 if local else _block_base_bytes(j, 1)) + _lora_params(j, per_rank=False) // L * j.p
     gathered = (L if not j.reshard else 2) * block
@@ -659,8 +671,8 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     start = (2 * emb + v * h * j.p * (j.n > 1)) if emb else 0
     fwd = max(
         start,
-        saved + root_act + wl * _loss_work_bytes(j, T, False),
-        saved + gathered + w * _block_work_bytes(j, T, False),
+        saved + root_act + wl * _loss_work_bytes(j, T, False) + head_copy,
+        saved + gathered + w * _block_work_bytes(j, T, False) + head_copy,
     )
     recompute = _block_saved_bytes(j, T) if n_ck else 0
     # Two moments of a block's backward: its MLP (the (tokens x intermediate) working set, scaled) and
@@ -673,7 +685,7 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     attn_moment = (
         (_block_saved_bytes(j, T, attention_only=True) if n_ck else 0) + T * 2 * j.p * h + _attn_bwd_bytes(j, T)
     )
-    bwd = saved + root_act + max(wl * _loss_work_bytes(j, T, True), gathered + max(mlp_moment, attn_moment))
+    bwd = saved + root_act + max(wl * _loss_work_bytes(j, T, True) + head_copy, gathered + max(mlp_moment, attn_moment))
     # foreach AdamW: one temporary the size of the parameter list
     opt = static + adam + grads + exact + (lora_rank_bytes if not j.offload else 0)
     gib = lambda x: x / _GIB
@@ -706,6 +718,8 @@ def host_gib(j: _Job, device: str) -> float:
             n_keep, kept = _kept(j, j.mb * j.seq)
             on_host += n_keep * kept
     if j.host_embedding:  # the whole table, pinned, on every rank
+        on_host += j.shape.vocab_size * j.shape.hidden_size * j.p
+    if j.host_lm_head:  # lm_head's matrix, pinned, on every rank
         on_host += j.shape.vocab_size * j.shape.hidden_size * j.p
     return _HOST_BASE_GIB[device] + on_host / _GIB
 
@@ -778,7 +792,7 @@ def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
     n, v = j.n, s.vocab_size
     base = L * _block_base_bytes(j, 1)
     emb = 0 if (s.tie_word_embeddings or j.host_embedding or j.vocab_parallel) else v * h * j.p
-    head = v * h * j.p
+    head = 0 if j.host_lm_head else v * h * j.p
     gathered_per_mb = ((2 if j.reshard else 1) * base + emb + head) * (n - 1) / n if n > 1 else 0.0
     lora = 4 * _lora_params(j, per_rank=False)
     grads = lora * (n - 1) / n + (2 * lora / n * (j.replicate - 1) / j.replicate if j.replicate > 1 else 0)
@@ -793,6 +807,9 @@ def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
         # compute with full checkpointing: forward, recompute, backward) only while the link keeps up.
         exposed = j.accum * moved / 2 / (_COPY_GBPS.get(card, host_gbps) * 1e9) - parts["compute"] / 3
         parts["act. offload"] = max(overlapped, exposed)
+    if j.host_lm_head:  # one copy per micro-batch, behind its forward (a third of the compute)
+        copy = j.accum * v * h * j.p / (_COPY_GBPS.get(card, host_gbps) * 1e9)
+        parts["host lm_head"] = max(0.0, copy - parts["compute"] / 3)
     if j.offload:
         shard = (L * _block_base_bytes(j, n) + 2 * v * h * j.p / n) * (2 if j.reshard else 1)
         parts["cpu offload"] = j.accum * shard / (host_gbps * 1e9) + _lora_params(j, True) / _HOST_ADAM_PARAMS_PER_S
