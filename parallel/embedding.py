@@ -74,7 +74,33 @@ class VocabShardedEmbedding(nn.Module):
         return f"rows [{self.start}, {self.end}) of {self.num_embeddings}, dim={self.embedding_dim}"
 
 
-class HostEmbedding(nn.Module):
+class _HostMatrix(nn.Module):
+    """A frozen (rows x cols) checkpoint matrix kept in host memory, pinned when the model computes on
+    CUDA: ``parallel.materialize`` fills it through ``load_shard``, and ``model.to(device)`` leaves it
+    where it is. A non-persistent buffer: it comes from the base checkpoint and stays out of training
+    checkpoints, and FSDP leaves it alone."""
+
+    def __init__(self, rows: int, cols: int, *, dtype, key: str):
+        super().__init__()
+        self.key = key  # checkpoint key of the matrix
+        self.device = torch.device("cpu")  # the compute device; set at load
+        self.register_buffer("weight", torch.empty(rows, cols, dtype=dtype, device="meta"), persistent=False)
+
+    @torch.no_grad()
+    def load_shard(self, reader, device) -> None:
+        rows, cols = self.weight.shape
+        full = reader.dense_rows(self.key, (rows, cols), 0, rows, self.weight.dtype)
+        self.device = torch.device(device)
+        self.weight = full.pin_memory() if self.device.type == "cuda" else full
+
+    def _apply(self, fn, recurse=True):
+        weight = self.weight
+        out = super()._apply(fn, recurse)
+        self.weight = weight
+        return out
+
+
+class HostEmbedding(_HostMatrix):
     """The frozen embedding table kept in host memory (pinned when the model runs on CUDA).
 
     QLoRA never trains the table, and a step reads only the batch's rows of it: for Llama 3 8B the
@@ -87,27 +113,8 @@ class HostEmbedding(nn.Module):
     """
 
     def __init__(self, num_embeddings: int, dim: int, *, dtype, key: str):
-        super().__init__()
+        super().__init__(num_embeddings, dim, dtype=dtype, key=key)
         self.num_embeddings, self.embedding_dim = num_embeddings, dim
-        self.key = key  # checkpoint key of the table
-        self.device = torch.device("cpu")  # where lookups are returned; set at load
-        # Not persistent: the table comes from the base checkpoint and stays out of training checkpoints.
-        self.register_buffer("weight", torch.empty(num_embeddings, dim, dtype=dtype, device="meta"), persistent=False)
-
-    @torch.no_grad()
-    def load_shard(self, reader, device) -> None:
-        rows = reader.dense_rows(
-            self.key, (self.num_embeddings, self.embedding_dim), 0, self.num_embeddings, self.weight.dtype
-        )
-        self.device = torch.device(device)
-        self.weight = rows.pin_memory() if self.device.type == "cuda" else rows
-
-    def _apply(self, fn, recurse=True):
-        # model.to(device) / .cuda() must not move the table: it is meant to stay on the host.
-        weight = self.weight
-        out = super()._apply(fn, recurse)
-        self.weight = weight
-        return out
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -122,7 +129,7 @@ class HostEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, on the host"
 
 
-class HostLMHead(nn.Module):
+class HostLMHead(_HostMatrix):
     """lm_head's frozen matrix kept in pinned host memory, copied to the device once per forward.
 
     The output projection is needed only from the loss's forward to the end of its backward, while the
@@ -137,31 +144,10 @@ class HostLMHead(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, dtype, key: str):
-        super().__init__()
+        super().__init__(out_features, in_features, dtype=dtype, key=key)
         self.in_features, self.out_features = in_features, out_features
-        self.key = key  # checkpoint key of the matrix
-        self.device = torch.device("cpu")  # the compute device; set at load
-        # Not persistent: the matrix comes from the base checkpoint and stays out of training checkpoints.
-        self.register_buffer(
-            "weight", torch.empty(out_features, in_features, dtype=dtype, device="meta"), persistent=False
-        )
         self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
         self._stream = None
-
-    @torch.no_grad()
-    def load_shard(self, reader, device) -> None:
-        rows = reader.dense_rows(
-            self.key, (self.out_features, self.in_features), 0, self.out_features, self.weight.dtype
-        )
-        self.device = torch.device(device)
-        self.weight = rows.pin_memory() if self.device.type == "cuda" else rows
-
-    def _apply(self, fn, recurse=True):
-        # model.to(device) / .cuda() must not move the matrix: it is meant to stay on the host.
-        weight = self.weight
-        out = super()._apply(fn, recurse)
-        self.weight = weight
-        return out
 
     @torch.no_grad()
     def prefetch(self) -> None:

@@ -141,19 +141,29 @@ def _auto_saver_excluded(cfg: JobConfig, device_type: str, world_size: int) -> s
     return None
 
 
-def resolve_host_embedding(cfg: JobConfig, device_type: str, world_size: int, tied: bool) -> Decision:
-    """``parallelism.host_embedding`` (true, false or 'auto'); an explicit true with tied embeddings is a
-    ``ConfigError``."""
-    key, setting = "parallelism.host_embedding", cfg.parallelism.host_embedding
+def _host_table(name: str, setting, tied: bool) -> Decision | None:
+    """What tied embeddings and an explicit setting decide for ``parallelism.<name>`` (a table kept in
+    host memory; with tied embeddings one matrix is both lm_head and the embedding, which the GPU then
+    needs: an explicit true is a ``ConfigError``); None: 'auto', decided by the caller."""
+    key = f"parallelism.{name}"
     if setting is True and tied:
         raise ConfigError(
-            "parallelism.host_embedding: this checkpoint ties lm_head to the embedding table, which then "
-            "must stay on the GPU; set --parallelism.host_embedding=false"
+            f"{key}: this checkpoint ties lm_head to the embedding table, which the GPU then needs for both; "
+            f"set --{key}=false"
         )
     if isinstance(setting, bool):
         return Decision.explicit(key, setting)
     if tied:
-        return Decision(key, False, "tied embeddings: lm_head needs the table on the GPU")
+        return Decision(key, False, "tied embeddings: the one table is lm_head and the embedding")
+    return None
+
+
+def resolve_host_embedding(cfg: JobConfig, device_type: str, world_size: int, tied: bool) -> Decision:
+    """``parallelism.host_embedding`` (true, false or 'auto')."""
+    key = "parallelism.host_embedding"
+    fixed = _host_table("host_embedding", cfg.parallelism.host_embedding, tied)
+    if fixed is not None:
+        return fixed
     if cfg.parallelism.vocab_parallel_embedding and world_size > 1:
         return Decision(key, False, "parallelism.vocab_parallel_embedding places the table")
     why = _auto_saver_excluded(cfg, device_type, world_size)
@@ -161,22 +171,13 @@ def resolve_host_embedding(cfg: JobConfig, device_type: str, world_size: int, ti
 
 
 def resolve_host_lm_head(cfg: JobConfig, device_type: str, world_size: int, tied: bool) -> Decision:
-    """``parallelism.host_lm_head`` (true, false or 'auto'); an explicit true with tied embeddings is a
-    ``ConfigError``."""
-    key, setting = "parallelism.host_lm_head", cfg.parallelism.host_lm_head
-    if setting is True and tied:
-        raise ConfigError(
-            "parallelism.host_lm_head: this checkpoint ties lm_head to the embedding table, which the "
-            "embedding lookup needs too; set --parallelism.host_lm_head=false"
-        )
-    if isinstance(setting, bool):
-        return Decision.explicit(key, setting)
-    if tied:
-        return Decision(key, False, "tied embeddings: the table is also the input embedding")
+    """``parallelism.host_lm_head`` (true, false or 'auto')."""
+    fixed = _host_table("host_lm_head", cfg.parallelism.host_lm_head, tied)
+    if fixed is not None:
+        return fixed
     why = _auto_saver_excluded(cfg, device_type, world_size)
-    return Decision(
-        key, why is None, why or "one CUDA rank without FSDP: 1 GiB less at the backward peak for Llama 3 8B"
-    )
+    reason = why or "one CUDA rank without FSDP: 1 GiB less at the backward peak for Llama 3 8B"
+    return Decision("parallelism.host_lm_head", why is None, reason)
 
 
 def resolve_ac_offload(cfg: JobConfig, device_type: str, world_size: int) -> Decision:
