@@ -203,23 +203,28 @@ def test_host_embedding_is_bit_identical(tmp_path, debug_nf4_ckpt, eager_full_ac
         tr.close()
 
 
-def test_host_embedding_refuses_tied_and_vocab_parallel(tmp_path, debug_tied_nf4_ckpt):
-    from recipe.train import Trainer
-
+def test_host_embedding_refuses_vocab_parallel():
     with pytest.raises(ConfigError, match="host_embedding=false"):
         load_config(["--parallelism.host_embedding=true", "--parallelism.vocab_parallel_embedding=true"])
+
+
+@pytest.mark.parametrize("option", ["host_embedding", "host_lm_head"])
+def test_host_tables_refuse_tied(tmp_path, debug_tied_nf4_ckpt, option):
+    """With tied embeddings one matrix is lm_head and the embedding: neither may wait on the host (a
+    ConfigError before loading that names the fix)."""
+    from parallel.distributed import destroy
+    from recipe.train import Trainer
+
     cfg = load_config(
         [
             f"--model.checkpoint={debug_tied_nf4_ckpt}",
             f"--job.dump_folder={tmp_path / 'tied'}",
             *BASE,
-            "--parallelism.host_embedding=true",
+            f"--parallelism.{option}=true",
         ]
     )
-    from parallel.distributed import destroy
-
     try:
-        with pytest.raises(ValueError, match="ties lm_head"):
+        with pytest.raises(ConfigError, match=f"ties lm_head.*--parallelism.{option}=false"):
             Trainer(cfg)
     finally:
         destroy()  # the failed Trainer left its process group
@@ -286,25 +291,6 @@ def test_host_lm_head_prefetch_hands_out_the_copy():
     got = head.device_weight()
     assert got is pending and got.is_cuda and torch.equal(got.cpu(), head.weight)
     assert head._pending is None and head.device_weight() is not pending
-
-
-def test_host_lm_head_refuses_tied(tmp_path, debug_tied_nf4_ckpt):
-    from parallel.distributed import destroy
-    from recipe.train import Trainer
-
-    cfg = load_config(
-        [
-            f"--model.checkpoint={debug_tied_nf4_ckpt}",
-            f"--job.dump_folder={tmp_path / 'tied'}",
-            *BASE,
-            "--parallelism.host_lm_head=true",
-        ]
-    )
-    try:
-        with pytest.raises(ConfigError, match="ties lm_head.*--parallelism.host_lm_head=false"):
-            Trainer(cfg)
-    finally:
-        destroy()
 
 
 @pytest.mark.parametrize("mode", ["full", "none"])
