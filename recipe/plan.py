@@ -13,9 +13,10 @@ An explicit ``true`` where it is impossible is a config error. When compile is o
 and AOT-autograd caches are on, in a directory that outlives /tmp cleanups (``compile_cache``), so a
 rerun reuses the compiled code.
 
-``parallelism.host_embedding`` and ``activation_checkpoint.offload`` = 'auto' (the defaults) are decided
-here too, each with its logged line: on where they were measured to pay, one CUDA rank without FSDP
-(the 8B workload on one H100: train peak 10.45 -> 8.55 GiB for both, tokens/s -0.6 %, BENCHMARKS.md
+``parallelism.host_embedding``, ``parallelism.host_lm_head`` and ``activation_checkpoint.offload`` = 'auto'
+(the defaults) are decided here too, each with its logged line: on where they were measured to pay, one
+CUDA rank without FSDP (the 8B workload on one H100: train peak 10.45 -> 8.55 GiB for the first and the
+last, tokens/s -0.6 %; lm_head on the host at micro-batch 4: 9.82 -> 8.85 GiB, about -1 %; BENCHMARKS.md
 2026-12-07), off elsewhere until measured there. ``recipe.estimate`` predicts with the same decisions.
 """
 

@@ -110,10 +110,14 @@ class Measured:
     # --training.compile=false; the savers' 'auto' defaults came 2026-12-07): ``job_overrides`` says so,
     # so the row's job is the one that ran.
     before_auto_defaults: bool = True
+    # Measured with lm_head on the GPU (before parallelism.host_lm_head's 'auto' default, 2026-12-07, fifth
+    # session) unless the overrides say otherwise.
+    before_host_lm_head: bool = True
 
     @property
     def job_overrides(self) -> dict:
-        return (_BEFORE_AUTO if self.before_auto_defaults else {}) | self.overrides
+        base = (_BEFORE_AUTO if self.before_auto_defaults else {}) | (_NO_HEAD if self.before_host_lm_head else {})
+        return base | self.overrides
 
 
 _1B = {
@@ -126,8 +130,19 @@ _1B = {
 _LEAN = {"activation_checkpoint.offload": True, "parallelism.host_embedding": True}
 _LONG = _LEAN | {"training.micro_batch_size": 1, "training.global_batch_size": 1, "model.mlp_chunk_tokens": 8192}
 _T4 = {"model.synthetic_shape": "llama3_1_8b", "training.attention_backend": "auto"}
+_T4_PLAN = {
+    "training.micro_batch_size": 1,
+    "activation_checkpoint.mode": "selective",
+    "activation_checkpoint.selective_every": 2,
+    "activation_checkpoint.offload": True,
+    "parallelism.host_embedding": True,
+}
 _OFF = {key: False for key in _LEAN}  # both memory savers off
 _BEFORE_AUTO = _OFF | {"training.compile": False}
+_NO_HEAD, _HEAD_MB4 = (
+    {"parallelism.host_lm_head": False},
+    {"parallelism.host_lm_head": True, "training.micro_batch_size": 4},
+)
 _HOST, _ACT = {"parallelism.host_embedding": True}, {"activation_checkpoint.offload": True}
 _FSDP1, _FUSED = {"parallelism.single_rank_fsdp": True}, {"model.fuse_projections": True}
 _B, _R0, _R0B = "BENCHMARKS.md", "REFERENCE.md 0", "REFERENCE.md 0b"
@@ -296,6 +311,61 @@ CALIBRATION: list[Measured] = [
                 2,
                 4.47,
                 0.0,
+                None,
+                "llama3_8b_qlora_t4.toml",
+            ),
+        )
+    ),
+    # 2026-12-07, fifth session, one H100 (BENCHMARKS.md): lm_head on the host, micro-batch 4, kept outputs;
+    # the T4 planner's layout (HSDP 2x1, micro-batch 1, every second block checkpointed, both savers).
+    *(
+        # All ran with lm_head on the GPU unless their overrides put it on the host (before_host_lm_head).
+        Measured(what, ov, n, train, load, tps, "h100", False, _B + " 12-07 (5)", config, False, False, True)
+        for what, ov, n, train, load, tps, config in (
+            ("8B, 1 GPU, the default (lm_head on the GPU)", {}, 1, 8.57, 5.29, 10658, "llama3_8b_qlora.toml"),
+            (
+                "8B, 1 GPU, default + host lm_head, micro-batch 4",
+                _HEAD_MB4,
+                1,
+                8.85,
+                4.31,
+                11091,
+                "llama3_8b_qlora.toml",
+            ),
+            *(
+                (
+                    f"8B, 1 GPU, default + host lm_head, micro-batch 4, keep {kept} every {k}",
+                    _HEAD_MB4 | {"activation_checkpoint.keep_outputs": kept, "activation_checkpoint.keep_every": k},
+                    1,
+                    train,
+                    4.31,
+                    tps,
+                    "llama3_8b_qlora.toml",
+                )
+                for kept, k, train, tps in (
+                    ("o_proj,gate_proj,up_proj", 2, 9.35, 11875),
+                    ("gate_proj,up_proj", 2, 9.28, 11745),
+                    ("o_proj,gate_proj", 2, 9.13, 11613),
+                    ("up_proj", 1, 9.06, 11843),
+                    ("up_proj", 2, 9.07, 11404),
+                )
+            ),
+            ("T4 job (fp16), 1 rank, 15 GiB cap", _T4, 1, 8.60, 5.29, None, "llama3_8b_qlora_t4.toml"),
+            (
+                "T4 job, 1 rank, the planner's 2x T4 layout at micro-batch 1",
+                _T4 | _T4_PLAN,
+                1,
+                12.14,
+                5.29,
+                None,
+                "llama3_8b_qlora_t4.toml",
+            ),
+            (
+                "T4 job, 2 ranks, the planner's layout (HSDP 2x1)",
+                _T4 | _T4_PLAN | {"parallelism.data_parallel_replicate_degree": 2},
+                2,
+                11.99,
+                5.29,
                 None,
                 "llama3_8b_qlora_t4.toml",
             ),
@@ -677,10 +747,13 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     recompute = _block_saved_bytes(j, T) if n_ck else 0
     # Two moments of a block's backward: its MLP (the (tokens x intermediate) working set, scaled) and
     # its attention (the kernel's gradients, counted whole: no double count at long sequences).
-    # Compiled blocks keep two more (tokens x intermediate) tensors for the MLP's backward than eager does
-    # (inductor's partition saves what eager recomputes): measured +0.27 GiB (FSDP, 2026-12-05) and
-    # +0.24 GiB (no FSDP, 2026-12-07) for the 8B workload, against 0.22 for this term.
-    compiled = 2 * _mlp_tokens(j, T) * j.p * s.intermediate_size if j.compile else 0
+    # Compiled blocks hold more (tokens x intermediate) tensors in the MLP's backward than eager does
+    # (inductor's partition saves what eager recomputes, and its fused backward keeps gradients of gate and
+    # up together). Fitted to how the compiled default's peak grows with the micro-batch (one H100,
+    # 2026-12-07: 8.54 -> 9.82 GiB from micro-batch 2 to 4, and 8.57 / 8.85 in the fifth session with and
+    # without lm_head on the host): about six such tensors (0.42 GiB per 4,096 tokens more than the two
+    # counted before, which left every compiled micro-batch-4 row 9.6-10.2 % under its measured peak).
+    compiled = 6 * _mlp_tokens(j, T) * j.p * s.intermediate_size if j.compile else 0
     mlp_moment = w * (recompute + _block_work_bytes(j, T, True)) + compiled
     attn_moment = (
         (_block_saved_bytes(j, T, attention_only=True) if n_ck else 0) + T * 2 * j.p * h + _attn_bwd_bytes(j, T)
