@@ -21,7 +21,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 BASE=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint="$CK8" --model.synthetic_shape=llama3_1_8b
       --training.global_batch_size=8 --training.steps="$STEPS" --checkpoint.enable=false --metrics.log_freq=1
-      --parallelism.host_embedding=false --activation_checkpoint.offload=false ${EXTRA:-})  # rows as named ('auto' would turn both on)
+      --parallelism.host_embedding=false --parallelism.host_lm_head=false --activation_checkpoint.offload=false
+      ${EXTRA:-})  # rows as named ('auto' would turn these three on)
 
 run() {  # name overrides...
   local name=$1; shift

@@ -57,17 +57,20 @@ t0=$SECONDS
 [ -f "$CK/config.json" ] || PYTHONPATH="$SITE:$ROOT" $PY -m models.synthetic --shape llama3_1_8b --out "$CK" --device cuda | tail -1
 echo "[ckpt] $((SECONDS - t0))s"
 
-# compile (blocks and loss) off and both memory savers off: every named run is the layout its name says,
-# now that these four default to 'auto' (on for one CUDA rank); the runs override what they measure (the
-# last override wins); `default` puts all four back to 'auto'.
+# compile (blocks and loss) off and the three memory savers off: every named run is the layout its name
+# says, now that these five default to 'auto' (on for one CUDA rank); the runs override what they measure
+# (the last override wins); `default` puts all five back to 'auto'.
 common=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint="$CK" --model.synthetic_shape=
         --training.steps="$STEPS" --metrics.log_freq=1 --checkpoint.export_adapter=false --training.compile=false
         --training.compile_loss=false
-        --parallelism.host_embedding=false --activation_checkpoint.offload=false ${EXTRA:-})
+        --parallelism.host_embedding=false --parallelism.host_lm_head=false --activation_checkpoint.offload=false
+        ${EXTRA:-})
 auto=(--training.compile=auto --training.compile_loss=auto --parallelism.host_embedding=auto
-      --activation_checkpoint.offload=auto)
+      --parallelism.host_lm_head=auto --activation_checkpoint.offload=auto)
 old_common=()  # the tree in $OLD (git archive 72f1883) predates training.compile_loss (its loss is eager)
-for a in "${common[@]}"; do [[ $a == --training.compile_loss=* ]] || old_common+=("$a"); done
+for a in "${common[@]}"; do  # and parallelism.host_lm_head (its lm_head is on the GPU)
+  [[ $a == --training.compile_loss=* || $a == --parallelism.host_lm_head=* ]] || old_common+=("$a")
+done
 keep() { [ -n "${COPY_TO:-}" ] && [ -f "$1" ] && mkdir -p "$COPY_TO" && cp "$1" "$COPY_TO/"; return 0; }
 recipe() {  # name tree nproc launcher... -- overrides
   local name=$1 tree=$2 n=$3; shift 3
