@@ -346,12 +346,11 @@ class LlamaForCausalLM(nn.Module):
     def causal_lm_output(self, h: torch.Tensor, labels=None, *, with_logits: bool = False) -> CausalLMOutput:
         """lm_head and the loss over the final hidden states ``h``. With ``labels`` the logits are
         computed only when ``with_logits`` (the chunked loss never holds them all)."""
+        w = output_weight(self.lm_head)  # read once: a head kept on the host copies it per read
         if labels is None:
-            return CausalLMOutput(logits=self.lm_head(h).float())
-        loss_sum, n_tokens = chunked_cross_entropy(
-            h, output_weight(self.lm_head), labels, self.loss_chunk(), self.token_loss
-        )
-        logits = self.lm_head(h).float() if with_logits else None
+            return CausalLMOutput(logits=F.linear(h, w).float())
+        loss_sum, n_tokens = chunked_cross_entropy(h, w, labels, self.loss_chunk(), self.token_loss)
+        logits = F.linear(h, w).float() if with_logits else None
         return CausalLMOutput(
             loss=loss_sum / n_tokens.clamp(min=1), logits=logits, loss_sum=loss_sum, num_tokens=n_tokens
         )
