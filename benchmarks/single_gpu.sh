@@ -9,12 +9,13 @@
 # Workload (train_configs/llama3_8b_qlora.toml): LoRA r=64 alpha=128 on the seven projections, seq 2048,
 # micro-batch 2, accumulation 4 (16,384 tokens per step), bf16, full activation checkpointing.
 # RUNS picks and orders the runs (default below); each is one of
-#   default                                          the config as a user runs it: compile, host embedding and
-#                                                    activation offload 'auto' (all on for one CUDA rank)
+#   default                                          the config as a user runs it: compile, host embedding,
+#                                                    lm_head on the host and activation offload 'auto' (all
+#                                                    on for one CUDA rank)
 #   default_mb4                                      default at micro-batch 4 (accumulation 2: the same 16,384 tokens/step)
 #   default_keep default_keep2 default_keep_o        default keeping o/gate/up's frozen outputs (not recomputed; offloaded)
-#   default_head default_head_mb4 default_head_keep2 default_head_mb4_keep2   with lm_head's matrix on the host
 #                                                    in every block / every 2nd block, or o_proj's only
+#   default_head default_head_mb4 default_head_keep2 default_head_mb4_keep2   with lm_head's matrix on the host
 #   default_eager_loss compiled_loss                 default with --training.compile_loss=false (the loss chunks'
 #                                                    cross-entropy eager, as before 2026-12-07) / compiled with it true
 #   eager compiled eager_offload compiled_offload   this recipe (--training.compile / --activation_checkpoint.offload)

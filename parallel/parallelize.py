@@ -173,7 +173,7 @@ def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: b
         model.model.embed_tokens = HostEmbedding(
             emb.num_embeddings, emb.embedding_dim, dtype=emb.weight.dtype, key="model.embed_tokens.weight"
         )
-    if plan.lm_head_on_host and getattr(model, "lm_head", None) is not None and not tied:
+    if plan.lm_head_on_host and getattr(model, "lm_head", None) is not None:  # never with tied (recipe.plan)
         head = model.lm_head
         model.lm_head = HostLMHead(head.in_features, head.out_features, dtype=head.weight.dtype, key="lm_head.weight")
         # At the start of every forward (LlamaModel, which both drivers and a pipeline's last part call;

@@ -267,7 +267,7 @@ def test_host_lm_head_is_bit_identical(tmp_path, debug_nf4_ckpt, eager_full_ac):
         for got, want in zip(grads, ref_grads, strict=True):
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
         x = torch.randint(0, head.out_features, (1, 5))
-        with torch.no_grad():  # logits without labels go through the module's own forward
+        with torch.no_grad():  # logits without labels: the same single read of the matrix
             logits = tr.model(input_ids=x).logits
         assert logits.shape == (1, 5, head.out_features)
     finally:

@@ -752,9 +752,9 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     # Compiled blocks hold more (tokens x intermediate) tensors in the MLP's backward than eager does
     # (inductor's partition saves what eager recomputes, and its fused backward keeps gradients of gate and
     # up together). Fitted to how the compiled default's peak grows with the micro-batch (one H100,
-    # 2026-12-07: 8.54 -> 9.82 GiB from micro-batch 2 to 4, and 8.57 / 8.85 in the fifth session with and
-    # without lm_head on the host): about six such tensors (0.42 GiB per 4,096 tokens more than the two
-    # counted before, which left every compiled micro-batch-4 row 9.6-10.2 % under its measured peak).
+    # 2026-12-07: 8.54 -> 9.82 GiB from micro-batch 2 to 4; in the fifth session 8.57 at micro-batch 2 and
+    # 8.85 at 4 with lm_head on the host): about six such tensors (0.42 GiB per 4,096 tokens more than the
+    # two counted before, which left every compiled micro-batch-4 row 9.6-10.2 % under its measured peak).
     compiled = 6 * _mlp_tokens(j, T) * j.p * s.intermediate_size if j.compile else 0
     mlp_moment = w * (recompute + _block_work_bytes(j, T, True)) + compiled
     attn_moment = (
@@ -856,6 +856,7 @@ def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
     L, h = s.num_hidden_layers, s.hidden_size
     T = j.mb * j.seq
     clock, gather_s, host_gbps, hides = _LINK[card]
+    copy_bps = _COPY_GBPS.get(card, host_gbps) * 1e9  # pinned host <-> device, one way
     peak = dict(PEAK_FLOPS)[CARDS[card][0]]
     fit = SPEED_FIT["compile" if j.compile and card in COMPILE_MEASURED_ON else "eager"]
     f = model_flops_per_token(s, j.seq, j.rank, j.targets, j.ac_mode, j.ac_every, kept=j.keep, keep_every=j.keep_every)
@@ -880,11 +881,10 @@ def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
         overlapped = j.accum * moved / _GIB * fit["offload_s_per_gib"] * 25.0 / host_gbps
         # The device-to-host copies of a micro-batch hide behind its forward (about a third of the
         # compute with full checkpointing: forward, recompute, backward) only while the link keeps up.
-        exposed = j.accum * moved / 2 / (_COPY_GBPS.get(card, host_gbps) * 1e9) - parts["compute"] / 3
+        exposed = j.accum * moved / 2 / copy_bps - parts["compute"] / 3
         parts["act. offload"] = max(overlapped, exposed)
     if j.host_lm_head:  # one copy per micro-batch, behind its forward (a third of the compute)
-        copy = j.accum * v * h * j.p / (_COPY_GBPS.get(card, host_gbps) * 1e9)
-        parts["host lm_head"] = max(0.0, copy - parts["compute"] / 3)
+        parts["host lm_head"] = max(0.0, j.accum * v * h * j.p / copy_bps - parts["compute"] / 3)
     if j.offload:
         shard = (L * _block_base_bytes(j, n) + 2 * v * h * j.p / n) * (2 if j.reshard else 1)
         parts["cpu offload"] = j.accum * shard / (host_gbps * 1e9) + _lora_params(j, True) / _HOST_ADAM_PARAMS_PER_S
