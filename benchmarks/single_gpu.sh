@@ -13,6 +13,12 @@
 #                                                    lm_head on the host and activation offload 'auto' (all
 #                                                    on for one CUDA rank)
 #   default_mb4                                      default at micro-batch 4 (accumulation 2: the same 16,384 tokens/step)
+#   default_nosync                                   default without a host read per step (no non-finite check,
+#                                                    metrics read once at the end): what the step-end sync costs
+#   mem_default mem_mb4 mem_mb4_keep2                 3 steps of default (at micro-batch 4, keeping o/gate/up in every
+#                                                    2nd block) with a memory snapshot of step 3: what is alive at
+#                                                    the peak, by allocating frame (benchmarks/memory_at_peak.py)
+#   default_fused default_mb4_fused                  default (at micro-batch 4) with --model.fuse_projections=true
 #   default_keep default_keep2 default_keep_o        default keeping o/gate/up's frozen outputs (not recomputed; offloaded)
 #                                                    in every block / every 2nd block, or o_proj's only
 #   default_head default_head_mb4 default_head_keep2 default_head_mb4_keep2   with lm_head's matrix on the host
@@ -98,10 +104,27 @@ fused=(--model.fuse_projections=true)
 keep=(--activation_checkpoint.keep_outputs=o_proj,gate_proj,up_proj)
 head=(--parallelism.host_lm_head=true)
 hfargs=(--checkpoint "$CK" --steps "$STEPS")
+# A memory snapshot of step 3 and what is alive at its peak (benchmarks/memory_at_peak.py), in $OUT/<name>.peak.txt.
+snap=(--training.steps=3 --profiling.enable_memory_snapshot=true --profiling.memory_snapshot_steps=3)
+peak() {  # name
+  PYTHONPATH="$SITE:$ROOT" $PY benchmarks/memory_at_peak.py "$OUT/$1/profiling/memory_snapshot/rank0_step3.pickle" \
+      >"$OUT/$1.peak.txt" 2>&1
+  echo "[$1] memory at the peak:"; head -30 "$OUT/$1.peak.txt"; keep "$OUT/$1.peak.txt"
+}
 for r in $RUNS; do
   case $r in
     default) recipe default "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" ;;
     default_mb4) recipe default_mb4 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.micro_batch_size=4 ;;
+    default_nosync) recipe default_nosync "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" \
+        --training.max_nonfinite_steps=0 --metrics.log_freq="$STEPS" ;;
+    mem_default) recipe mem_default "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${snap[@]}"; peak mem_default ;;
+    mem_mb4) recipe mem_mb4 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.micro_batch_size=4 \
+        "${snap[@]}"; peak mem_mb4 ;;
+    mem_mb4_keep2) recipe mem_mb4_keep2 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${keep[@]}" \
+        --activation_checkpoint.keep_every=2 --training.micro_batch_size=4 "${snap[@]}"; peak mem_mb4_keep2 ;;
+    default_fused) recipe default_fused "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${fused[@]}" ;;
+    default_mb4_fused) recipe default_mb4_fused "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${fused[@]}" \
+        --training.micro_batch_size=4 ;;
     default_keep) recipe default_keep "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${keep[@]}" ;;
     default_keep2) recipe default_keep2 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${keep[@]}" \
         --activation_checkpoint.keep_every=2 ;;

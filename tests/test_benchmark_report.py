@@ -123,3 +123,39 @@ def test_profile_phases_wrap_a_real_trainer(tmp_path):
             tr.close()
     assert losses[0] == losses[1]
     assert torch.autograd.backward.__module__ == "torch.autograd"  # restored
+
+
+def test_memory_at_peak_replays_the_trace():
+    """benchmarks/memory_at_peak.py: the peak is the maximum of the allocated bytes over the trace, counting
+    the blocks alive before recording (freed during the trace, or still alive in the dump's segments),
+    and the tensors alive at it are grouped by the frame of ours that allocated them."""
+    spec = importlib.util.spec_from_file_location("memory_at_peak", REPO / "benchmarks" / "memory_at_peak.py")
+    mp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mp)
+    mib = 2**20
+    mlp = [
+        {"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+        {"filename": "/repo/models/llama.py", "line": 196, "name": "_mlp"},
+    ]
+    attn = [{"filename": "/repo/models/llama.py", "line": 160, "name": "forward"}]
+    trace = [
+        {"action": "free_requested", "addr": 0, "size": 10 * mib},  # alive before recording, then freed
+        {"action": "free_completed", "addr": 0, "size": 10 * mib},
+        {"action": "alloc", "addr": 100 * mib, "size": 30 * mib, "frames": mlp},
+        {"action": "alloc", "addr": 200 * mib, "size": 30 * mib, "frames": mlp},
+        {"action": "alloc", "addr": 300 * mib, "size": 5 * mib, "frames": attn},  # the peak: 40 + 65 MiB
+        {"action": "free_requested", "addr": 200 * mib, "size": 30 * mib},
+        {"action": "alloc", "addr": 0, "size": 20 * mib, "frames": attn},  # 40 - 10 + 35 + 20 = 85 < 105
+        {"action": "free_completed", "addr": 200 * mib, "size": 30 * mib},
+    ]
+    # 40 MiB of weights alive throughout, never in the trace; a freed block of the segment does not count.
+    blocks = [{"size": 40 * mib, "state": "active_allocated"}, {"size": 60 * mib, "state": "inactive"}]
+    snap = {"device_traces": [trace], "segments": [{"device": 0, "address": 1000 * mib, "blocks": blocks}]}
+    peak, at, live = mp.live_at_peak(snap)
+    assert (peak, at) == (105 * mib, 4)
+    assert sorted(s for s, _ in live.values()) == [5 * mib, 30 * mib, 30 * mib, 40 * mib]  # the 10 MiB went first
+    text = mp.report(snap)
+    assert "peak 0.103 GiB" in text
+    rows = {line.split(None, 3)[3]: line.split()[:2] for line in text.splitlines()[3:]}
+    assert rows["llama.py:196 _mlp"] == ["0.059", "2"] and rows["before recording"] == ["0.039", "1"]
+    assert rows["llama.py:160 forward"] == ["0.005", "1"]
