@@ -22,7 +22,7 @@ import linecache
 import pickle
 from collections import defaultdict
 
-_OURS = ("/models/", "/parallel/", "/recipe/", "torchinductor")
+_OURS = ("/models/", "/parallel/", "/recipe/", "inductor")  # inductor: its generated modules (any cache dir)
 _FREE = ("free_requested", "free_completed")
 
 
@@ -69,21 +69,30 @@ def owner(frames: list) -> str:
     for f in frames:
         name = f.get("filename", "")
         if any(k in name for k in _OURS):
-            text = linecache.getline(name, f.get("line", 0)).strip() if "torchinductor" in name else ""
+            text = linecache.getline(name, f.get("line", 0)).strip() if "inductor" in name else ""
             where = f"{name.rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name', '')}"
             return f"{where} | {text[:90]}" if text else where
     if frames:
         f = frames[0]
         return f"{f.get('filename', '?').rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name', '')}"
-    return "before recording"
+    return "no Python frame (allocated before recording, or by the autograd engine)"
+
+
+def chain(frames: list, n: int = 4) -> str:
+    """The ``n`` innermost frames, innermost first: where an owner line alone is ambiguous."""
+    return " < ".join(
+        f"{f.get('filename', '?').rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name', '')}" for f in frames[:n]
+    )
 
 
 def report(snapshot: dict, device: int = 0, top: int = 25) -> str:
     peak, at, live = live_at_peak(snapshot, device)
     trace = snapshot["device_traces"][device]
     groups: dict[str, list[int]] = defaultdict(list)
+    example: dict[str, list] = {}
     for size, frames in live.values():
         groups[owner(frames)].append(size)
+        example.setdefault(owner(frames), frames)
     gib = 2.0**30
     lines = [f"peak {peak / gib:.3f} GiB allocated, at trace event {at} of {len(trace)}; alive then, by frame:"]
     if 0 <= at < len(trace):
@@ -94,6 +103,8 @@ def report(snapshot: dict, device: int = 0, top: int = 25) -> str:
     ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))
     for name, sizes in ranked[:top]:
         lines.append(f"{sum(sizes) / gib:8.3f} {len(sizes):8d} {max(sizes) / 2**20:12.1f}  {name}")
+        if example[name] and sum(sizes) >= 2**26:  # 64 MiB and more: the frames under the owner too
+            lines.append(f"{'':>31}  {chain(example[name])}")
     if ranked[top:]:
         size, count = sum(sum(s) for _, s in ranked[top:]) / gib, sum(len(s) for _, s in ranked[top:])
         lines.append(f"{size:8.3f} {count:8d} {'':>12}  ({len(ranked) - top} more frames)")

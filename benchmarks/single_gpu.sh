@@ -41,6 +41,7 @@
 #   oracle (alias compile_check)                     benchmarks/oracle.py: first-step LoRA gradients and 20 steps
 #                                                    of losses of each fast path against fp32 eager (accumulation 1);
 #                                                    OVARIANTS=a,b,... picks them (e.g. bf16_eager,bf16_compiled_loss)
+# A recipe run's name may end in +section.key=value overrides: `default_mb4+model.lora_epilogue=false`.
 # EXTRA: more overrides for every recipe run (e.g. --metrics.memory_report=true).
 # COPY_TO: a folder (e.g. the device's $OUT) that gets each run's summary JSON as soon as that run ends, so
 # a call stopped by its time limit (or a machine taken back) still returns the runs that finished.
@@ -80,10 +81,10 @@ for a in "${common[@]}"; do  # and parallelism.host_lm_head (its lm_head is on t
 done
 keep() { [ -n "${COPY_TO:-}" ] && [ -f "$1" ] && mkdir -p "$COPY_TO" && cp "$1" "$COPY_TO/"; return 0; }
 recipe() {  # name tree nproc launcher... -- overrides
-  local name=$1 tree=$2 n=$3; shift 3
+  local name=$1$suffix tree=$2 n=$3; shift 3
   local t=$SECONDS
   (cd "$tree" && PYTHONPATH="$SITE:$PWD" timeout "$TMO" $PY -m torch.distributed.run --standalone \
-      --nproc_per_node "$n" "$@" --job.dump_folder="$OUT/$name" >"$OUT/$name.log" 2>&1)
+      --nproc_per_node "$n" "$@" "${more[@]}" --job.dump_folder="$OUT/$name" >"$OUT/$name.log" 2>&1)
   echo "[$name] rc=$? $((SECONDS - t))s | $(grep -E '^step' "$OUT/$name.log" | tail -1)"
   cp "$OUT/$name/summary.json" "$OUT/$name.summary.json" 2>/dev/null  # the device copies back shallow files only
   keep "$OUT/$name.summary.json"
@@ -109,19 +110,30 @@ snap=(--training.steps=3 --profiling.enable_memory_snapshot=true --profiling.mem
 peak() {  # name
   PYTHONPATH="$SITE:$ROOT" $PY benchmarks/memory_at_peak.py "$OUT/$1/profiling/memory_snapshot/rank0_step3.pickle" \
       >"$OUT/$1.peak.txt" 2>&1
-  echo "[$1] memory at the peak:"; head -30 "$OUT/$1.peak.txt"; keep "$OUT/$1.peak.txt"
+  echo "graph breaks logged: $(grep -c 'Graph break' "$OUT/$1.log")" >>"$OUT/$1.peak.txt"
+  grep -A2 'Graph break' "$OUT/$1.log" | head -12 >>"$OUT/$1.peak.txt"
+  echo "[$1] memory at the peak:"; head -45 "$OUT/$1.peak.txt"; keep "$OUT/$1.peak.txt"
 }
 for r in $RUNS; do
+  # A run name may end in +section.key=value overrides (e.g. default_mb4+model.lora_epilogue=false): the
+  # named run with them; its files are named after the whole, with + = . , as _.
+  more=(); suffix=""
+  if [[ $r == *+* ]]; then
+    IFS='+' read -ra kv <<<"${r#*+}"
+    for x in "${kv[@]}"; do more+=("--$x"); done
+    suffix=$(printf '%s' "+${r#*+}" | tr '+=.,' '____')
+    r=${r%%+*}
+  fi
   case $r in
     default) recipe default "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" ;;
     default_mb4) recipe default_mb4 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.micro_batch_size=4 ;;
     default_nosync) recipe default_nosync "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" \
         --training.max_nonfinite_steps=0 --metrics.log_freq="$STEPS" ;;
-    mem_default) recipe mem_default "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${snap[@]}"; peak mem_default ;;
-    mem_mb4) recipe mem_mb4 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.micro_batch_size=4 \
-        "${snap[@]}"; peak mem_mb4 ;;
-    mem_mb4_keep2) recipe mem_mb4_keep2 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${keep[@]}" \
-        --activation_checkpoint.keep_every=2 --training.micro_batch_size=4 "${snap[@]}"; peak mem_mb4_keep2 ;;
+    mem_default) TORCH_LOGS=graph_breaks recipe mem_default "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${snap[@]}"; peak "mem_default$suffix" ;;
+    mem_mb4) TORCH_LOGS=graph_breaks recipe mem_mb4 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.micro_batch_size=4 \
+        "${snap[@]}"; peak "mem_mb4$suffix" ;;
+    mem_mb4_keep2) TORCH_LOGS=graph_breaks recipe mem_mb4_keep2 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${keep[@]}" \
+        --activation_checkpoint.keep_every=2 --training.micro_batch_size=4 "${snap[@]}"; peak "mem_mb4_keep2$suffix" ;;
     default_fused) recipe default_fused "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${fused[@]}" ;;
     default_mb4_fused) recipe default_mb4_fused "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" "${fused[@]}" \
         --training.micro_batch_size=4 ;;

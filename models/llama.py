@@ -67,6 +67,9 @@ class ModelArgs:
     # q/k/v and gate/up each as one frozen matrix (models/lora.py FusedQLoRALinear): one dequantization
     # and one GEMM per group; LoRA parameters keep their per-projection names.
     fuse_projections: bool = False
+    # Compiled blocks add each adapter's product inside its 4-bit projection's output (models/quant.py
+    # lora_linear_4bit): one (tokens x out) tensor per projection instead of two.
+    lora_epilogue: bool = True
 
 
 @dataclass
@@ -245,7 +248,13 @@ def _make_linear(args: ModelArgs, name: str, in_features: int, out_features: int
     weight = _frozen_weight(args, in_features, out_features) if base else None
     rank = args.lora_rank if name in args.lora_targets else 0
     return QLoRALinear(
-        in_features, out_features, rank=rank, alpha=args.lora_alpha, dropout=args.lora_dropout, weight=weight
+        in_features,
+        out_features,
+        rank=rank,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        weight=weight,
+        epilogue=args.lora_epilogue,
     )
 
 
@@ -263,7 +272,7 @@ def _make_fused(args: ModelArgs, in_features: int, parts) -> FusedQLoRALinear | 
     if not args.fuse_projections:
         return None
     weight = _frozen_weight(args, in_features, sum(n for _, n in parts))
-    return FusedQLoRALinear(in_features, parts, weight=weight)
+    return FusedQLoRALinear(in_features, parts, weight=weight, epilogue=args.lora_epilogue)
 
 
 class LlamaModel(nn.Module):

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from models.quant import Weight4bit, linear_4bit
+from models.quant import Weight4bit, linear_4bit, lora_linear_4bit
 
 __all__ = ["QLoRALinear", "FusedQLoRALinear", "init_lora_", "lora_init_tensor"]
 
@@ -42,6 +42,7 @@ class QLoRALinear(nn.Module):
         alpha: float = 1.0,
         dropout: float = 0.0,
         weight: torch.Tensor | None,
+        epilogue: bool = True,
     ):
         super().__init__()
         self.in_features = in_features
@@ -63,6 +64,9 @@ class QLoRALinear(nn.Module):
         # Non-empty: activation checkpointing keeps this projection's frozen output for backward instead
         # of recomputing it (``activation_checkpoint.keep_outputs``; set by parallel/parallelize.py).
         self.keep_tag = ""
+        # Compiled (or tagged) 4-bit projections add the adapter's product inside the frozen GEMM's output
+        # (``models.quant.lora_linear_4bit``: one output tensor, not two); ``model.lora_epilogue``.
+        self.epilogue = epilogue
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
@@ -72,6 +76,8 @@ class QLoRALinear(nn.Module):
         # The scale multiplies the rank-r intermediate, not the (tokens x out_features) output:
         # r/out as many elements (1/224 for gate/up of Llama 3 8B at r=64), same product.
         xa = nn.functional.linear(self.lora_input(x), self.lora_weight("A")) * self.scaling
+        if _in_epilogue(self.epilogue, self.weight, self.keep_tag, xa, x):
+            return lora_linear_4bit(x, self.weight, xa, [self.lora_weight("B")], [0], self.keep_tag)
         lora = nn.functional.linear(xa, self.lora_weight("B"))
         # The adapter before the frozen product (the same sum as lora_up): in a checkpointed block's
         # recompute, nothing after down_proj's adapter is saved for backward, so non-reentrant
@@ -99,6 +105,16 @@ class QLoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, base={kind}, rank={self.rank}"
 
 
+def _in_epilogue(on: bool, w, tag: str, xa: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the adapters' product goes into the frozen product's output (``lora_linear_4bit``): a
+    4-bit weight, an adapter computing in the output's dtype, and a compiled or tagged block (eager
+    blocks keep the separate product: there the adapter runs before the frozen GEMM, so that a
+    checkpoint's recompute stops before down_proj's frozen GEMM; see ``QLoRALinear.forward``)."""
+    return (
+        on and isinstance(w, Weight4bit) and xa.dtype == x.dtype and (bool(tag) or torch.compiler.is_compiling())
+    )
+
+
 def base_linear(x: torch.Tensor, w: torch.Tensor, tag: str = "") -> torch.Tensor:
     """x @ w.T for a frozen 4-bit or dense weight; ``tag``: see ``QLoRALinear.keep_tag`` (4-bit only)."""
     if isinstance(w, Weight4bit):
@@ -124,8 +140,11 @@ class FusedQLoRALinear(nn.Module):
     per part then.
     """
 
-    def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], *, weight: torch.Tensor):
+    def __init__(
+        self, in_features: int, parts: tuple[tuple[str, int], ...], *, weight: torch.Tensor, epilogue: bool = True
+    ):
         super().__init__()
+        self.epilogue = epilogue  # as QLoRALinear.epilogue
         self.in_features = in_features
         self.parts = tuple(parts)
         self.sizes = [n for _, n in self.parts]
@@ -134,11 +153,10 @@ class FusedQLoRALinear(nn.Module):
         self.keep_tag = ""  # as QLoRALinear.keep_tag, for the group's one output
 
     def forward(self, x: torch.Tensor, adapters) -> tuple[torch.Tensor, ...]:
-        # split's backward is one concatenation of the parts' gradients.
-        outs = list(base_linear(x, self.weight, self.keep_tag).split(self.sizes, dim=-1))
         live = [(i, a) for i, a in enumerate(adapters) if a.rank > 0]
         if not live:
-            return tuple(outs)
+            # split's backward is one concatenation of the parts' gradients.
+            return tuple(base_linear(x, self.weight, self.keep_tag).split(self.sizes, dim=-1))
         if any(not isinstance(a.lora_dropout, nn.Identity) for _, a in live):
             xas = [nn.functional.linear(a.lora_input(x), a.lora_weight("A")) * a.scaling for _, a in live]
         else:
@@ -149,6 +167,18 @@ class FusedQLoRALinear(nn.Module):
                 xas = (xa * first.scaling).split([a.rank for _, a in live], dim=-1)
             else:
                 xas = [p * a.scaling for p, (_, a) in zip(xa.split([a.rank for _, a in live], -1), live, strict=True)]
+        if _in_epilogue(self.epilogue, self.weight, self.keep_tag, xas[0], x):
+            starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+            out = lora_linear_4bit(
+                x,
+                self.weight,
+                torch.cat(list(xas), -1) if len(xas) > 1 else xas[0],
+                [a.lora_weight("B") for _, a in live],
+                [starts[i] for i, _ in live],
+                self.keep_tag,
+            )
+            return tuple(out.split(self.sizes, dim=-1))
+        outs = list(base_linear(x, self.weight, self.keep_tag).split(self.sizes, dim=-1))
         for (i, a), xa_i in zip(live, xas, strict=True):
             outs[i] = a.lora_up(xa_i, outs[i])
         return tuple(outs)

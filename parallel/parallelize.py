@@ -96,9 +96,12 @@ def _tag_kept(block: nn.Module, keep: tuple[str, ...]) -> dict[str, int]:
     return tags
 
 
+_TAGGED_OPS = (torch.ops.qlora_recipe.linear_4bit.default, torch.ops.qlora_recipe.lora_linear_4bit.default)
+
+
 def _keep_policy(tags: frozenset[str], ctx, func, *args, **kwargs):
-    # The 4-bit operator's last argument is its tag (models.quant.linear_4bit).
-    if func is torch.ops.qlora_recipe.linear_4bit.default and args[-1] in tags:
+    # The 4-bit operators' last argument is their tag (models.quant.linear_4bit, lora_linear_4bit).
+    if func in _TAGGED_OPS and args[-1] in tags:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -142,6 +142,7 @@ def _meta_model(
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
         packed_attention=cfg.model.packed_attention,
         fuse_projections=cfg.model.fuse_projections,
+        lora_epilogue=cfg.model.lora_epilogue,
     )
     with torch.device("meta"):
         return model_cls(args)

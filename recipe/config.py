@@ -96,6 +96,12 @@ class Model:
         "and one GEMM for their LoRA A matrices. Read from and exported under the HF/PEFT names; checkpoints "
         "resume either way.",
     )
+    lora_epilogue: bool = _f(
+        True,
+        "In compiled blocks, add each adapter's product inside its 4-bit projection's output (the B GEMM "
+        "accumulates into the frozen GEMM's result): one (tokens x out) tensor per projection instead of two "
+        "kept to the backward, and one rounding of the sum instead of two. Eager blocks are unchanged.",
+    )
 
 
 @dataclass

@@ -295,13 +295,14 @@ def test_exported_adapter_equals_unfused_and_loads_in_peft(debug_nf4_ckpt, tmp_p
 
 def test_compiled_block_is_four_4bit_operators(debug_nf4_ckpt):
     """One DecoderLayer under torch.compile (aot_eager: the autograd graph of the custom operators,
-    no inductor): the fused block runs 4 linear_4bit operators (qkv, o, gate_up, down) instead of 7,
-    and its output and LoRA gradients equal eager's."""
+    no inductor): the fused block runs 4 4-bit operators (qkv, o, gate_up, down) instead of 7, each
+    with its adapters' product added in its output (``lora_linear_4bit``; ``model.lora_epilogue``), and
+    its output and LoRA gradients equal eager's (where the adapters' products are separate adds)."""
     counts = {}
 
     def backend(gm, example_inputs):
         counts[len(counts)] = sum(
-            n.op == "call_function" and "qlora_recipe.linear_4bit" in str(n.target) for n in gm.graph.nodes
+            n.op == "call_function" and "qlora_recipe.lora_linear_4bit" in str(n.target) for n in gm.graph.nodes
         )
         from torch._dynamo.backends.debugging import aot_eager
 

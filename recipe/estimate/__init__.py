@@ -113,11 +113,13 @@ class Measured:
     # Measured with lm_head on the GPU (before parallelism.host_lm_head's 'auto' default, 2026-12-07, fifth
     # session) unless the overrides say otherwise.
     before_host_lm_head: bool = True
+    # Measured before model.lora_epilogue (2026-12-07, sixth session): adapters' products added apart.
+    before_lora_epilogue: bool = True
 
     @property
     def job_overrides(self) -> dict:
         base = (_BEFORE_AUTO if self.before_auto_defaults else {}) | (_NO_HEAD if self.before_host_lm_head else {})
-        return base | self.overrides
+        return base | (_NO_EPILOGUE if self.before_lora_epilogue else {}) | self.overrides
 
 
 _1B = {
@@ -144,6 +146,8 @@ _NO_HEAD, _HEAD_MB4 = (
     {"parallelism.host_lm_head": True, "training.micro_batch_size": 4},
 )
 _HOST, _ACT = {"parallelism.host_embedding": True}, {"activation_checkpoint.offload": True}
+_NO_EPILOGUE, _MB4 = {"model.lora_epilogue": False}, {"training.micro_batch_size": 4}
+_KEEP2 = {"activation_checkpoint.keep_outputs": "o_proj,gate_proj,up_proj", "activation_checkpoint.keep_every": 2}
 _FSDP1, _FUSED = {"parallelism.single_rank_fsdp": True}, {"model.fuse_projections": True}
 _B, _R0, _R0B = "BENCHMARKS.md", "REFERENCE.md 0", "REFERENCE.md 0b"
 # Every measured row of BENCHMARKS.md and shared/REFERENCE.md sections 0 / 0b that the recipe's current
@@ -371,6 +375,35 @@ CALIBRATION: list[Measured] = [
             ),
         )
     ),
+    # 2026-12-07, sixth session (BENCHMARKS.md): one H200 before model.lora_epilogue (call 1), then one
+    # H100 with it (calls 3 and 4, one warm machine); lm_head on the host ('auto') in all of them. Speeds
+    # only from 6-step runs (the 3-step memory-snapshot runs give peaks only).
+    *(
+        Measured(
+            what,
+            ov,
+            1,
+            train,
+            4.31,
+            tps,
+            card,
+            False,
+            _B + " 12-07 (6)",
+            "llama3_8b_qlora.toml",
+            False,
+            False,
+            False,
+            epi,
+        )
+        for what, ov, train, tps, card, epi in (
+            ("8B, 1 GPU, the default", {}, 7.94, 10823, "h200", True),
+            ("8B, 1 GPU, the default, micro-batch 4, keep o/gate/up every 2", _MB4 | _KEEP2, 9.35, None, "h200", True),
+            ("8B, 1 GPU, the default (lora_epilogue)", {}, 7.68, 10194, "h100", False),
+            ("8B, 1 GPU, the default at micro-batch 4", _MB4, 8.34, 11131, "h100", False),
+            ("8B, 1 GPU, the default at micro-batch 4, no epilogue", _MB4 | _NO_EPILOGUE, 8.85, 11180, "h100", False),
+            ("8B, 1 GPU, micro-batch 4, keep o/gate/up every 2", _MB4 | _KEEP2, 8.85, 12048, "h100", False),
+        )
+    ),
 ]
 
 
@@ -536,6 +569,7 @@ class _Job:
     fsdp: bool = True  # FSDP wraps the blocks (recipe.plan: more than one rank, or what needs it on one)
     keep: tuple[str, ...] = ()  # activation_checkpoint.keep_outputs
     keep_every: int = 1
+    epilogue: bool = False  # model.lora_epilogue in compiled 4-bit blocks: one output tensor per projection
 
 
 def _job(cfg: JobConfig, ngpu: int) -> _Job:
@@ -588,6 +622,7 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         fsdp=needs_fsdp(cfg, ngpu),
         keep=tuple(cfg.activation_checkpoint.keep_outputs),
         keep_every=cfg.activation_checkpoint.keep_every,
+        epilogue=cfg.model.lora_epilogue and resolve_compile(cfg, "cuda").on and quant is not None,
     )
 
 
@@ -755,7 +790,10 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     # 2026-12-07: 8.54 -> 9.82 GiB from micro-batch 2 to 4; in the fifth session 8.57 at micro-batch 2 and
     # 8.85 at 4 with lm_head on the host): about six such tensors (0.42 GiB per 4,096 tokens more than the
     # two counted before, which left every compiled micro-batch-4 row 9.6-10.2 % under its measured peak).
-    compiled = 6 * _mlp_tokens(j, T) * j.p * s.intermediate_size if j.compile else 0
+    # With the adapters' products added inside the frozen GEMMs' outputs (model.lora_epilogue), gate's and
+    # up's adapter products are no separate tensors: four (measured at micro-batch 4 on one H100,
+    # 2026-12-07, sixth session: 8.85 -> 8.34 GiB, and 9.35 -> 8.85 keeping o/gate/up every second block).
+    compiled = (4 if j.epilogue else 6) * _mlp_tokens(j, T) * j.p * s.intermediate_size if j.compile else 0
     mlp_moment = w * (recompute + _block_work_bytes(j, T, True)) + compiled
     attn_moment = (
         (_block_saved_bytes(j, T, attention_only=True) if n_ck else 0) + T * 2 * j.p * h + _attn_bwd_bytes(j, T)
