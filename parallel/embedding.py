@@ -135,13 +135,14 @@ class HostLMHead(_HostMatrix):
     The output projection is needed only from the loss's forward to the end of its backward, while the
     training peak comes later, in the blocks' backward: on the device the 1 GiB of Llama 3 8B's lm_head
     sits there unused (a ninth of the 8B workload's peak). Here it waits on the host; ``prefetch`` (a
-    forward pre-hook on the model's ``LlamaModel``, also a pipeline's last part's, set by
-    ``parallel.parallelize``) starts the copy on a side stream when a forward begins, so that it travels
-    behind the blocks' forward, and ``device_weight`` hands the copy to the loss
-    (``models.llama.output_weight``), which keeps it as an input of its checkpointed chunks until their
-    backward: the device copy is freed before the blocks' backward. Without a pending prefetch (a CPU
-    run, a call of ``forward`` from outside the model's forward) ``device_weight`` copies on the spot. No
-    gradient: QLoRA never trains lm_head. Not with tied embeddings (the table is also the input embedding).
+    forward hook on the embedding, or a forward pre-hook on a pipeline last part's ``LlamaModel`` that has
+    none, set by ``parallel.parallelize``) starts the copy on a side stream once a forward has its input
+    embeddings on their way, so that it travels behind the blocks' forward, and ``device_weight`` hands
+    the copy to the loss (``models.llama.output_weight``), which keeps it as an input of its checkpointed
+    chunks until their backward: the device copy is freed before the blocks' backward. Without a pending
+    prefetch (a CPU run, a forward given ``inputs_embeds``, a call of ``forward`` from outside the model's
+    forward) ``device_weight`` copies on the spot. No gradient: QLoRA never trains lm_head. Not with tied
+    embeddings (the table is also the input embedding).
     """
 
     def __init__(self, in_features: int, out_features: int, *, dtype, key: str):

@@ -179,9 +179,18 @@ def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: b
     if plan.lm_head_on_host and getattr(model, "lm_head", None) is not None:  # never with tied (recipe.plan)
         head = model.lm_head
         model.lm_head = HostLMHead(head.in_features, head.out_features, dtype=head.weight.dtype, key="lm_head.weight")
-        # At the start of every forward (LlamaModel, which both drivers and a pipeline's last part call;
-        # never compiled): the copy then travels behind the blocks' forward.
-        model.model.register_forward_pre_hook(lambda *_: model.lm_head.prefetch())
+        # Started once the embedding's output is on its way (a part without the embedding: when its
+        # LlamaModel starts; neither is ever compiled), so that the copy travels behind the blocks'
+        # forward. Started before the lookup, the 1 GiB copy held the host embedding's host-to-device
+        # copy, and with it the first block, behind it on the copy engine: about 20 ms of idle GPU per
+        # micro-batch on one H100 (the four >= 5 ms gaps of a micro-batch-2 step's profile, BENCHMARKS.md
+        # 2026-12-07 sixth session).
+        start = lambda *_: model.lm_head.prefetch()
+        emb = getattr(model.model, "embed_tokens", None)
+        if emb is not None:
+            emb.register_forward_hook(start)
+        else:
+            model.model.register_forward_pre_hook(start)
     pad_4bit_rows(model, shard_mesh.size())
     widths = apply_activation_checkpointing(model, plan.ac_mode, plan.ac_every, plan.ac_keep, plan.ac_keep_every)
     if plan.ac_offload:

@@ -321,8 +321,8 @@ class ActivationCheckpoint:
         "named). Each costs (tokens x out_features) per kept block: with activation offload it waits in pinned "
         "host memory when the blocks are compiled, else on the GPU. Saves the recompute's largest GEMMs "
         "(gate/up are 54 % of a Llama block's frozen FLOPs). Measured on one H100 (8B, lm_head on the host, "
-        "micro-batch 4): o/gate/up in every second block +7.1 % tokens/s for +0.50 GiB of training peak "
-        "(the kept outputs of the block in backward); not yet through the GPU accuracy oracle.",
+        "micro-batch 4, model.lora_epilogue): o/gate/up in every second block +8.2 % tokens/s for +0.51 GiB "
+        "of training peak (the kept outputs of the block in backward); not yet through the GPU accuracy oracle.",
     )
     keep_every: int = _f(1, "With keep_outputs, keep them in every k-th checkpointed block (the others recompute all).")
 

@@ -230,10 +230,11 @@ def test_host_tables_refuse_tied(tmp_path, debug_tied_nf4_ckpt, option):
         destroy()  # the failed Trainer left its process group
 
 
-def test_host_lm_head_is_bit_identical(tmp_path, debug_nf4_ckpt, eager_full_ac):
+def test_host_lm_head_is_bit_identical(tmp_path, debug_nf4_ckpt, eager_full_ac, monkeypatch):
     """parallelism.host_lm_head: the same losses and LoRA gradients as lm_head on the device (the loss
     reads the same matrix, only from a copy), with the host embedding too; the matrix stays on the host,
-    out of the parameters, and each forward consumes the copy its prefetch started."""
+    out of the parameters, and each forward consumes the copy its prefetch started, which starts after
+    the embedding lookup (whose host-to-device copy must not queue behind it) and before the blocks."""
     from parallel.embedding import HostLMHead
 
     ref_losses, ref_grads, _ = eager_full_ac
@@ -263,7 +264,14 @@ def test_host_lm_head_is_bit_identical(tmp_path, debug_nf4_ckpt, eager_full_ac):
             return orig_clip()
 
         tr._clip = clip
+        order = []
+        prefetch = HostLMHead.prefetch
+        monkeypatch.setattr(HostLMHead, "prefetch", lambda self: order.append("prefetch") or prefetch(self))
+        tr.model.model.embed_tokens.register_forward_pre_hook(lambda *_: order.append("embed"))
+        tr.model.model.layers[0].register_forward_pre_hook(lambda *_: order.append("block 0"))
         assert [tr.train_step().loss for _ in range(3)] == ref_losses
+        micro = len(order) // 3
+        assert order == ["embed", "prefetch", "block 0"] * micro and micro >= 3
         for got, want in zip(grads, ref_grads, strict=True):
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
         x = torch.randint(0, head.out_features, (1, 5))
