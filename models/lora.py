@@ -110,9 +110,7 @@ def _in_epilogue(on: bool, w, tag: str, xa: torch.Tensor, x: torch.Tensor) -> bo
     4-bit weight, an adapter computing in the output's dtype, and a compiled or tagged block (eager
     blocks keep the separate product: there the adapter runs before the frozen GEMM, so that a
     checkpoint's recompute stops before down_proj's frozen GEMM; see ``QLoRALinear.forward``)."""
-    return (
-        on and isinstance(w, Weight4bit) and xa.dtype == x.dtype and (bool(tag) or torch.compiler.is_compiling())
-    )
+    return on and isinstance(w, Weight4bit) and xa.dtype == x.dtype and (bool(tag) or torch.compiler.is_compiling())
 
 
 def base_linear(x: torch.Tensor, w: torch.Tensor, tag: str = "") -> torch.Tensor:
