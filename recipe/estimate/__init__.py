@@ -873,19 +873,40 @@ _LINK = {
 # counts only where FSDP runs. The FLOP count (recipe.metrics) leaves down_proj's frozen matmul out of
 # the recompute since 2026-12-07 (fourth session): a compiled block's partition never re-ran it (its output
 # is not needed in backward; the H100 profile's 20 dequantizations per block and micro-batch), so compile's
-# E is refitted to the same 10,460 tokens/s with the smaller count (0.515 -> 0.473); eager re-ran it until
+# E is refitted to the same 10,460 tokens/s with the smaller count (0.515 -> 0.473), and again (0.504) when
+# the dequantization became a term of its own (``_DEQUANT_BPS``, sixth session); eager re-ran it until
 # models/lora.py ran the adapter first, so its E (fitted on those runs with the count that was right for
 # them) now predicts the current eager code about 8 % faster than the eager rows measured: unmeasured.
 SPEED_FIT = {
     "eager": {"E": 0.373, "E_attn": 0.475, "C": 0.00355, "offload_s_per_gib": 0.0064},
-    "compile": {"E": 0.473, "E_attn": 0.475, "C": 0.0, "offload_s_per_gib": 0.0013},
+    "compile": {"E": 0.504, "E_attn": 0.475, "C": 0.0, "offload_s_per_gib": 0.0013},
 }
 # The cards where compiled runs were measured; elsewhere (t4, l4, a100) a compiled run is estimated at
 # eager's speed until measured there.
 COMPILE_MEASURED_ON = ("h100", "h200")
+# Compiled blocks' dequantization, apart from the FLOPs term because it is paid per micro-batch, not per
+# token: bitsandbytes' kernel writes every 4-bit weight out in the compute dtype for the forward, the
+# recompute (down_proj's output is not needed in backward) and the backward's input gradient, 20 times
+# per block and micro-batch in the H100 profile (0.094 s of a micro-batch-2 x 4 step: about 2.1 TB/s
+# read and written). Without it the model gave micro-batch 4 the speed of 2 (its rows 6-7 % under the
+# measured gain). The H200 is assumed to scale with its HBM (4.8 against 3.35 TB/s).
+_DEQUANT_BPS = {"h100": 2.1e12, "h200": 3.0e12}
 # CPU offload (not measured on a GPU): the rank's parameter shards are copied to the GPU for every
 # all-gather, and AdamW runs on the host at about 1 G parameters/s (assumed).
 _HOST_ADAM_PARAMS_PER_S = 1e9
+
+
+def _dequant_bytes(j: _Job) -> float:
+    """Bytes the dequantization kernel moves per micro-batch (4-bit read, compute dtype written): every
+    block's projections twice (forward, input gradient), the checkpointed blocks' once more but down_proj
+    and, in the blocks that keep them, the kept projections."""
+    if not j.quant:
+        return 0.0
+    w = {name: i * o for name, (i, o) in _proj(j.shape).items()}
+    block = sum(w.values())
+    recomputed = (block - w["down_proj"]) * _checkpointed_blocks(j)
+    recomputed -= _kept(j, 0)[0] * sum(w[name] for name in j.keep if name in w and name != "down_proj")
+    return (2 * block * j.shape.num_hidden_layers + recomputed) * (j.p + 0.5)
 
 
 def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
@@ -901,6 +922,8 @@ def step_time(j, card: str, ngpu: int) -> tuple[float, dict[str, float], float]:
     attn = 4 * L * j.seq * s.num_attention_heads * s.head_dim * (3 + ac_fraction(L, j.ac_mode, j.ac_every))
     dense = f - attn
     parts = {"compute": j.accum * T * (dense / fit["E"] + 0.5 * attn / fit["E_attn"]) / (peak * clock)}
+    if fit is SPEED_FIT["compile"]:
+        parts["dequant"] = j.accum * _dequant_bytes(j) / _DEQUANT_BPS[card]
     # Python launching each block's kernels; on a slow card (t4, l4) they queue ahead of the GPU instead.
     parts["host"] = 0.0 if hides or not j.fsdp else j.accum * L * fit["C"]
     n, v = j.n, s.vocab_size
