@@ -57,6 +57,8 @@ VARIANTS = [
 EXTRA = [
     Variant("bf16_eager_again", (BF16, EAGER)),
     Variant("bf16_compiled_loss", (BF16, COMPILED, "--training.compile_loss=true")),
+    # Compiled with the adapters' products added apart (before model.lora_epilogue, 2026-12-07 sixth session).
+    Variant("bf16_compiled_apart", (BF16, COMPILED, "--model.lora_epilogue=false")),
     # The default keeping o/gate/up's frozen outputs in every second block (activation_checkpoint.keep_outputs).
     Variant(
         "bf16_keep",
