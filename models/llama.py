@@ -67,8 +67,8 @@ class ModelArgs:
     # q/k/v and gate/up each as one frozen matrix (models/lora.py FusedQLoRALinear): one dequantization
     # and one GEMM per group; LoRA parameters keep their per-projection names.
     fuse_projections: bool = False
-    # Compiled blocks add each adapter's product inside its 4-bit projection's output (models/quant.py
-    # lora_linear_4bit): one (tokens x out) tensor per projection instead of two.
+    # Compiled blocks run each 4-bit projection as one operator with its adapters inside
+    # (models/qlora_op.py): no adapter tensors of the projection's size for the compiler to keep.
     lora_epilogue: bool = True
 
 

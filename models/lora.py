@@ -27,7 +27,8 @@ import math
 import torch
 from torch import nn
 
-from models.quant import Weight4bit, linear_4bit, lora_linear_4bit
+from models.qlora_op import lora_linear_4bit
+from models.quant import Weight4bit, linear_4bit
 
 __all__ = ["QLoRALinear", "FusedQLoRALinear", "init_lora_", "lora_init_tensor"]
 
@@ -64,8 +65,8 @@ class QLoRALinear(nn.Module):
         # Non-empty: activation checkpointing keeps this projection's frozen output for backward instead
         # of recomputing it (``activation_checkpoint.keep_outputs``; set by parallel/parallelize.py).
         self.keep_tag = ""
-        # Compiled (or tagged) 4-bit projections add the adapter's product inside the frozen GEMM's output
-        # (``models.quant.lora_linear_4bit``: one output tensor, not two); ``model.lora_epilogue``.
+        # Compiled (or tagged) 4-bit projections run as one operator with the adapter inside
+        # (``models.qlora_op.lora_linear_4bit``); ``model.lora_epilogue``.
         self.epilogue = epilogue
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,9 +76,11 @@ class QLoRALinear(nn.Module):
             return base_linear(x, self.weight, self.keep_tag)
         # The scale multiplies the rank-r intermediate, not the (tokens x out_features) output:
         # r/out as many elements (1/224 for gate/up of Llama 3 8B at r=64), same product.
+        if _in_epilogue(self.epilogue, self.weight, self.keep_tag, self.lora_weight("A").dtype, x):
+            xd = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
+            a, b = self.lora_weight("A"), self.lora_weight("B")
+            return lora_linear_4bit(x, self.weight, xd, [a], [b], [self.scaling], [0], self.keep_tag)
         xa = nn.functional.linear(self.lora_input(x), self.lora_weight("A")) * self.scaling
-        if _in_epilogue(self.epilogue, self.weight, self.keep_tag, xa, x):
-            return lora_linear_4bit(x, self.weight, xa, [self.lora_weight("B")], [0], self.keep_tag)
         lora = nn.functional.linear(xa, self.lora_weight("B"))
         # The adapter before the frozen product (the same sum as lora_up): in a checkpointed block's
         # recompute, nothing after down_proj's adapter is saved for backward, so non-reentrant
@@ -105,12 +108,14 @@ class QLoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, base={kind}, rank={self.rank}"
 
 
-def _in_epilogue(on: bool, w, tag: str, xa: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the adapters' product goes into the frozen product's output (``lora_linear_4bit``): a
-    4-bit weight, an adapter computing in the output's dtype, and a compiled or tagged block (eager
-    blocks keep the separate product: there the adapter runs before the frozen GEMM, so that a
-    checkpoint's recompute stops before down_proj's frozen GEMM; see ``QLoRALinear.forward``)."""
-    return on and isinstance(w, Weight4bit) and xa.dtype == x.dtype and (bool(tag) or torch.compiler.is_compiling())
+def _in_epilogue(on: bool, w, tag: str, adapter_dtype: torch.dtype, x: torch.Tensor) -> bool:
+    """Whether the projection runs as one operator with its adapters inside (``models.qlora_op``): a
+    4-bit weight, adapters computing in the input's dtype, and a compiled or tagged block (eager blocks
+    keep the separate products: there the adapter runs before the frozen GEMM, so that a checkpoint's
+    recompute stops before down_proj's frozen GEMM; see ``QLoRALinear.forward``)."""
+    return (
+        on and isinstance(w, Weight4bit) and adapter_dtype == x.dtype and (bool(tag) or torch.compiler.is_compiling())
+    )
 
 
 def base_linear(x: torch.Tensor, w: torch.Tensor, tag: str = "") -> torch.Tensor:
@@ -155,7 +160,23 @@ class FusedQLoRALinear(nn.Module):
         if not live:
             # split's backward is one concatenation of the parts' gradients.
             return tuple(base_linear(x, self.weight, self.keep_tag).split(self.sizes, dim=-1))
-        if any(not isinstance(a.lora_dropout, nn.Identity) for _, a in live):
+        dropout = any(not isinstance(a.lora_dropout, nn.Identity) for _, a in live)
+        if not dropout and _in_epilogue(
+            self.epilogue, self.weight, self.keep_tag, live[0][1].lora_weight("A").dtype, x
+        ):
+            starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+            out = lora_linear_4bit(
+                x,
+                self.weight,
+                None,
+                [a.lora_weight("A") for _, a in live],
+                [a.lora_weight("B") for _, a in live],
+                [a.scaling for _, a in live],
+                [starts[i] for i, _ in live],
+                self.keep_tag,
+            )
+            return tuple(out.split(self.sizes, dim=-1))
+        if dropout:
             xas = [nn.functional.linear(a.lora_input(x), a.lora_weight("A")) * a.scaling for _, a in live]
         else:
             first = live[0][1]
@@ -165,17 +186,6 @@ class FusedQLoRALinear(nn.Module):
                 xas = (xa * first.scaling).split([a.rank for _, a in live], dim=-1)
             else:
                 xas = [p * a.scaling for p, (_, a) in zip(xa.split([a.rank for _, a in live], -1), live, strict=True)]
-        if _in_epilogue(self.epilogue, self.weight, self.keep_tag, xas[0], x):
-            starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-            out = lora_linear_4bit(
-                x,
-                self.weight,
-                torch.cat(list(xas), -1) if len(xas) > 1 else xas[0],
-                [a.lora_weight("B") for _, a in live],
-                [starts[i] for i, _ in live],
-                self.keep_tag,
-            )
-            return tuple(out.split(self.sizes, dim=-1))
         outs = list(base_linear(x, self.weight, self.keep_tag).split(self.sizes, dim=-1))
         for (i, a), xa_i in zip(live, xas, strict=True):
             outs[i] = a.lora_up(xa_i, outs[i])

@@ -41,7 +41,7 @@ def bnb_functional():
     return bnbF
 
 
-__all__ = ["Weight4bit", "linear_4bit", "lora_linear_4bit"]
+__all__ = ["Weight4bit", "linear_4bit"]
 
 
 class Weight4bit(torch.Tensor):
@@ -370,76 +370,6 @@ class _Linear4bitFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_x = _grad_input(grad_out, *ctx.args) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None, None, None
-
-
-# The adapters' product added in the frozen product's output (``models.lora``, compiled blocks): a
-# projection's output is then one (tokens x out) tensor instead of two. With the sum as a separate add,
-# inductor fuses that add into its consumers (silu(gate) * up and its backward), which then read the
-# frozen product and the adapter's product apart: both stay alive from the forward (or recompute) to the
-# backward, two (tokens x intermediate) tensors for gate and two for up where the sum needs one each
-# (measured: the MLP's tensors at the backward peak). Here each adapter's B GEMM accumulates into its
-# slice of the frozen output (cuBLAS beta = 1: one fp32 sum, rounded once, where the separate add
-# rounded the adapter's product first), inside one opaque operator. ``xa``: the scaled rank-r
-# intermediates of the adapters, concatenated along the rank dim; ``bs``: their B matrices; ``offsets``:
-# the first output column of each (a fused q/k/v or gate/up matrix has one adapter per part).
-def _add_lora_(y, xa, bs, offsets):
-    y2, xa2 = y.view(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1])
-    r0 = 0
-    for b, off in zip(bs, offsets, strict=True):
-        y2[:, off : off + b.shape[0]].addmm_(xa2[:, r0 : r0 + b.shape[1]], b.t())
-        r0 += b.shape[1]
-    return y
-
-
-@torch.library.custom_op("qlora_recipe::lora_linear_4bit", mutates_args=())
-def _lora_linear_4bit_op(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    rows: int,
-    quant_type: str,
-    blocksize: int,
-    xa: torch.Tensor,
-    bs: list[torch.Tensor],
-    offsets: list[int],
-    tag: str,
-) -> torch.Tensor:
-    return _add_lora_(_forward(x, packed, absmax, rows, quant_type, blocksize), xa, bs, offsets)
-
-
-@_lora_linear_4bit_op.register_fake
-def _(x, packed, absmax, rows, quant_type, blocksize, xa, bs, offsets, tag):
-    return x.new_empty((*x.shape[:-1], rows))
-
-
-def _lora_setup_context(ctx, inputs, output):
-    x, packed, absmax, rows, quant_type, blocksize, xa, bs, offsets, _tag = inputs
-    ctx.save_for_backward(packed, absmax, xa, *bs)
-    ctx.meta = (x.shape[-1], quant_type, blocksize)
-    ctx.offsets = offsets
-
-
-def _lora_backward(ctx, grad_out):
-    packed, absmax, xa, *bs = ctx.saved_tensors
-    grad_x = _linear_4bit_grad_input_op(grad_out, packed, absmax, *ctx.meta) if ctx.needs_input_grad[0] else None
-    g2, xa2 = grad_out.reshape(-1, grad_out.shape[-1]), xa.reshape(-1, xa.shape[-1])
-    grad_xa, grad_bs, r0 = [], [], 0
-    for b, off in zip(bs, ctx.offsets, strict=True):
-        g = g2[:, off : off + b.shape[0]]
-        grad_xa.append(g @ b)
-        grad_bs.append(g.t() @ xa2[:, r0 : r0 + b.shape[1]])
-        r0 += b.shape[1]
-    grad_xa = (grad_xa[0] if len(grad_xa) == 1 else torch.cat(grad_xa, -1)).view(xa.shape)
-    return grad_x, None, None, None, None, None, grad_xa, grad_bs, None, None
-
-
-_lora_linear_4bit_op.register_autograd(_lora_backward, setup_context=_lora_setup_context)
-
-
-def lora_linear_4bit(x, weight: Weight4bit, xa, bs: list[torch.Tensor], offsets: list[int], tag: str = ""):
-    """x @ W.T with each adapter's xa_i @ B_i.T added to its output columns (see ``_add_lora_``)."""
-    args = (weight.packed, weight.absmax, weight.real_rows, weight.quant_type, weight.blocksize)
-    return _lora_linear_4bit_op(x, *args, xa, list(bs), list(offsets), tag)
 
 
 def linear_4bit(x: torch.Tensor, weight: Weight4bit, tag: str = "") -> torch.Tensor:

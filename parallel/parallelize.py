@@ -100,7 +100,7 @@ _TAGGED_OPS = (torch.ops.qlora_recipe.linear_4bit.default, torch.ops.qlora_recip
 
 
 def _keep_policy(tags: frozenset[str], ctx, func, *args, **kwargs):
-    # The 4-bit operators' last argument is their tag (models.quant.linear_4bit, lora_linear_4bit).
+    # The 4-bit operators' last argument is their tag (models.quant.linear_4bit, models.qlora_op).
     if func in _TAGGED_OPS and args[-1] in tags:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE

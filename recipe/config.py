@@ -98,9 +98,11 @@ class Model:
     )
     lora_epilogue: bool = _f(
         True,
-        "In compiled blocks, add each adapter's product inside its 4-bit projection's output (the B GEMM "
-        "accumulates into the frozen GEMM's result): one (tokens x out) tensor per projection instead of two "
-        "kept to the backward, and one rounding of the sum instead of two. Eager blocks are unchanged.",
+        "In compiled blocks, run each 4-bit projection as one operator with its adapters inside: the B GEMMs "
+        "accumulate into the frozen GEMM's output and, in backward, the A GEMMs into the frozen input "
+        "gradient, so the adapters leave no (tokens x out) or (tokens x in) tensors of their own for the "
+        "compiler to keep (measured: -0.51 GiB at micro-batch 4 for the 8B workload); each sum is rounded "
+        "once. Eager blocks are unchanged.",
     )
 
 

@@ -1,11 +1,13 @@
-"""``models.quant.lora_linear_4bit`` (``model.lora_epilogue``): the adapters' products accumulated into the
-frozen 4-bit product's output, against the same sum written out with the weight bitsandbytes dequantizes.
+"""``models.qlora_op.lora_linear_4bit`` (``model.lora_epilogue``): a QLoRA projection as one operator, the
+adapters' products accumulated into the frozen product's output and, in backward, the adapters' input
+gradient into the frozen one; against the same sum written out with the weight bitsandbytes dequantizes.
 
-* forward: x @ W.T + xa_i @ B_i.T in each adapter's output columns (a fused q/k/v matrix whose k part
-  has no adapter included); gradients of x, xa and every B equal autograd's through the written-out sum;
-* in bf16 the sum is rounded once: no further from an fp32 reference than the separate add, which
-  rounds the adapter's product first;
-* the operator passes torch.library's own checks (schema, fake tensor, autograd registration);
+* forward: x @ W.T + s_i (x @ A_i.T) @ B_i.T in each adapter's output columns (a fused q/k/v matrix whose
+  k part has no adapter); the gradients of x, every A and every B equal autograd's through the
+  written-out sum, also with a separate adapter input (LoRA dropout), whose gradient then stays apart;
+* in bf16 the sums are rounded once: no further from fp32 than the written-out sum, which rounds each
+  product first;
+* both operators pass torch.library's own checks (schema, fake tensor, autograd registration);
 * a compiled model (inductor) runs it and trains as the eager model does: losses and LoRA gradients of
   the whole model within fp32 summation order.
 """
@@ -16,9 +18,12 @@ import pytest
 import torch
 
 from models.hf_reader import quantize_rows
-from models.quant import Weight4bit, _lora_linear_4bit_op, lora_linear_4bit
+from models.qlora_op import _grad_input_op, _op, lora_linear_4bit
+from models.quant import Weight4bit
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+SIZES, RANKS, SCALES, OFFSETS = [48, 16, 16], (4, 2), (2.0, 0.5), [0, 64]  # adapters on the q and v parts
 
 
 def _weight(rows: int, k: int, seed: int = 0, dtype=torch.float32) -> Weight4bit:
@@ -27,52 +32,62 @@ def _weight(rows: int, k: int, seed: int = 0, dtype=torch.float32) -> Weight4bit
     return Weight4bit(q.packed, q.absmax, q.code, rows, "nf4", 64, dtype)
 
 
-def _inputs(dtype=torch.float32, rows=(48, 16, 16), ranks=(4, 4), offsets=(0, 64)):
-    """x (2 x 5 x 64), a fused (q 48 | k 16 | v 16) weight, adapters on q and v only."""
+def _inputs(dtype=torch.float32, dropout=False):
     g = torch.Generator().manual_seed(1)
-    w = _weight(sum(rows), 64, dtype=dtype)
-    x = torch.randn(2, 5, 64, generator=g).to(dtype).requires_grad_()
-    xa = torch.randn(2, 5, sum(ranks), generator=g).to(dtype).requires_grad_()
-    outs = [rows[0], rows[2]]
-    bs = [(torch.randn(o, r, generator=g) * 0.5).to(dtype).requires_grad_() for o, r in zip(outs, ranks, strict=True)]
-    return w, x, xa, bs, list(offsets)
+    w = _weight(sum(SIZES), 64, dtype=dtype)
+    leaf = lambda *shape, std=1.0: (torch.randn(*shape, generator=g) * std).to(dtype).requires_grad_()
+    x = leaf(2, 5, 64)
+    xd = leaf(2, 5, 64) if dropout else None
+    As = [leaf(r, 64, std=0.2) for r in RANKS]
+    Bs = [leaf(o, r, std=0.5) for o, r in zip((SIZES[0], SIZES[2]), RANKS, strict=True)]
+    return w, x, xd, As, Bs
 
 
-def _written_out(w, x, xa, bs, offsets):
-    cols, r0 = list((x @ w.dequantize(x.dtype).t()).split([48, 16, 16], -1)), 0
-    for b, i in zip(bs, (0, 2), strict=True):  # offsets 0 and 64: the q and v parts
-        cols[i] = cols[i] + xa[..., r0 : r0 + b.shape[1]] @ b.t()
-        r0 += b.shape[1]
+def _written_out(w, x, xd, As, Bs):
+    cols = list((x @ w.dequantize(x.dtype).t()).split(SIZES, -1))
+    src = x if xd is None else xd
+    for a, b, s, i in zip(As, Bs, SCALES, (0, 2), strict=True):
+        cols[i] = cols[i] + s * ((src @ a.t()) @ b.t())
     return torch.cat(cols, -1)
 
 
-def test_sum_and_gradients_equal_the_written_out_sum():
-    w, x, xa, bs, offsets = _inputs()
-    y = lora_linear_4bit(x, w, xa, bs, offsets)
-    ref = _written_out(w, x, xa, bs, offsets)
+@pytest.mark.parametrize("dropout", [False, True])
+def test_sum_and_gradients_equal_the_written_out_sum(dropout):
+    w, x, xd, As, Bs = _inputs(dropout=dropout)
+    y = lora_linear_4bit(x, w, xd, As, Bs, SCALES, OFFSETS)
+    ref = _written_out(w, x, xd, As, Bs)
     assert torch.allclose(y, ref, atol=1e-5, rtol=0)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
-    got = torch.autograd.grad(y, [x, xa, *bs], g)
-    want = torch.autograd.grad(ref, [x, xa, *bs], g)
-    for a, b in zip(got, want, strict=True):
+    leaves = [x, *([xd] if dropout else []), *As, *Bs]
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g), strict=True):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
-def test_bf16_sum_is_rounded_once():
-    """Against fp32 on the same bf16 inputs: the epilogue's error is at most the separate add's."""
-    w, x, xa, bs, offsets = _inputs(torch.bfloat16)
-    with torch.no_grad():
-        exact = _written_out(w, x.float(), xa.float(), [b.float() for b in bs], offsets)
-        fused = lora_linear_4bit(x, w, xa, bs, offsets).float()
-        apart = _written_out(w, x, xa, bs, offsets).float()
-    err_fused, err_apart = (fused - exact).abs().mean(), (apart - exact).abs().mean()
-    assert err_fused <= err_apart, (err_fused, err_apart)
+def test_bf16_sums_are_rounded_once():
+    """Against fp32 on the same bf16 inputs: the operator's error (output, and x's gradient, where the
+    adapters' part is accumulated into the frozen one) is at most the written-out sum's."""
+    w, x, _, As, Bs = _inputs(torch.bfloat16)
+    f32 = lambda ts: [t.detach().float().requires_grad_() for t in ts]
+    xf, Af, Bf = f32([x])[0], f32(As), f32(Bs)
+    g = torch.randn(2, 5, sum(SIZES), generator=torch.Generator().manual_seed(3))
+    exact = _written_out(w, xf, None, Af, Bf)
+    (exact_gx,) = torch.autograd.grad(exact, [xf], g)
+    one = lora_linear_4bit(x, w, None, As, Bs, SCALES, OFFSETS)
+    apart = _written_out(w, x, None, As, Bs)
+    (one_gx,) = torch.autograd.grad(one, [x], g.bfloat16())
+    (apart_gx,) = torch.autograd.grad(apart, [x], g.bfloat16())
+    err = lambda t, ref: (t.detach().float() - ref.detach()).abs().mean()
+    assert err(one, exact) <= err(apart, exact)
+    assert err(one_gx, exact_gx) <= err(apart_gx, exact_gx)
 
 
 def test_opcheck():
-    w, x, xa, bs, offsets = _inputs()
-    args = (x, w.packed, w.absmax, w.real_rows, w.quant_type, w.blocksize, xa, bs, offsets, "")
-    torch.library.opcheck(_lora_linear_4bit_op, args)
+    w, x, _, As, Bs = _inputs()
+    meta = (w.packed, w.absmax, w.real_rows, w.quant_type, w.blocksize)
+    torch.library.opcheck(_op, (x, *meta, None, As, Bs, list(SCALES), OFFSETS, ""))
+    grad = torch.randn(2, 5, sum(SIZES))
+    args = (grad, w.packed, w.absmax, 64, w.quant_type, w.blocksize, torch.randn(10, sum(RANKS)), torch.cat(As))
+    torch.library.opcheck(_grad_input_op, tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
 
 
 def test_compiled_model_trains_as_eager(debug_nf4_ckpt, monkeypatch):
