@@ -74,13 +74,15 @@ class QLoRALinear(nn.Module):
             raise RuntimeError("an adapter without a base weight runs through its FusedQLoRALinear")
         if self.rank == 0:
             return base_linear(x, self.weight, self.keep_tag)
+        a = self.lora_weight("A")
+        if _in_epilogue(self.epilogue, self.weight, self.keep_tag, a.dtype, x):
+            xd = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
+            return lora_linear_4bit(
+                x, self.weight, xd, [a], [self.lora_weight("B")], [self.scaling], [0], self.keep_tag
+            )
         # The scale multiplies the rank-r intermediate, not the (tokens x out_features) output:
         # r/out as many elements (1/224 for gate/up of Llama 3 8B at r=64), same product.
-        if _in_epilogue(self.epilogue, self.weight, self.keep_tag, self.lora_weight("A").dtype, x):
-            xd = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
-            a, b = self.lora_weight("A"), self.lora_weight("B")
-            return lora_linear_4bit(x, self.weight, xd, [a], [b], [self.scaling], [0], self.keep_tag)
-        xa = nn.functional.linear(self.lora_input(x), self.lora_weight("A")) * self.scaling
+        xa = nn.functional.linear(self.lora_input(x), a) * self.scaling
         lora = nn.functional.linear(xa, self.lora_weight("B"))
         # The adapter before the frozen product (the same sum as lora_up): in a checkpointed block's
         # recompute, nothing after down_proj's adapter is saved for backward, so non-reentrant

@@ -183,7 +183,7 @@ def parallelize(model: nn.Module, mesh, plan: ParallelPlan, *, keep_unsharded: b
         # LlamaModel starts; neither is ever compiled), so that the copy travels behind the blocks'
         # forward. Started before the lookup, the 1 GiB copy held the host embedding's host-to-device
         # copy, and with it the first block, behind it on the copy engine: about 20 ms of idle GPU per
-        # micro-batch on one H100 (the four >= 5 ms gaps of a micro-batch-2 step's profile, BENCHMARKS.md
+        # micro-batch on one H200 (the four >= 5 ms gaps of a micro-batch-2 step's profile, BENCHMARKS.md
         # 2026-12-07 sixth session).
         start = lambda *_: model.lm_head.prefetch()
         emb = getattr(model.model, "embed_tokens", None)

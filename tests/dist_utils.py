@@ -16,6 +16,7 @@ gathered weights and the all-gather inputs. Rank 0 saves the run's losses; every
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -250,8 +251,10 @@ def _check_unsharded(trainer, world: int) -> dict:
 def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
     """Run every job in order on one process group. A job is a dict with
     ``name``, ``overrides`` (CLI strings), optional ``checks`` (shard / gather / spy checks),
-    optional ``save`` / ``export`` (write the final checkpoint / the adapter) and optional
-    ``expect_exit`` (the Trainer must refuse the layout: record the message)."""
+    optional ``save`` / ``export`` (write the final checkpoint / the adapter), optional
+    ``expect_exit`` (the Trainer must refuse the layout: record the message) and optional
+    ``compile_backend`` (what ``nn.Module.compile`` compiles with, e.g. "aot_eager": dynamo and
+    AOTAutograd trace the blocks as inductor would take them, in seconds on CPU instead of minutes)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
@@ -283,6 +286,9 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
             t_job = time.perf_counter()
             spy: list = []
             undo = _spy_pre_all_gather(spy) if job.get("checks") else None
+            compile_ = torch.nn.Module.compile
+            if job.get("compile_backend"):
+                torch.nn.Module.compile = functools.partialmethod(compile_, backend=job["compile_backend"])
             try:
                 trainer = Trainer(cfg)
                 named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
@@ -342,6 +348,9 @@ def run_jobs(rank: int, world: int, jobs: list[dict], out_dir: str) -> None:
             finally:
                 if undo is not None:
                     undo()
+                if torch.nn.Module.compile is not compile_:
+                    torch.nn.Module.compile = compile_
+                    torch._dynamo.reset()
             dist.barrier()
     finally:
         destroy()

@@ -146,8 +146,9 @@ def test_fp16_overflow_skips_steps_without_shifting_the_schedule(tmp_path, debug
 
 
 def test_compiled_blocks_match_eager(tmp_path, debug_nf4_ckpt):
-    """training.compile compiles every block (Weight4bit weights, LoRA, checkpoint-free path) and
-    trains to the same losses as eager mode."""
+    """training.compile compiles every block with inductor (Weight4bit weights, the adapters inside the
+    4-bit operator of models/qlora_op.py, checkpoint-free path) and trains to the same losses as eager
+    mode (where the adapters' products are separate adds)."""
     from recipe.train import Trainer
 
     def losses(compile_: bool) -> list[float]:
