@@ -376,7 +376,7 @@ CALIBRATION: list[Measured] = [
         )
     ),
     # 2026-12-07, sixth session (BENCHMARKS.md): one H200 before model.lora_epilogue (call 1), then one
-    # H100 with it (calls 3 and 4, one warm machine); lm_head on the host ('auto') in all of them. Speeds
+    # H100 with its forward half (calls 2 and 3, one warm machine); lm_head on the host ('auto') in all of them. Speeds
     # only from 6-step runs (the 3-step memory-snapshot runs give peaks only).
     *(
         Measured(
@@ -793,6 +793,8 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     # With the adapters' products added inside the frozen GEMMs' outputs (model.lora_epilogue), gate's and
     # up's adapter products are no separate tensors: four (measured at micro-batch 4 on one H100,
     # 2026-12-07, sixth session: 8.85 -> 8.34 GiB, and 9.35 -> 8.85 keeping o/gate/up every second block).
+    # Measured with the operator's forward half; its backward half (down_proj's input gradient through the
+    # adapter accumulated into the frozen one: predicted one tensor fewer) is not counted until measured.
     compiled = (4 if j.epilogue else 6) * _mlp_tokens(j, T) * j.p * s.intermediate_size if j.compile else 0
     mlp_moment = w * (recompute + _block_work_bytes(j, T, True)) + compiled
     attn_moment = (
