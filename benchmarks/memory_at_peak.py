@@ -91,8 +91,9 @@ def report(snapshot: dict, device: int = 0, top: int = 25) -> str:
     groups: dict[str, list[int]] = defaultdict(list)
     example: dict[str, list] = {}
     for size, frames in live.values():
-        groups[owner(frames)].append(size)
-        example.setdefault(owner(frames), frames)
+        name = owner(frames)
+        groups[name].append(size)
+        example.setdefault(name, frames)
     gib = 2.0**30
     lines = [f"peak {peak / gib:.3f} GiB allocated, at trace event {at} of {len(trace)}; alive then, by frame:"]
     if 0 <= at < len(trace):

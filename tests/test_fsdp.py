@@ -288,15 +288,20 @@ def test_one_rank_without_fsdp_is_fsdp_bit_for_bit(results, variant):
             assert torch.equal(a[name], b[name]), (variant, step, name, float((a[name] - b[name]).abs().max()))
 
 
+def _max_diffs(ref: dict, got: dict, first_step: int = 0) -> tuple[float, float]:
+    """The largest |loss difference| and |LoRA gradient difference| of two runs, from ``ref``'s step
+    ``first_step`` on (a resumed run starts later); every step's gradients name the same parameters."""
+    pairs = list(zip(ref["grads"][first_step:], got["grads"], strict=True))
+    assert all(gr.keys() == gg.keys() for gr, gg in pairs)
+    loss_diff = max(abs(a - b) for a, b in zip(ref["losses"][first_step:], got["losses"], strict=True))
+    return loss_diff, max(float((gr[n] - gg[n]).abs().max()) for gr, gg in pairs for n in gr)
+
+
 def test_compiled_matches_eager(results):
     """Compiled blocks (the adapters inside the 4-bit operator) on 2 ranks against the eager 1-process
     run with the same full checkpointing: the same losses and LoRA gradients (fp32)."""
     world = 2
-    ref, got = _load_run(results, 1, "ac_full"), _load_run(results, world, "compiled")
-    loss_diff = max(abs(a - b) for a, b in zip(ref["losses"], got["losses"], strict=True))
-    grad_diff = max(
-        float((gr[n] - gg[n]).abs().max()) for gr, gg in zip(ref["grads"], got["grads"], strict=True) for n in gr
-    )
+    loss_diff, grad_diff = _max_diffs(_load_run(results, 1, "ac_full"), _load_run(results, world, "compiled"))
     print(f"\n[diff] compiled world={world} vs eager 1 process: loss {loss_diff:.3e}, LoRA grad {grad_diff:.3e}")
     assert loss_diff <= 1e-5 and grad_diff <= 1e-5
 
@@ -305,13 +310,8 @@ def test_compiled_matches_eager(results):
 def test_fused_matches_unfused(results, world):
     """model.fuse_projections on N ranks against the unfused 1-process run: the same losses and LoRA
     gradients (tests/test_fused.py checks the fused rows themselves)."""
-    ref, got = _load_run(results, 1, "fp32"), _load_run(results, world, "fused")
-    loss_diff = max(abs(a - b) for a, b in zip(ref["losses"], got["losses"], strict=True))
-    grad_diff = max(
-        float((gr[n] - gg[n]).abs().max()) for gr, gg in zip(ref["grads"], got["grads"], strict=True) for n in gr
-    )
+    loss_diff, grad_diff = _max_diffs(_load_run(results, 1, "fp32"), _load_run(results, world, "fused"))
     print(f"\n[diff] fused world={world} vs unfused 1 process: loss {loss_diff:.3e}, LoRA grad {grad_diff:.3e}")
-    assert all(gr.keys() == gg.keys() for gr, gg in zip(ref["grads"], got["grads"], strict=True))
     assert loss_diff <= 1e-5 and grad_diff <= 1e-5
 
 
@@ -323,10 +323,7 @@ def test_unfused_checkpoint_resumes_fused_and_exports_the_same_adapter(results, 
 
     ref, got = _load_run(results, 2, "fp32"), _load_run(results, 2, "fused_resumed")
     assert got["start_step"] == 2 and len(got["losses"]) == STEPS - 2
-    loss_diff = max(abs(a - b) for a, b in zip(ref["losses"][2:], got["losses"], strict=True))
-    grad_diff = max(
-        float((gr[n] - gg[n]).abs().max()) for gr, gg in zip(ref["grads"][2:], got["grads"], strict=True) for n in gr
-    )
+    loss_diff, grad_diff = _max_diffs(ref, got, first_step=2)
     a = load_file(results(2) / "dump" / "fp32_w2" / "adapter" / "adapter_model.safetensors")
     b = load_file(env["root"] / "fused_resume" / "adapter" / "adapter_model.safetensors")
     adapter_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
