@@ -569,7 +569,7 @@ class _Job:
     fsdp: bool = True  # FSDP wraps the blocks (recipe.plan: more than one rank, or what needs it on one)
     keep: tuple[str, ...] = ()  # activation_checkpoint.keep_outputs
     keep_every: int = 1
-    epilogue: bool = False  # model.lora_epilogue in compiled 4-bit blocks: one output tensor per projection
+    epilogue: bool = False  # model.lora_epilogue with 4-bit weights (it acts in compiled blocks only)
 
 
 def _job(cfg: JobConfig, ngpu: int) -> _Job:
@@ -622,7 +622,7 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         fsdp=needs_fsdp(cfg, ngpu),
         keep=tuple(cfg.activation_checkpoint.keep_outputs),
         keep_every=cfg.activation_checkpoint.keep_every,
-        epilogue=cfg.model.lora_epilogue and resolve_compile(cfg, "cuda").on and quant is not None,
+        epilogue=cfg.model.lora_epilogue and quant is not None,  # counted only where compile is on
     )
 
 
