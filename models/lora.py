@@ -153,6 +153,7 @@ class FusedQLoRALinear(nn.Module):
         self.in_features = in_features
         self.parts = tuple(parts)
         self.sizes = [n for _, n in self.parts]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # each part's first output column
         self.out_features = sum(self.sizes)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.keep_tag = ""  # as QLoRALinear.keep_tag, for the group's one output
@@ -166,7 +167,6 @@ class FusedQLoRALinear(nn.Module):
         if not dropout and _in_epilogue(
             self.epilogue, self.weight, self.keep_tag, live[0][1].lora_weight("A").dtype, x
         ):
-            starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
             out = lora_linear_4bit(
                 x,
                 self.weight,
@@ -174,7 +174,7 @@ class FusedQLoRALinear(nn.Module):
                 [a.lora_weight("A") for _, a in live],
                 [a.lora_weight("B") for _, a in live],
                 [a.scaling for _, a in live],
-                [starts[i] for i, _ in live],
+                [self.starts[i] for i, _ in live],
                 self.keep_tag,
             )
             return tuple(out.split(self.sizes, dim=-1))
