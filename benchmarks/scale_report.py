@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipe import estimate as E  # noqa: E402
+from recipe import planner  # noqa: E402
 from recipe.config import load_config  # noqa: E402
 
 
@@ -21,9 +22,12 @@ def row(out: Path, name: str) -> str:
     spec = (out / f"{name}.args").read_text().split("\n")
     nproc, cap, args = int(spec[0]), spec[1], [a for a in spec[2:] if a]
     cfg = load_config([a for a in args if not a.startswith("--job.dump_folder")])
+    summ = out / f"{name}.summary.json"
+    if cfg.parallelism.plan == "auto":  # the layout the run trained with: the planner's for its GPUs and cap
+        options, _ = planner.best(cfg, nproc, "h100", float(cap) if cap else None)
+        planner.apply(cfg, options[0].layout, nproc)
     est = E.estimate(cfg, nproc, "h100")
     pred = f"{est.train_peak:.2f} / {est.load_peak:.2f} GiB, {est.tokens_per_s:,.0f}"
-    summ = out / f"{name}.summary.json"
     if not summ.exists():
         log = out / f"{name}.log"
         lines = [x for x in (log.read_text().splitlines() if log.exists() else []) if "rror" in x]

@@ -18,7 +18,8 @@ H100 / H200 runs) and its fragmentation.
 Speed (``step_time``): per micro-batch of T tokens, GPU time ``T x F / (peak x E)`` (F: model FLOPs
 per token with the recompute of the checkpointing mode, causal attention counted at half its square:
 the kernels skip the masked half) plus a host overhead ``L x C`` per micro-batch (Python launching
-each block's kernels, not hidden behind a fast GPU), plus the exposed transfers: all-gathers of the
+each block's kernels, not hidden behind a fast GPU; compiled blocks: only what exceeds the GPU's time for
+the micro-batch, ``host_floor``), plus the exposed transfers: all-gathers of the
 4-bit base (two per micro-batch with resharding, one without, none at shard degree 1), the LoRA
 gradients' reduce-scatter / all-reduce once per step, activation offload's copies, and CPU offload's
 parameter copies and host AdamW. Constants and their rows are in ``recipe.estimate.SPEED_FIT``; what is assumed,
