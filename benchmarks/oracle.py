@@ -37,6 +37,7 @@ AUTO = (
     "--training.compile_loss=auto",
     "--parallelism.host_embedding=auto",
     "--activation_checkpoint.offload=auto",
+    "--activation_checkpoint.keep_outputs=auto",
 )
 FUSED = "--model.fuse_projections=true"  # q/k/v and gate/up as one 4-bit matrix each (issue 20, point 4)
 

@@ -8,6 +8,7 @@
 #   export PYTHONPATH=$PWD/.whl/site:$PWD                             # with carry: [".whl"]
 #   RUNS="ckpt plan full_mb2 full_mb8 sel_mb1" bash benchmarks/planner_grid.sh $OUT/g
 #   RUNS="sel_mb2 none_mb1 full_mb4 lean_mb8 check" bash benchmarks/planner_grid.sh $OUT/g   # same warm machine
+#   RUNS="sel_mb2_off full_mb4_off full_mb8_off check" ...   layouts with activation offload (and kept outputs)
 set -u
 OUT=${1:-/tmp/planner_grid}
 mkdir -p "$OUT"
@@ -48,6 +49,10 @@ for r in ${RUNS:-ckpt plan full_mb2 check}; do
     sel_mb2) run sel_mb2 $(ac selective 2) ;;
     none_mb1) run none_mb1 $(ac none 1) ;;
     lean_mb8) run lean_mb8 $(ac full 8) --activation_checkpoint.offload=true --parallelism.host_embedding=true ;;
+    # with activation offload (and so, on this one rank, o/gate/up kept in every 2nd checkpointed block)
+    sel_mb2_off) run sel_mb2_off $(ac selective 2) --activation_checkpoint.offload=true ;;
+    full_mb4_off) run full_mb4_off $(ac full 4) --activation_checkpoint.offload=true ;;
+    full_mb8_off) run full_mb8_off $(ac full 8) --activation_checkpoint.offload=true ;;
     check)
       $PY benchmarks/scale_report.py "$OUT" $(cd "$OUT" && ls *.args | sed 's/\.args$//')
       $PY - "$OUT" <<'PYEOF'

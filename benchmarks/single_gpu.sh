@@ -10,8 +10,9 @@
 # micro-batch 2, accumulation 4 (16,384 tokens per step), bf16, full activation checkpointing.
 # RUNS picks and orders the runs (default below); each is one of
 #   default                                          the config as a user runs it: compile, host embedding,
-#                                                    lm_head on the host and activation offload 'auto' (all
-#                                                    on for one CUDA rank)
+#                                                    lm_head on the host, activation offload and kept outputs
+#                                                    (o/gate/up in every 2nd block) 'auto' (all on for one CUDA rank)
+#   default_nokeep                                   default keeping nothing (the default before 2026-12-07, 7th session)
 #   default_mb4                                      default at micro-batch 4 (accumulation 2: the same 16,384 tokens/step)
 #   default_nosync                                   default without a host read per step (no non-finite check,
 #                                                    metrics read once at the end): what the step-end sync costs
@@ -72,12 +73,13 @@ common=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint=
         --training.steps="$STEPS" --metrics.log_freq=1 --checkpoint.export_adapter=false --training.compile=false
         --training.compile_loss=false
         --parallelism.host_embedding=false --parallelism.host_lm_head=false --activation_checkpoint.offload=false
-        ${EXTRA:-})
+        --activation_checkpoint.keep_outputs= ${EXTRA:-})
 auto=(--training.compile=auto --training.compile_loss=auto --parallelism.host_embedding=auto
-      --parallelism.host_lm_head=auto --activation_checkpoint.offload=auto)
-old_common=()  # the tree in $OLD (git archive 72f1883) predates training.compile_loss (its loss is eager)
-for a in "${common[@]}"; do  # and parallelism.host_lm_head (its lm_head is on the GPU)
-  [[ $a == --training.compile_loss=* || $a == --parallelism.host_lm_head=* ]] || old_common+=("$a")
+      --parallelism.host_lm_head=auto --activation_checkpoint.offload=auto --activation_checkpoint.keep_outputs=auto)
+old_common=()  # the tree in $OLD (git archive 72f1883) predates training.compile_loss (its loss is eager),
+for a in "${common[@]}"; do  # parallelism.host_lm_head (its lm_head is on the GPU) and keep_outputs
+  [[ $a == --training.compile_loss=* || $a == --parallelism.host_lm_head=* || $a == --activation_checkpoint.keep_outputs=* ]] \
+    || old_common+=("$a")
 done
 keep() { [ -n "${COPY_TO:-}" ] && [ -f "$1" ] && mkdir -p "$COPY_TO" && cp "$1" "$COPY_TO/"; return 0; }
 recipe() {  # name tree nproc launcher... -- overrides
@@ -126,6 +128,8 @@ for r in $RUNS; do
   fi
   case $r in
     default) recipe default "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" ;;
+    default_nokeep) recipe default_nokeep "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" \
+        --activation_checkpoint.keep_outputs= ;;
     default_mb4) recipe default_mb4 "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" --training.micro_batch_size=4 ;;
     default_nosync) recipe default_nosync "$ROOT" 1 -m recipe.train "${common[@]}" "${auto[@]}" \
         --training.max_nonfinite_steps=0 --metrics.log_freq="$STEPS" ;;

@@ -316,17 +316,24 @@ class ActivationCheckpoint:
         ("auto", True, False),
     )
     keep_outputs: list[str] = _f(
-        [],
+        ["auto"],
         "Projections whose frozen (4-bit) output a checkpointed block keeps for backward instead of "
         "recomputing it (torch.utils.checkpoint's selective policy): any of q_proj, k_proj, v_proj, o_proj, "
         "gate_proj, up_proj (with model.fuse_projections a fused group is kept when one of its parts is "
-        "named). Each costs (tokens x out_features) per kept block: with activation offload it waits in pinned "
-        "host memory when the blocks are compiled, else on the GPU. Saves the recompute's largest GEMMs "
-        "(gate/up are 54 % of a Llama block's frozen FLOPs). Measured on one H100 (8B, lm_head on the host, "
-        "micro-batch 4, model.lora_epilogue): o/gate/up in every second block +8.2 % tokens/s for +0.51 GiB "
-        "of training peak (the kept outputs of the block in backward); not yet through the GPU accuracy oracle.",
+        "named), an empty list for none, or 'auto' (the default; recipe.plan decides and logs it): o_proj, "
+        "gate_proj and up_proj in every second checkpointed block where the kept outputs wait in host memory "
+        "(one CUDA rank without FSDP, compiled blocks, activation offload), none elsewhere. Each costs "
+        "(tokens x out_features) per kept block: with activation offload it waits in pinned host memory when "
+        "the blocks are compiled, else on the GPU. Saves the recompute's largest GEMMs (gate/up are 54 % of a "
+        "Llama block's frozen FLOPs). Measured on one H100 (8B, the one-GPU defaults): +5.4 % tokens/s for "
+        "+0.12 GiB of training peak at micro-batch 2, +8.2 % for +0.51 GiB at micro-batch 4; through the GPU "
+        "accuracy oracle (BENCHMARKS.md, 2026-12-07).",
     )
-    keep_every: int = _f(1, "With keep_outputs, keep them in every k-th checkpointed block (the others recompute all).")
+    keep_every: int = _f(
+        0,
+        "With keep_outputs, keep them in every k-th checkpointed block (the others recompute all); 0 (the "
+        "default): 2 with keep_outputs 'auto', 1 with a list.",
+    )
 
 
 @dataclass
@@ -652,9 +659,14 @@ KEEPABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 
 def _validate_keep_outputs(cfg: JobConfig) -> None:
     ac = cfg.activation_checkpoint
-    if ac.keep_every < 1:
-        raise ConfigError(f"activation_checkpoint.keep_every must be >= 1, got {ac.keep_every}")
-    if not ac.keep_outputs:
+    if ac.keep_every < 0:
+        raise ConfigError(f"activation_checkpoint.keep_every must be >= 0 (0: the default), got {ac.keep_every}")
+    if "auto" in ac.keep_outputs and ac.keep_outputs != ["auto"]:
+        raise ConfigError(
+            f"activation_checkpoint.keep_outputs = {ac.keep_outputs}: 'auto' stands alone; give 'auto' or a list "
+            f"of projections from {list(KEEPABLE)} (or an empty list for none)."
+        )
+    if not ac.keep_outputs or ac.keep_outputs == ["auto"]:
         return
     where = f"activation_checkpoint.keep_outputs = {ac.keep_outputs}"
     if "down_proj" in ac.keep_outputs:
@@ -696,7 +708,9 @@ def _apply_toml(cfg: JobConfig, data: dict[str, Any], where: str) -> None:
             )
         obj = getattr(cfg, section)
         for key, value in table.items():
-            _, tp = _check_key(section, key, where)
+            f, tp = _check_key(section, key, where)
+            if value == "auto" and typing.get_origin(tp) is list and f.default_factory() == ["auto"]:
+                value = ["auto"]  # a list field whose default is 'auto' (keep_outputs) takes the bare word too
             setattr(obj, key, _from_toml(f"{section}.{key}", tp, value, where))
 
 

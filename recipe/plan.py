@@ -17,7 +17,9 @@ rerun reuses the compiled code.
 (the defaults) are decided here too, each with its logged line: on where they were measured to pay, one
 CUDA rank without FSDP (the 8B workload on one H100: train peak 10.45 -> 8.55 GiB for the first and the
 last, tokens/s -0.6 %; lm_head on the host at micro-batch 4: 9.82 -> 8.85 GiB, about -1 %; BENCHMARKS.md
-2026-12-07), off elsewhere until measured there. ``recipe.estimate`` predicts with the same decisions.
+2026-12-07), off elsewhere until measured there. ``activation_checkpoint.keep_outputs = ['auto']`` (the
+default) keeps o/gate/up's frozen outputs in every second checkpointed block where they wait on the host
+(``resolve_keep_outputs``). ``recipe.estimate`` predicts with the same decisions.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ __all__ = [
     "compile_cache",
     "needs_fsdp",
     "kept_outputs_on_host",
+    "resolve_keep_outputs",
+    "auto_keep_excluded",
+    "KeepDecision",
+    "AUTO_KEEP",
+    "AUTO_KEEP_EVERY",
 ]
 
 
@@ -127,6 +134,71 @@ def kept_outputs_on_host(ac_offload: bool, compiled: bool) -> bool:
     tensors of its graph, which activation offload's hooks move to the host; eager checkpointing holds
     them in its own cache, on the device (parallel/activation_offload.py)."""
     return ac_offload and compiled
+
+
+# keep_outputs = 'auto': what is kept where it pays (BENCHMARKS.md 2026-12-07, fifth to seventh sessions,
+# one H100, 8B, the one-GPU defaults): o/gate/up in every second checkpointed block, +5.4 % tokens/s for
+# +0.12 GiB at micro-batch 2 and +8.2 % for +0.51 GiB at micro-batch 4 (lm_head on the host); the GPU oracle
+# passed it (median 8.59e-2 / worst 1.65e-1 against bf16 eager's 9.79e-2 / 1.90e-1). Every block (keep
+# every 1) doubles the host copies for less than a second step's gain: measured +1 % over every 2 for up_proj.
+AUTO_KEEP = ("o_proj", "gate_proj", "up_proj")
+AUTO_KEEP_EVERY = 2
+
+
+@dataclass(frozen=True)
+class KeepDecision:
+    """``activation_checkpoint.keep_outputs`` / ``keep_every`` as the run applies them, and why."""
+
+    names: tuple[str, ...]
+    every: int
+    reason: str
+
+    def describe(self) -> str:
+        if not self.names:
+            return f"activation_checkpoint.keep_outputs: none ({self.reason})"
+        blocks = "every checkpointed block" if self.every == 1 else f"one of every {self.every} checkpointed blocks"
+        return f"activation_checkpoint.keep_outputs: {', '.join(self.names)} kept in {blocks} ({self.reason})"
+
+
+def auto_keep_excluded(
+    saver_excluded: str | None, ac_mode: str, ac_offload: bool, compiled: bool, quantized: bool, mlp_chunk: int
+) -> str | None:
+    """Why keep_outputs = 'auto' keeps nothing for a run of these settings, or None where it keeps
+    ``AUTO_KEEP``: where the kept outputs wait in host memory (``kept_outputs_on_host``), measured on one
+    CUDA rank. ``recipe.estimate`` and ``recipe.planner`` decide with this too."""
+    if saver_excluded:
+        return saver_excluded
+    if ac_mode == "none":
+        return "activation_checkpoint.mode = 'none': nothing is recomputed"
+    if not kept_outputs_on_host(ac_offload, compiled):
+        return "they would wait on the GPU: they go to the host only with activation offload and compiled blocks"
+    if not quantized:
+        return "model.quant_type = 'none': no 4-bit projections"
+    if mlp_chunk:
+        return "model.mlp_chunk_tokens checkpoints each MLP chunk again, where the block's policy does not reach"
+    return None
+
+
+def resolve_keep_outputs(
+    cfg: JobConfig, device_type: str, world_size: int, ac_offload: bool, compiled: bool
+) -> KeepDecision:
+    """``activation_checkpoint.keep_outputs`` (a list, or ['auto']) and ``keep_every`` (0: 2 with
+    'auto', 1 with a list) for this run."""
+    ac = cfg.activation_checkpoint
+    if ac.keep_outputs != ["auto"]:
+        return KeepDecision(tuple(ac.keep_outputs), ac.keep_every or 1, "activation_checkpoint.keep_outputs set")
+    every = ac.keep_every or AUTO_KEEP_EVERY
+    why = auto_keep_excluded(
+        _auto_saver_excluded(cfg, device_type, world_size),
+        ac.mode,
+        ac_offload,
+        compiled,
+        cfg.model.quant_type != "none",
+        cfg.model.mlp_chunk_tokens,
+    )
+    if why:
+        return KeepDecision((), every, why)
+    return KeepDecision(AUTO_KEEP, every, "one CUDA rank, compiled, activation offload: +5.4 % tokens/s on one H100")
 
 
 def _auto_saver_excluded(cfg: JobConfig, device_type: str, world_size: int) -> str | None:
@@ -220,17 +292,17 @@ def resolve_plan(
         embedding = "fsdp"
     decision = resolve_compile(cfg, device.type)
     loss = resolve_compile_loss(cfg, decision.on)
+    keep = resolve_keep_outputs(cfg, device.type, world, ac_offload.on, decision.on)
     for line in (decision.describe(), loss.describe(), host.describe(), head.describe(), ac_offload.describe()):
         log(line, rank)
-    if ac.keep_outputs:
-        every = (
-            "every checkpointed block" if ac.keep_every == 1 else f"one of every {ac.keep_every} checkpointed blocks"
-        )
+    if keep.names:
         if kept_outputs_on_host(ac_offload.on, decision.on):
             where = "on the host (activation offload)"
         else:
             where = "on the device" + (" (eager checkpointing keeps them in its own cache)" if ac_offload.on else "")
-        log(f"activation_checkpoint.keep_outputs: {', '.join(ac.keep_outputs)} kept in {every}, {where}", rank)
+        log(f"{keep.describe()}, {where}", rank)
+    elif ac.keep_outputs == ["auto"]:
+        log(keep.describe(), rank)
     if decision.on:
         where, entries = compile_cache()
         log(f"compile cache: {where} ({f'warm, {entries} graphs' if entries else 'cold'})", rank)
@@ -243,8 +315,8 @@ def resolve_plan(
         ac_mode=ac.mode,
         ac_every=ac.selective_every,
         ac_offload=ac_offload.on,
-        ac_keep=tuple(ac.keep_outputs),
-        ac_keep_every=ac.keep_every,
+        ac_keep=keep.names,
+        ac_keep_every=keep.every,
         compile=decision.on,
         compile_mode=t.compile_mode,
         compile_loss=loss.on,

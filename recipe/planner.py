@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from recipe.config import ConfigError, JobConfig
 from recipe.estimate import SPEED_FIT, step_time
+from recipe.plan import AUTO_KEEP, auto_keep_excluded
 
 __all__ = [
     "Layout",
@@ -93,8 +94,21 @@ class Option:
 
 
 def _job_for(base, lay: Layout, accum: int):
+    keep = base.keep
+    if base.keep_auto:  # keep_outputs = 'auto' decided for this layout, as recipe.plan will decide it
+        one = lay.replicate * lay.shard == 1 and not (base.fsdp or lay.cpu_offload)
+        why = auto_keep_excluded(
+            None if one else "FSDP or more than one rank",
+            lay.ac_mode,
+            lay.act_offload,
+            base.compile,
+            base.quant,
+            base.mlp_chunk,
+        )
+        keep = () if why else AUTO_KEEP
     return dataclasses.replace(
         base,
+        keep=keep,
         n=lay.shard,
         replicate=lay.replicate,
         reshard=lay.reshard,

@@ -492,7 +492,8 @@ def test_keep_every_k_th_block(tmp_path, debug_nf4_ckpt, monkeypatch):
         (["--activation_checkpoint.mode=full", "--activation_checkpoint.keep_outputs=lm_head"], "unknown projection"),
         ([*KEEP, "--model.quant_type=none"], "4-bit"),
         ([*KEEP, "--model.mlp_chunk_tokens=64"], "mlp_chunk_tokens=0"),
-        (["--activation_checkpoint.keep_every=0"], "keep_every must be >= 1"),
+        (["--activation_checkpoint.keep_every=-1"], "keep_every must be >= 0"),
+        (["--activation_checkpoint.keep_outputs=auto,o_proj"], "'auto' stands alone"),
     ],
 )
 def test_keep_outputs_refuses(args, match):
@@ -524,6 +525,61 @@ def test_keep_outputs_are_logged_with_where_they_wait(capsys):
         out = capsys.readouterr().out
         assert "keep_outputs: o_proj, gate_proj, up_proj kept in one of every 2 checkpointed blocks" in out, out
         assert where in out, out
+
+
+def test_keep_outputs_auto_keeps_where_the_outputs_wait_on_the_host(tmp_path, capsys):
+    """keep_outputs = 'auto' (the default): o/gate/up in every second checkpointed block on one CUDA rank
+    with compiled blocks and activation offload; nothing where they would wait on the GPU or where the
+    savers are not measured; the run (plan), the estimator and the planner decide alike."""
+    from recipe import estimate as E
+    from recipe import planner as P
+    from recipe.plan import AUTO_KEEP, resolve_keep_outputs, resolve_plan
+
+    full = ["--activation_checkpoint.mode=full"]
+    assert load_config([]).activation_checkpoint.keep_outputs == ["auto"]
+
+    def keep(args, device="cuda", world=1, offload=True, compiled=True):
+        d = resolve_keep_outputs(load_config([*full, *args]), device, world, offload, compiled)
+        return d.names, d.every
+
+    assert keep([]) == (AUTO_KEEP, 2)
+    assert keep(["--activation_checkpoint.keep_every=3"]) == (AUTO_KEEP, 3)
+    for off in (
+        {"device": "cpu"},
+        {"world": 2},
+        {"offload": False},
+        {"compiled": False},
+    ):
+        assert keep([], **off)[0] == (), off
+    for args in (
+        ["--parallelism.single_rank_fsdp=true"],
+        ["--model.mlp_chunk_tokens=64"],
+        ["--model.quant_type=none"],
+        ["--activation_checkpoint.mode=none"],
+    ):
+        assert keep(args)[0] == (), args
+    assert keep(["--activation_checkpoint.keep_outputs=up_proj"], device="cpu") == (("up_proj",), 1)
+    assert keep(["--activation_checkpoint.keep_outputs="]) == ((), 1)
+    # a TOML file may give the bare word
+    toml = tmp_path / "k.toml"
+    toml.write_text('[activation_checkpoint]\nmode = "full"\nkeep_outputs = "auto"\n')
+    assert load_config(["--job.config_file", str(toml)]).activation_checkpoint.keep_outputs == ["auto"]
+
+    plan = resolve_plan(load_config([*full, "--training.compile=true"]), torch.device("cuda"), 1, SHAPES["debug"])
+    assert (plan.ac_keep, plan.ac_keep_every) == (AUTO_KEEP, 2)
+    assert "o_proj, gate_proj, up_proj kept in one of every 2 checkpointed blocks" in capsys.readouterr().out
+    plan = resolve_plan(load_config(full), torch.device("cpu"), 1, SHAPES["debug"])
+    assert plan.ac_keep == () and "keep_outputs: none (CPU device" in capsys.readouterr().out
+
+    cfg8 = load_config(["--job.config_file", "train_configs/llama3_8b_qlora.toml", "--model.checkpoint=/nonexistent/x"])
+    assert (E._job(cfg8, 1).keep, E._job(cfg8, 1).keep_every, E._job(cfg8, 2).keep) == (AUTO_KEEP, 2, ())
+    for lay, _ in P.candidates(cfg8, 1):  # the planner decides per layout as the run will
+        cfg = load_config(["--job.config_file", "train_configs/llama3_8b_qlora.toml", "--model.checkpoint=/x/y"])
+        P.apply(cfg, lay, 1)
+        base = E._job(
+            load_config(["--job.config_file", "train_configs/llama3_8b_qlora.toml", "--model.checkpoint=/x/y"]), 1
+        )
+        assert P._job_for(base, lay, 1).keep == E._job(cfg, 1).keep, lay.describe()
 
 
 def test_offload_prefetches_whole_blocks():

@@ -56,6 +56,7 @@ from recipe.plan import (
     resolve_compile,
     resolve_host_embedding,
     resolve_host_lm_head,
+    resolve_keep_outputs,
 )
 from recipe.profiling import PHASES
 
@@ -115,11 +116,15 @@ class Measured:
     before_host_lm_head: bool = True
     # Measured before model.lora_epilogue (2026-12-07, sixth session): adapters' products added apart.
     before_lora_epilogue: bool = True
+    # Measured before activation_checkpoint.keep_outputs' 'auto' default (2026-12-07, seventh session):
+    # nothing kept unless the overrides say so.
+    before_keep_auto: bool = True
 
     @property
     def job_overrides(self) -> dict:
         base = (_BEFORE_AUTO if self.before_auto_defaults else {}) | (_NO_HEAD if self.before_host_lm_head else {})
-        return base | (_NO_EPILOGUE if self.before_lora_epilogue else {}) | self.overrides
+        base |= _NO_EPILOGUE if self.before_lora_epilogue else {}
+        return base | (_NO_KEEP if self.before_keep_auto else {}) | self.overrides
 
 
 _1B = {
@@ -147,6 +152,7 @@ _NO_HEAD, _HEAD_MB4 = (
 )
 _HOST, _ACT = {"parallelism.host_embedding": True}, {"activation_checkpoint.offload": True}
 _NO_EPILOGUE, _MB4 = {"model.lora_epilogue": False}, {"training.micro_batch_size": 4}
+_NO_KEEP = {"activation_checkpoint.keep_outputs": ""}
 _KEEP2 = {"activation_checkpoint.keep_outputs": "o_proj,gate_proj,up_proj", "activation_checkpoint.keep_every": 2}
 _GRID = _OFF | {"parallelism.host_lm_head": False}  # benchmarks/planner_grid.sh: no memory saver
 _FSDP1, _FUSED = {"parallelism.single_rank_fsdp": True}, {"model.fuse_projections": True}
@@ -611,8 +617,9 @@ class _Job:
     frozen_local: bool = False  # frozen weights outside FSDP (one shard rank, no CPU offload)
     fused: bool = False  # model.fuse_projections: gate and up dequantize as one matrix
     fsdp: bool = True  # FSDP wraps the blocks (recipe.plan: more than one rank, or what needs it on one)
-    keep: tuple[str, ...] = ()  # activation_checkpoint.keep_outputs
+    keep: tuple[str, ...] = ()  # activation_checkpoint.keep_outputs as recipe.plan resolves it
     keep_every: int = 1
+    keep_auto: bool = False  # keep_outputs = 'auto' (recipe.planner decides it again for each layout)
     epilogue: bool = False  # model.lora_epilogue with 4-bit weights (it acts in compiled blocks only)
 
 
@@ -635,6 +642,10 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
             f"{t.micro_batch_size * ngpu}; set --training.global_batch_size to such a multiple"
         )
     shape, quant, blocksize = job_shape(cfg)
+    # 'auto' as recipe.plan decides it on CUDA for this many ranks.
+    act_offload = resolve_ac_offload(cfg, "cuda", ngpu).on
+    compiled = resolve_compile(cfg, "cuda").on
+    keep = resolve_keep_outputs(cfg, "cuda", ngpu, act_offload, compiled)
     return _Job(
         shape=shape,
         quant=quant,
@@ -648,8 +659,7 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         reduce=DTYPES[t.mixed_precision_reduce].itemsize,
         accum=gb // (t.micro_batch_size * ngpu),
         offload=p.cpu_offload,
-        # 'auto' as recipe.plan decides it on CUDA for this many ranks.
-        act_offload=resolve_ac_offload(cfg, "cuda", ngpu).on,
+        act_offload=act_offload,
         ac_mode=cfg.activation_checkpoint.mode,
         ac_every=cfg.activation_checkpoint.selective_every,
         reshard=p.reshard_after_forward,
@@ -660,12 +670,13 @@ def _job(cfg: JobConfig, ngpu: int) -> _Job:
         replicate=rep,
         # As recipe.plan decides it for a CUDA run ('auto': on); step_time uses the compiled fit only on
         # the cards where compile was measured (memory is the same either way).
-        compile=resolve_compile(cfg, "cuda").on,
+        compile=compiled,
         frozen_local=n == 1 and not p.cpu_offload,
         fused=cfg.model.fuse_projections,
         fsdp=needs_fsdp(cfg, ngpu),
-        keep=tuple(cfg.activation_checkpoint.keep_outputs),
-        keep_every=cfg.activation_checkpoint.keep_every,
+        keep=keep.names,
+        keep_every=keep.every,
+        keep_auto=cfg.activation_checkpoint.keep_outputs == ["auto"],
         epilogue=cfg.model.lora_epilogue and quant is not None,  # counted only where compile is on
     )
 
