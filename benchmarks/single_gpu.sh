@@ -37,7 +37,8 @@
 #   old_eager old_compiled                           the same from the tree in $OLD (e.g. git archive <commit>)
 #   hf_loop hf_trainer adapter                       HF + peft + bnb plain loop / HF Trainer / recipe.hf_trainer
 #   adapter2 recipe2 recipe2_lean                    2 ranks on the one GPU (gloo, 1 step; memory only, speed means nothing)
-#   unsloth                                          .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth)
+#   unsloth unsloth_mb4                              .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth), at the
+#                                                    workload's micro-batch 2 x 4, or 4 x 2 (the same tokens per step)
 #   profile profile_compiled profile_default         benchmarks/profile_step.py on the eager / compiled / default recipe (top kernels, GPU idle time and the host work it waits for)
 #   oracle (alias compile_check)                     benchmarks/oracle.py: first-step LoRA gradients and 20 steps
 #                                                    of losses of each fast path against fp32 eager (accumulation 1);
@@ -193,14 +194,15 @@ for r in $RUNS; do
         --training.compile=true --job.dump_folder="$OUT/profile_compiled" ;;
     profile_default) script profile_default 1 benchmarks/profile_step.py "${common[@]}" "${auto[@]}" \
         --training.steps=4 --job.dump_folder="$OUT/profile_default" ;;
-    unsloth)
+    unsloth|unsloth_mb4)  # the workload's micro-batch 2 x 4, or 4 x 2 (the same tokens per step)
       t=$SECONDS
-      OUT="$OUT/unsloth_logs" BENCH_ARGS="--steps $STEPS" timeout "${UTMO:-300}" bash .whl/tools/unsloth/run.sh "$CK" \
-          >"$OUT/unsloth.log" 2>&1
-      echo "[unsloth] rc=$? $((SECONDS - t))s"
-      grep -E "^RESULT" "$OUT/unsloth.log" | tail -1 | sed 's/^RESULT //' >"$OUT/unsloth.json"
-      keep "$OUT/unsloth.json"
-      grep -E "Error|error:" "$OUT/unsloth.log" | tail -4 ;;
+      layout=(); [ "$r" = unsloth_mb4 ] && layout=(--bs 4 --ga 2)
+      OUT="$OUT/${r}_logs" BENCH_ARGS="--steps $STEPS ${layout[*]}" timeout "${UTMO:-300}" bash .whl/tools/unsloth/run.sh \
+          "$CK" >"$OUT/$r.log" 2>&1
+      echo "[$r] rc=$? $((SECONDS - t))s"
+      grep -E "^RESULT" "$OUT/$r.log" | tail -1 | sed 's/^RESULT //' >"$OUT/$r.json"
+      keep "$OUT/$r.json"
+      grep -E "Error|error:" "$OUT/$r.log" | tail -4 ;;
     *) echo "unknown run $r" ;;
   esac
 done

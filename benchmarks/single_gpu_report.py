@@ -69,11 +69,13 @@ def _rows(out: Path) -> list[dict]:
                 "losses": r0.get("losses"),
             }
         )
-    u = _load(out / "unsloth.json")
-    if u:
+    for path in sorted(out.glob("unsloth*.json")):  # unsloth.json, unsloth_mb4.json (micro-batch 4 x 2)
+        u = _load(path)
+        if not u:
+            continue
         rows.append(
             {
-                "run": "unsloth",
+                "run": path.stem,
                 "world": 1,
                 "device": u.get("device"),
                 "tokens_per_s": u.get("tok_per_s"),
@@ -139,7 +141,8 @@ def main(out: Path) -> dict:
     peak = peak_flops_for_name(card) if card != "?" else None
     print(f"\ncard: {card}; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s dense bf16")
     print(f"FLOPs/token: {f_model / 1e9:.1f} G without recompute (MFU), {f_hw / 1e9:.1f} G with (HFU)")
-    cols = [("run", 18), ("ranks", 5), ("tok/s", 8), ("MFU", 6), ("HFU", 6), ("step s", 7)]
+    name_w = max([18] + [len(r["run"]) for r in rows])  # long run names (a+section.key=value) stay aligned
+    cols = [("run", name_w), ("ranks", 5), ("tok/s", 8), ("MFU", 6), ("HFU", 6), ("step s", 7)]
     cols += [("train", 7), ("load", 6), ("host", 6)]
     print(" ".join(f"{n:<{w}}" if i == 0 else f"{n:>{w}}" for i, (n, w) in enumerate(cols)) + "  (peaks GiB)")
     for r in rows:

@@ -46,6 +46,8 @@ SHAPE=${SHAPE:-llama3_1_8b}  # SHAPE=debug CKPT_DEVICE=cpu ONE_GPU_RANKS= EXTRA_
 CKPT_DEVICE=${CKPT_DEVICE:-cuda}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
+# Every run keeps no projection output (keep_outputs=''): what a rank of two T4s does ('auto' keeps them on
+# one CUDA rank only), also in the one-rank runs.
 run() {  # name nproc steps overrides...; PART=a|b names the log of a split run, STOP_AT=k stops it after step k
   local name=$1 n=$2 steps=$3; shift 3
   local log="$OUT/$name${PART:+.$PART}.log" t0=$SECONDS rc
@@ -53,7 +55,7 @@ run() {  # name nproc steps overrides...; PART=a|b names the log of a split run,
     -m recipe.train --job.config_file train_configs/llama3_8b_qlora_t4.toml --parallelism.backend=gloo \
     --training.attention_backend=efficient --model.checkpoint="$CK8" --model.synthetic_shape="$SHAPE" \
     --data.path="$DATA" --training.steps="$steps" --checkpoint.enable=false --checkpoint.export_adapter=false \
-    --job.dump_folder="$OUT/$name" ${EXTRA_ARGS:-} "$@" >"$log" 2>&1 &
+    --activation_checkpoint.keep_outputs= --job.dump_folder="$OUT/$name" ${EXTRA_ARGS:-} "$@" >"$log" 2>&1 &
   local pid=$!
   if [[ -n "${STOP_AT:-}" ]]; then  # SIGTERM to timeout, which passes it to torchrun, which passes it to the ranks
     while kill -0 "$pid" 2>/dev/null; do

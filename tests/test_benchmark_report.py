@@ -26,6 +26,7 @@ def test_targets_are_ratios_of_the_folders_runs(tmp_path, capsys):
     _recipe_run(tmp_path, "compiled", 13000.0, 10.0)
     _recipe_run(tmp_path, "eager", 7000.0, 10.2)
     (tmp_path / "unsloth.json").write_text(json.dumps({"tok_per_s": 10000.0, "train_peak_gib": 8.94}))
+    (tmp_path / "unsloth_mb4.json").write_text(json.dumps({"tok_per_s": 11000.0, "train_peak_gib": 11.0}))
     (tmp_path / "adapter.json").write_text(
         json.dumps({"tokens_per_s": 11300.0, "train_peak_gib": 8.5, "load_peak_gib": 5.0, "host_peak_gib": 6.0})
     )
@@ -42,6 +43,8 @@ def test_targets_are_ratios_of_the_folders_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "NOT met  HF Trainer adapter >= 95 % of the recipe loop: 0.942x (11,300 / 12,000)" in out
     assert json.loads((tmp_path / "single_gpu.json").read_text())["targets"] == res["targets"]
+    # Unsloth at micro-batch 4 is a row of its own; the targets stay against the workload's micro-batch 2
+    assert {r["run"]: r["tokens_per_s"] for r in res["runs"]}["unsloth_mb4"] == 11000.0
 
 
 def _profile_step():

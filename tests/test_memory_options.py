@@ -571,15 +571,13 @@ def test_keep_outputs_auto_keeps_where_the_outputs_wait_on_the_host(tmp_path, ca
     plan = resolve_plan(load_config(full), torch.device("cpu"), 1, SHAPES["debug"])
     assert plan.ac_keep == () and "keep_outputs: none (CPU device" in capsys.readouterr().out
 
-    cfg8 = load_config(["--job.config_file", "train_configs/llama3_8b_qlora.toml", "--model.checkpoint=/nonexistent/x"])
-    assert (E._job(cfg8, 1).keep, E._job(cfg8, 1).keep_every, E._job(cfg8, 2).keep) == (AUTO_KEEP, 2, ())
-    for lay, _ in P.candidates(cfg8, 1):  # the planner decides per layout as the run will
-        cfg = load_config(["--job.config_file", "train_configs/llama3_8b_qlora.toml", "--model.checkpoint=/x/y"])
+    job8 = ["--job.config_file", "train_configs/llama3_8b_qlora.toml", "--model.checkpoint=/nonexistent/x"]
+    base = E._job(load_config(job8), 1)
+    assert (base.keep, base.keep_every, E._job(load_config(job8), 2).keep) == (AUTO_KEEP, 2, ())
+    for lay, accum in P.candidates(load_config(job8), 1):  # the planner decides per layout as the run will
+        cfg = load_config(job8)
         P.apply(cfg, lay, 1)
-        base = E._job(
-            load_config(["--job.config_file", "train_configs/llama3_8b_qlora.toml", "--model.checkpoint=/x/y"]), 1
-        )
-        assert P._job_for(base, lay, 1).keep == E._job(cfg, 1).keep, lay.describe()
+        assert P._job_for(base, lay, accum).keep == E._job(cfg, 1).keep, lay.describe()
 
 
 def test_offload_prefetches_whole_blocks():
