@@ -139,8 +139,8 @@ def kept_outputs_on_host(ac_offload: bool, compiled: bool) -> bool:
 # keep_outputs = 'auto': what is kept where it pays (BENCHMARKS.md 2026-12-07, fifth to seventh sessions,
 # one H100, 8B, the one-GPU defaults): o/gate/up in every second checkpointed block, +5.4 % tokens/s for
 # +0.12 GiB at micro-batch 2 and +8.2 % for +0.51 GiB at micro-batch 4 (lm_head on the host); the GPU oracle
-# passed it (median 8.59e-2 / worst 1.65e-1 against bf16 eager's 9.79e-2 / 1.90e-1). Every block (keep
-# every 1) doubles the host copies for less than a second step's gain: measured +1 % over every 2 for up_proj.
+# passed it (median 8.59e-2 / worst 1.65e-1 against bf16 eager's 9.79e-2 / 1.90e-1). Every block (keep_every
+# 1) doubles the host copies: not measured for o/gate/up (up_proj alone: 11,843 against 11,404 tokens/s).
 AUTO_KEEP = ("o_proj", "gate_proj", "up_proj")
 AUTO_KEEP_EVERY = 2
 

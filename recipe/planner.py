@@ -91,6 +91,7 @@ class Option:
     traffic_gb: float  # bytes each rank sends + receives between GPUs per step (GB)
     fits: bool
     gpu_fits: bool = True
+    kept: str = ""  # activation_checkpoint.keep_outputs as the run will resolve it ('auto'), in words
 
 
 def _job_for(base, lay: Layout, accum: int):
@@ -197,7 +198,11 @@ def plan(cfg: JobConfig, ngpu: int, card: str, gpu_gib: float | None = None, hos
         gpu_fits = peak * (1 + MARGIN) + RESERVE_GIB <= gpu_gib and g["load"] * (1 + MARGIN) + RESERVE_GIB <= gpu_gib
         fits = gpu_fits and (host_gib is None or host * ngpu <= host_gib)
         tps = accum * lay.micro_batch * j.seq / step
-        options.append(Option(lay, peak, g["load"], host, tps, step, parts, traffic, fits, gpu_fits))
+        kept = ""
+        if j.keep:
+            every = "every" if j.keep_every == 1 else f"1 in {j.keep_every}"
+            kept = f"keeps {'/'.join(n.removesuffix('_proj') for n in j.keep)} outputs ({every} checkpointed blocks)"
+        options.append(Option(lay, peak, g["load"], host, tps, step, parts, traffic, fits, gpu_fits, kept))
     # Fitting first, fastest first. Predictions within TIE of the fastest are not told apart (the model's
     # speed rows scatter by up to 12 %): among them the least GPU-to-GPU traffic, then the fewest switches
     # (CPU offload's speed is assumed, not measured), then the smaller peak wins.
@@ -244,7 +249,7 @@ def format_plan(options: list[Option], ngpu: int, card: str, gpu_gib: float, hos
 
     def row(tag: str, o: Option) -> str:
         return (
-            f"  {tag}: {o.layout.describe()}\n"
+            f"  {tag}: {o.layout.describe()}{', ' + o.kept if o.kept else ''}\n"
             f"      {o.peak_gib:.2f} GiB peak (load {o.load_gib:.2f}), host {o.host_gib:.1f} GiB/rank, "
             f"{o.tokens_per_s:,.0f} tokens/s/GPU, step {o.step_s:.1f} s, GPU-to-GPU {o.traffic_gb:.2f} GB/rank/step"
         )

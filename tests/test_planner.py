@@ -105,6 +105,15 @@ def test_plan_for_the_measured_grid_is_within_10_percent_of_its_fastest():
     assert E.step_time(j2, "h100", 1)[1]["host"] == 0.0
 
 
+def test_printed_plan_says_what_keep_outputs_auto_keeps():
+    # one H100 at 24 GiB: the chosen layout offloads activations, so 'auto' keeps o/gate/up (recipe.plan)
+    options, report = P.best(_cfg("llama3_8b_qlora.toml"), 1, "h100", 24.0)
+    chosen = options[0]
+    assert chosen.layout.act_offload and chosen.kept
+    assert f"chosen: {chosen.layout.describe()}, keeps o/gate/up outputs (1 in 2 checkpointed blocks)" in report
+    assert not P.best(_cfg("llama3_8b_qlora.toml"), 2, "h100")[0][0].kept  # 2 ranks: nothing kept
+
+
 def test_host_limit_is_respected():
     options = P.plan(_cfg("llama3_70b_qlora_2gpu.toml"), 2, "l4", host_gib=128)
     assert options[0].fits and options[0].host_gib * 2 <= 128
