@@ -425,11 +425,10 @@ CALIBRATION: list[Measured] = [
             "h100",
             False,
             _B + " 12-07 (7)",
-            "llama3_8b_qlora.toml",
-            False,
-            False,
-            False,
-            False,
+            frozen_in_fsdp=False,
+            before_auto_defaults=False,
+            before_host_lm_head=False,
+            before_lora_epilogue=False,
         )
         for what, ov, train, load, tps in (
             ("8B, 1 GPU, the default", {}, 7.68, 4.31, 10446),
