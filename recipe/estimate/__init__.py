@@ -719,21 +719,29 @@ def _static_bytes(j: _Job) -> int:
     )
 
 
-def _block_saved_bytes(j: _Job, tokens: int, attention_only: bool = False, compiled: bool = False) -> int:
+def _block_saved_bytes(
+    j: _Job, tokens: int, attention_only: bool = False, compiled: bool = False, gqa: bool = True
+) -> int:
     """Tensors autograd saves for one block's backward when it is not checkpointed (from models/llama.py):
     2 RMSNorms (fp32 input + the normalised value), q/k and their rotated halves, GQA-expanded k/v, the
     attention output and its transposed copy, gate/up/silu/product of the MLP (of one chunk with
     ``model.mlp_chunk_tokens``: the chunks are checkpointed). ``attention_only``: what is left when the
     backward reaches the attention (the MLP's and the second norm's tensors are freed by then).
-    ``compiled``: a compiled block kept whole (no checkpointing), whose partition saves gate and up and
-    recomputes silu and the product in backward (measured: 26.50 GiB against 35.4 counted eagerly for the
-    8B workload without checkpointing, one H100, 2026-12-07)."""
+    ``compiled``: a compiled block kept whole (no checkpointing): AOTAutograd's min-cut partition saves
+    the two norms' outputs, q, k and v as SDPA reads them, its output and lse, o_proj's input, and gate's
+    and up's outputs with their product (down_proj's input), recomputing the norms' fp32 internals and
+    silu in backward: what a compiled debug-shape block saves on CPU, byte for byte within 1 %
+    (tests/test_estimate.py); for the 8B workload 131 KB per token against the 160 KB of the eager
+    count. ``gqa``: k and v are kv-wide (the CUDA causal path's kernels group the heads), else expanded
+    to every query head (CPU, or a mask tensor)."""
     s, p = j.shape, j.p
     h, i, kv = s.hidden_size, s.intermediate_size, s.num_key_value_heads * s.head_dim
+    if compiled and not attention_only:
+        k_v = 2 * (kv if gqa else h)
+        return tokens * (p * (5 * h + k_v) + 4 * s.num_attention_heads) + _mlp_tokens(j, tokens) * 3 * p * i
     if attention_only:
         return tokens * ((4 + p) * h + 2 * p * (h + kv) + 2 * p * h + 2 * p * h)
-    mlp = (2 if compiled else 4) * p * i
-    return tokens * (2 * (4 + p) * h + 2 * p * (h + kv) + 2 * p * h + 2 * p * h) + _mlp_tokens(j, tokens) * mlp
+    return tokens * (2 * (4 + p) * h + 2 * p * (h + kv) + 2 * p * h + 2 * p * h) + _mlp_tokens(j, tokens) * 4 * p * i
 
 
 def _mlp_tokens(j: _Job, tokens: int) -> int:
