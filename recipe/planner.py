@@ -10,8 +10,8 @@ checkpointing mode and the micro-batch. It keeps the model, data, dtypes, ``trai
 
 Fit: the memory of ``recipe.estimate`` (per rank, CUDA allocated) times ``1 + MARGIN`` plus
 ``RESERVE_GIB`` must stay under the card. MARGIN = 10 %: the largest under-prediction over every measured
-row of ``recipe.estimate.CALIBRATION`` is 5.9 % (the one-GPU default: compile, host embedding, activation
-offload), so 10 % keeps every measured layout inside with room; RESERVE_GIB = 1 GiB for what the
+row of ``recipe.estimate.CALIBRATION`` is 5.0 % (compiled without checkpointing), so 10 % keeps every
+measured layout inside with room; RESERVE_GIB = 1 GiB for what the
 allocator's peak does not count (the CUDA context and cuBLAS / NCCL workspaces, about 0.5-0.8 GiB on the
 H100 / H200 runs) and its fragmentation.
 
