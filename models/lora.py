@@ -96,9 +96,14 @@ class QLoRALinear(nn.Module):
         w = (self.lora_A if which == "A" else self.lora_B).weight
         return w if self.compute_dtype is None else w.to(self.compute_dtype)
 
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype the adapter computes in (``lora_weight``'s), without casting anything."""
+        return self.compute_dtype or self.lora_A.weight.dtype
+
     def lora_input(self, x: torch.Tensor) -> torch.Tensor:
         # The adapter's input in its compute dtype; its output goes back to the base output's dtype.
-        return self.lora_dropout(x).to(self.compute_dtype or self.lora_A.weight.dtype)
+        return self.lora_dropout(x).to(self.adapter_dtype)
 
     def lora_up(self, xa: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + B(xa) for the scaled rank-r intermediate ``xa``, in y's dtype."""
@@ -164,9 +169,7 @@ class FusedQLoRALinear(nn.Module):
             # split's backward is one concatenation of the parts' gradients.
             return tuple(base_linear(x, self.weight, self.keep_tag).split(self.sizes, dim=-1))
         dropout = any(not isinstance(a.lora_dropout, nn.Identity) for _, a in live)
-        if not dropout and _in_epilogue(
-            self.epilogue, self.weight, self.keep_tag, live[0][1].lora_weight("A").dtype, x
-        ):
+        if not dropout and _in_epilogue(self.epilogue, self.weight, self.keep_tag, live[0][1].adapter_dtype, x):
             out = lora_linear_4bit(
                 x,
                 self.weight,

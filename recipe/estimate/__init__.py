@@ -396,11 +396,10 @@ CALIBRATION: list[Measured] = [
             card,
             False,
             _B + " 12-07 (6)",
-            "llama3_8b_qlora.toml",
-            False,
-            False,
-            False,
-            epi,
+            frozen_in_fsdp=False,
+            before_auto_defaults=False,
+            before_host_lm_head=False,
+            before_lora_epilogue=epi,
         )
         for what, ov, train, tps, card, epi in (
             ("8B, 1 GPU, the default", {}, 7.94, 10823, "h200", True),
@@ -730,8 +729,8 @@ def _block_saved_bytes(
     ``compiled``: a compiled block kept whole (no checkpointing): AOTAutograd's min-cut partition saves
     the two norms' outputs, q, k and v as SDPA reads them, its output and lse, o_proj's input, and gate's
     and up's outputs with their product (down_proj's input), recomputing the norms' fp32 internals and
-    silu in backward: what a compiled debug-shape block saves on CPU, byte for byte within 1 %
-    (tests/test_estimate.py); for the 8B workload 131 KB per token against the 160 KB of the eager
+    silu in backward: what a compiled debug-shape block saves on CPU (7,620 bytes per token against
+    7,456 counted, tests/test_estimate.py); for the 8B workload 131 KB per token against the 160 KB of the eager
     count. ``gqa``: k and v are kv-wide (the CUDA causal path's kernels group the heads), else expanded
     to every query head (CPU, or a mask tensor)."""
     s, p = j.shape, j.p
@@ -855,8 +854,9 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     # With the adapters' products added inside the frozen GEMMs' outputs (model.lora_epilogue), gate's and
     # up's adapter products are no separate tensors: four (measured at micro-batch 4 on one H100,
     # 2026-12-07, sixth session: 8.85 -> 8.34 GiB, and 9.35 -> 8.85 keeping o/gate/up every second block).
-    # Measured with the operator's forward half; its backward half (down_proj's input gradient through the
-    # adapter accumulated into the frozen one: predicted one tensor fewer) is not counted until measured.
+    # Counted with the operator's forward half; its backward half (down_proj's input gradient through the
+    # adapter accumulated into the frozen one: one tensor fewer) is not counted yet: measured in the seventh
+    # session (micro-batch 4, kept outputs: 8.85 -> 8.61 GiB); that session's default rows are +2.4 to +4.1 % over.
     compiled = (4 if j.epilogue else 6) * _mlp_tokens(j, T) * j.p * s.intermediate_size if j.compile else 0
     mlp_moment = w * (recompute + _block_work_bytes(j, T, True)) + compiled
     attn_moment = (
