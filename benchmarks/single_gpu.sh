@@ -35,6 +35,8 @@
 #   eager_fsdp1 compiled_fsdp1                       eager / compiled with FSDP kept on the one rank
 #                                                    (--parallelism.single_rank_fsdp=true; the default runs without FSDP)
 #   old_eager old_compiled                           the same from the tree in $OLD (e.g. git archive <commit>)
+#   old_default                                      default from the tree in $OLD (one that has the five 'auto'
+#                                                    flags: 2026-12-07, seventh session, or later)
 #   hf_loop hf_trainer adapter                       HF + peft + bnb plain loop / HF Trainer / recipe.hf_trainer
 #   adapter2 recipe2 recipe2_lean                    2 ranks on the one GPU (gloo, 1 step; memory only, speed means nothing)
 #   unsloth unsloth_mb4                              .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth), at the
@@ -178,6 +180,7 @@ for r in $RUNS; do
     compiled_lean) recipe compiled_lean "$ROOT" 1 -m recipe.train "${common[@]}" "${lean[@]}" --training.compile=true ;;
     old_eager) recipe old_eager "$OLD" 1 -m recipe.train "${old_common[@]}" ;;
     old_compiled) recipe old_compiled "$OLD" 1 -m recipe.train "${old_common[@]}" --training.compile=true ;;
+    old_default) recipe old_default "$OLD" 1 -m recipe.train "${common[@]}" "${auto[@]}" ;;
     recipe2) recipe recipe2 "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=1 --parallelism.backend=gloo ;;
     recipe2_lean) recipe recipe2_lean "$ROOT" 2 "${two[@]}" "${common[@]}" --training.steps=1 \
         --parallelism.backend=gloo "${lean[@]}" ;;

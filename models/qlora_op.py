@@ -30,6 +30,11 @@ from models.quant import Weight4bit
 __all__ = ["lora_linear_4bit"]
 
 
+def _cat(As):
+    # One adapter (an unfused projection) needs no copy: a cat is a kernel launch on every call.
+    return As[0] if len(As) == 1 else torch.cat(As)
+
+
 def _rank_slices(As):
     r0 = 0
     for a in As:
@@ -54,7 +59,7 @@ def _op(
 ) -> torch.Tensor:
     y = quant._forward(x, packed, absmax, rows, quant_type, blocksize)
     src = x if xd is None else xd
-    xa = src.reshape(-1, src.shape[-1]) @ torch.cat(As).t()  # (tokens, sum of ranks), unscaled
+    xa = src.reshape(-1, src.shape[-1]) @ _cat(As).t()  # (tokens, sum of ranks), unscaled
     y2 = y.view(-1, rows)
     for b, s, off, r in zip(Bs, scalings, offsets, _rank_slices(As), strict=True):
         y2[:, off : off + b.shape[0]].addmm_(xa[:, r], b.t(), alpha=s)
@@ -102,7 +107,7 @@ def _backward(ctx, grad_out):
     n, scalings, offsets, into_x = ctx.layout
     As, Bs = ab[:n], ab[n:]
     g2, s2 = grad_out.reshape(-1, grad_out.shape[-1]), src.reshape(-1, src.shape[-1])
-    a_cat = torch.cat(As)
+    a_cat = _cat(As)
     xa = s2 @ a_cat.t()
     grad_xa, grad_bs = [], []
     for b, s, off, r in zip(Bs, scalings, offsets, _rank_slices(As), strict=True):

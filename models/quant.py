@@ -280,17 +280,54 @@ _OPS = {
 }
 
 
+# bitsandbytes' C entry points by compute dtype (the names of its 0.50 CUDA backend).
+_BNB_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@functools.cache
+def _bnb_dequantize_entry(dtype: torch.dtype, quant_type: str):
+    """bitsandbytes' C function that dequantizes 4-bit codes into ``dtype`` on CUDA, or None.
+
+    Why call it directly: a training step dequantizes about 2,600 times (8B, micro-batch 2 x 4), and the
+    Python around the kernel (QuantState, argument checks, two operator dispatches, a device guard) costs
+    tens of microseconds a call; at micro-batch 2 the GPU waits on that host time (BENCHMARKS.md, issue
+    20). It is the same kernel with the same arguments, so the result is bit for bit bitsandbytes' own
+    (``tests/test_model.py -k dequantize_entry`` on CUDA). None where this bitsandbytes has no such
+    entry point with declared argument types: then its registered operator is called.
+    """
+    bnb_functional()  # imports the CUDA backend, which declares the entry points' argument types
+    try:
+        from bitsandbytes.cextension import lib
+
+        fn = getattr(lib, f"cdequantize_blockwise_{_BNB_DTYPE[dtype]}_{quant_type}")
+    except (ImportError, AttributeError, KeyError):
+        return None
+    return fn if getattr(fn, "argtypes", None) else None
+
+
 def _dequantize_rows(packed, absmax, rows: int, in_features: int, quant_type: str, blocksize: int, dtype):
     """The first ``rows`` rows of a packed weight as a dense (rows, in_features) tensor (bitsandbytes' kernel)."""
-    state = bnb_functional().QuantState(
-        absmax=absmax[:rows].reshape(-1),
-        shape=torch.Size((rows, in_features)),
-        code=None,
-        blocksize=blocksize,
-        quant_type=quant_type,
-        dtype=dtype,
+    if packed.shape[0] != rows:
+        packed, absmax = packed[:rows], absmax[:rows]
+    shape = (rows, in_features)
+    if (
+        packed.is_cuda
+        and type(packed) is torch.Tensor  # not a fake or subclass tensor: the C call needs real memory
+        and packed.is_contiguous()
+        and absmax.is_contiguous()
+        and packed.device.index == torch.cuda.current_device()
+        and rows * in_features < 2**31  # the entry point counts elements in an int32
+    ):
+        fn = _bnb_dequantize_entry(dtype, quant_type)
+        if fn is not None:
+            out = torch.empty(shape, dtype=dtype, device=packed.device)
+            stream = torch._C._cuda_getCurrentRawStream(packed.device.index)
+            fn(None, packed.data_ptr(), absmax.data_ptr(), out.data_ptr(), blocksize, out.numel(), stream)
+            return out
+    bnb_functional()  # registers torch.ops.bitsandbytes
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        packed.reshape(-1, 1), absmax.reshape(-1), blocksize, quant_type, shape, dtype
     )
-    return bnb_functional().dequantize_4bit(packed[:rows].reshape(-1, 1), state)
 
 
 def _forward(x, packed, absmax, rows: int, quant_type: str, blocksize: int):
