@@ -471,12 +471,20 @@ _DEQUANT_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", _DEQUANT_DEVICES)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_dequantize_entry_matches_bitsandbytes(device, quant_type, dtype):
+def test_dequantize_entry_matches_bitsandbytes(device, quant_type, dtype, monkeypatch):
     """The recipe's dequantization (on CUDA bitsandbytes' C entry point called directly, elsewhere its
     registered operator) is bit for bit ``bitsandbytes.functional.dequantize_4bit``, also for the real
     rows of a row-padded weight."""
-    from models.quant import _bnb_dequantize_entry, _dequantize_rows
+    from models import quant
 
+    calls = []
+    entry = quant._bnb_dequantize_entry
+
+    def counted(*key):
+        fn = entry(*key)
+        return None if fn is None else lambda *a: (calls.append(key), fn(*a))
+
+    monkeypatch.setattr(quant, "_bnb_dequantize_entry", counted)
     torch.manual_seed(0)
     dense = torch.randn(24, 256, device=device)
     q, state = bnbF.quantize_4bit(dense, blocksize=64, quant_type=quant_type)
@@ -486,10 +494,10 @@ def test_dequantize_entry_matches_bitsandbytes(device, quant_type, dtype):
     packed, absmax = q.reshape(24, -1), state.absmax.reshape(24, -1).float()
     padded = torch.cat([packed, torch.zeros_like(packed[:8])]), torch.cat([absmax, torch.ones_like(absmax[:8])])
     for p, a in ((packed, absmax), padded):
-        got = _dequantize_rows(p, a, 24, 256, quant_type, 64, dtype)
+        got = quant._dequantize_rows(p, a, 24, 256, quant_type, 64, dtype)
         assert got.dtype == dtype and got.shape == (24, 256) and torch.equal(got, want)
-    if device == "cuda":
-        assert _bnb_dequantize_entry(dtype, quant_type) is not None  # the direct path ran, not the fallback
+    # CUDA: both went through the C entry point (not the fallback); elsewhere neither did
+    assert calls == ([(dtype, quant_type)] * 2 if device == "cuda" else [])
 
 
 def test_buffers_live_on_the_compute_device_when_shards_do_not(debug_nf4_ckpt):
