@@ -42,6 +42,8 @@
 #   unsloth unsloth_mb4                              .whl/tools/unsloth/run.sh (stage_wheels.sh --unsloth), at the
 #                                                    workload's micro-batch 2 x 4, or 4 x 2 (the same tokens per step)
 #   profile profile_compiled profile_default         benchmarks/profile_step.py on the eager / compiled / default recipe (top kernels, GPU idle time and the host work it waits for)
+#   host_cost                                        benchmarks/host_cost.py: host microseconds per 4-bit dequantization
+#                                                    and per QLoRA projection call, by path
 #   oracle (alias compile_check)                     benchmarks/oracle.py: first-step LoRA gradients and 20 steps
 #                                                    of losses of each fast path against fp32 eager (accumulation 1);
 #                                                    OVARIANTS=a,b,... picks them (e.g. bf16_eager,bf16_compiled_loss)
@@ -192,6 +194,7 @@ for r in $RUNS; do
     oracle|compile_check) TMO=${OTMO:-420} script oracle 1 benchmarks/oracle.py --out "$OUT/oracle.json" \
         ${OVARIANTS:+--variants "$OVARIANTS"} "${common[@]}" \
         --training.global_batch_size=2 --job.dump_folder="$OUT/oracle" ;;
+    host_cost) PYTHONPATH="$SITE:$ROOT" timeout "$TMO" $PY benchmarks/host_cost.py 2>&1 | grep -v kernels-community ;;
     profile) script profile 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 --job.dump_folder="$OUT/profile" ;;
     profile_compiled) script profile_compiled 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 \
         --training.compile=true --job.dump_folder="$OUT/profile_compiled" ;;

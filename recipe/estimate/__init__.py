@@ -119,6 +119,8 @@ class Measured:
     # Measured before activation_checkpoint.keep_outputs' 'auto' default (2026-12-07, seventh session):
     # nothing kept unless the overrides say so.
     before_keep_auto: bool = True
+    # Measured with the forward half of model.lora_epilogue only (2026-12-07, sixth session): ``measured_job``.
+    before_epilogue_backward: bool = False
 
     @property
     def job_overrides(self) -> dict:
@@ -400,6 +402,7 @@ CALIBRATION: list[Measured] = [
             before_auto_defaults=False,
             before_host_lm_head=False,
             before_lora_epilogue=epi,
+            before_epilogue_backward=True,
         )
         for what, ov, train, tps, card, epi in (
             ("8B, 1 GPU, the default", {}, 7.94, 10823, "h200", True),
@@ -619,6 +622,7 @@ class _Job:
     keep_every: int = 1
     keep_auto: bool = False  # keep_outputs = 'auto' (recipe.planner decides it again for each layout)
     epilogue: bool = False  # model.lora_epilogue with 4-bit weights (it acts in compiled blocks only)
+    epilogue_backward: bool = True  # its backward half (since 2026-12-07, seventh session; see gpu_phases)
 
 
 def _job(cfg: JobConfig, ngpu: int) -> _Job:
@@ -854,10 +858,10 @@ def gpu_phases(j: _Job) -> dict[str, float]:
     # With the adapters' products added inside the frozen GEMMs' outputs (model.lora_epilogue), gate's and
     # up's adapter products are no separate tensors: four (measured at micro-batch 4 on one H100,
     # 2026-12-07, sixth session: 8.85 -> 8.34 GiB, and 9.35 -> 8.85 keeping o/gate/up every second block).
-    # Counted with the operator's forward half; its backward half (down_proj's input gradient through the
-    # adapter accumulated into the frozen one: one tensor fewer) is not counted yet: measured in the seventh
-    # session (micro-batch 4, kept outputs: 8.85 -> 8.61 GiB); that session's default rows are +2.4 to +4.1 % over.
-    compiled = (4 if j.epilogue else 6) * _mlp_tokens(j, T) * j.p * s.intermediate_size if j.compile else 0
+    # Its backward half accumulates down_proj's input gradient through the adapter into the frozen one: three
+    # (measured in the seventh session, micro-batch 4 with kept outputs: 8.85 -> 8.61 GiB, one such tensor).
+    n_mlp = (3 if j.epilogue_backward else 4) if j.epilogue else 6
+    compiled = n_mlp * _mlp_tokens(j, T) * j.p * s.intermediate_size if j.compile else 0
     mlp_moment = w * (recompute + _block_work_bytes(j, T, True)) + compiled
     attn_moment = (
         (_block_saved_bytes(j, T, attention_only=True) if n_ck else 0) + T * 2 * j.p * h + _attn_bwd_bytes(j, T)
@@ -1189,6 +1193,8 @@ def warn_if_too_big(cfg: JobConfig, ngpu: int, device_gib: float) -> str | None:
 def measured_job(r: Measured, cfg: JobConfig) -> _Job:
     """The estimator's job for a measured row, in the layout of the tree that measured it."""
     j = _job(cfg, r.ngpu)
+    if r.before_epilogue_backward:
+        j = dataclasses.replace(j, epilogue_backward=False)
     return dataclasses.replace(j, frozen_local=False, fsdp=True) if r.frozen_in_fsdp else j
 
 

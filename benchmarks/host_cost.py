@@ -1,0 +1,84 @@
+"""Host time of one 4-bit dequantization and one QLoRA projection call, by path (issue 20).
+
+The matrices are tiny (64 x 128), so the device's work is negligible and the time per call is the host's:
+what a step pays about 2,600 times (8B, micro-batch 2 x 4) when the GPU waits on the host. Paths:
+  functional   bitsandbytes.functional.dequantize_4bit with a QuantState (the recipe before 2026-12-07, 8th session)
+  operator     torch.ops.bitsandbytes.dequantize_4bit (bitsandbytes' registered operator)
+  recipe       models.quant._dequantize_rows (on CUDA bitsandbytes' C entry point, elsewhere the operator)
+and the whole projection (models.qlora_op, frozen product + one rank-16 adapter, no grad as in a compiled
+graph's forward) with the recipe's dequantization.
+
+    python benchmarks/host_cost.py --device cuda      # prints one table (microseconds per call)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from models import qlora_op, quant
+
+
+def _time(fn, calls: int, sync) -> float:
+    for _ in range(200):
+        fn()
+    sync()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t) / calls)
+    return best * 1e6
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--calls", type=int, default=2000)
+    a = ap.parse_args(argv)
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    bnbF = quant.bnb_functional()
+    torch.manual_seed(0)
+    rows, cols, dtype = 64, 128, torch.bfloat16
+    q, st = bnbF.quantize_4bit(torch.randn(rows, cols, device=dev), blocksize=64, quant_type="nf4")
+    packed, absmax = q.reshape(rows, -1), st.absmax.reshape(rows, -1).float()
+
+    def functional():
+        shape = torch.Size((rows, cols))
+        state = bnbF.QuantState(absmax=absmax[:rows].reshape(-1), shape=shape, blocksize=64, quant_type="nf4")
+        state.dtype = dtype
+        return bnbF.dequantize_4bit(packed[:rows].reshape(-1, 1), state)
+
+    def operator():
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            packed.reshape(-1, 1), absmax.reshape(-1), 64, "nf4", (rows, cols), dtype
+        )
+
+    def recipe():
+        return quant._dequantize_rows(packed, absmax, rows, cols, "nf4", 64, dtype)
+
+    assert torch.equal(functional(), recipe()) and torch.equal(operator(), recipe())
+    x = torch.randn(16, cols, device=dev, dtype=dtype)
+    A, B = torch.randn(16, cols, device=dev, dtype=dtype), torch.randn(rows, 16, device=dev, dtype=dtype)
+
+    w = quant.Weight4bit(packed, absmax, torch.zeros(16, device=dev), rows, "nf4", 64, dtype)
+
+    def projection():
+        return qlora_op.lora_linear_4bit(x, w, None, [A], [B], [2.0], [0])
+
+    print(f"host time per call on {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), us")
+    print("| path | us per call |\n| --- | --- |")
+    with torch.no_grad():
+        paths = {"functional": functional, "operator": operator, "recipe": recipe, "projection": projection}
+        for name, fn in paths.items():
+            print(f"| {name} | {_time(fn, a.calls, sync):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
