@@ -20,6 +20,7 @@ which a packed layout cannot have). ``dequantize`` drops the padding rows.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 
@@ -280,8 +281,10 @@ _OPS = {
 }
 
 
-# bitsandbytes' C entry points by compute dtype (the names of its 0.50 CUDA backend).
+# bitsandbytes' C entry points by compute dtype, and their arguments (code, A, absmax, out, blocksize,
+# numel, stream), as its 0.50 CUDA backend names and declares them.
 _BNB_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_BNB_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
 
 
 @functools.cache
@@ -293,7 +296,8 @@ def _bnb_dequantize_entry(dtype: torch.dtype, quant_type: str):
     tens of microseconds a call; at micro-batch 2 the GPU waits on that host time (BENCHMARKS.md, issue
     20). It is the same kernel with the same arguments, so the result is bit for bit bitsandbytes' own
     (``tests/test_model.py -k dequantize_entry`` on CUDA). None where this bitsandbytes has no such
-    entry point with declared argument types: then its registered operator is called.
+    entry point declared with these argument types (a version that changed them): then its registered
+    operator is called.
     """
     bnb_functional()  # imports the CUDA backend, which declares the entry points' argument types
     try:
@@ -302,7 +306,7 @@ def _bnb_dequantize_entry(dtype: torch.dtype, quant_type: str):
         fn = getattr(lib, f"cdequantize_blockwise_{_BNB_DTYPE[dtype]}_{quant_type}")
     except (ImportError, AttributeError, KeyError):
         return None
-    return fn if getattr(fn, "argtypes", None) else None
+    return fn if list(getattr(fn, "argtypes", None) or ()) == _BNB_ARGTYPES else None
 
 
 def _dequantize_rows(packed, absmax, rows: int, in_features: int, quant_type: str, blocksize: int, dtype):
