@@ -13,6 +13,7 @@ group (non-DTensor parameters get all rows).
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
 
 import bitsandbytes as bnb
@@ -498,6 +499,32 @@ def test_dequantize_entry_matches_bitsandbytes(device, quant_type, dtype, monkey
         assert got.dtype == dtype and got.shape == (24, 256) and torch.equal(got, want)
     # CUDA: both went through the C entry point (not the fallback); elsewhere neither did
     assert calls == ([(dtype, quant_type)] * 2 if device == "cuda" else [])
+
+
+def test_dequantize_entry_needs_the_declared_argument_types(monkeypatch):
+    """The C entry point is called only where bitsandbytes declares it with the argument types it had in
+    0.50: a version that changed them (or has no CUDA backend) gets the registered operator instead."""
+    import types
+
+    from bitsandbytes import cextension
+
+    from models import quant
+
+    find = quant._bnb_dequantize_entry.__wrapped__  # uncached
+    same = types.SimpleNamespace(argtypes=tuple(quant._BNB_ARGTYPES))
+    changed = types.SimpleNamespace(
+        argtypes=tuple(quant._BNB_ARGTYPES[:4]) + (ctypes.c_int64,) * 2 + (ctypes.c_void_p,)
+    )
+    undeclared = types.SimpleNamespace()
+    lib = types.SimpleNamespace(
+        cdequantize_blockwise_bf16_nf4=same,
+        cdequantize_blockwise_fp16_nf4=changed,
+        cdequantize_blockwise_fp32_nf4=undeclared,
+    )
+    monkeypatch.setattr(cextension, "lib", lib)
+    assert find(torch.bfloat16, "nf4") is same
+    assert find(torch.float16, "nf4") is None and find(torch.float32, "nf4") is None
+    assert find(torch.bfloat16, "fp4") is None  # no such entry point
 
 
 def test_buffers_live_on_the_compute_device_when_shards_do_not(debug_nf4_ckpt):
