@@ -13,9 +13,9 @@
 #   STAGES=report bash benchmarks/scale_runs.sh $OUT/s            # every run so far, one table
 #
 # 70B (train_configs/llama3_70b_qlora_2gpu.toml): seq 2048, micro-batch 1, global batch 2, 2 optimizer steps,
-# CPU offload, full AC, gloo (NCCL refuses two ranks on one GPU; speed through gloo means nothing), no
-# training checkpoint. Its rows: load / train peak per rank (no rank may hold the whole 4-bit model: ~37 GiB),
-# host peak per rank, loss finite. STEPS70 / TMO override.
+# CPU offload, full AC, gloo (NCCL refuses two ranks on one GPU; speed through gloo means nothing), a
+# training checkpoint and the adapter saved at the last step. Its rows: load / train peak per rank (no rank
+# may hold the whole 4-bit model: ~37 GiB), host peak per rank, loss finite. STEPS70 / TMO override.
 # Long context (8B, micro-batch 1, --model.mlp_chunk_tokens=8192, activation offload, host embedding, full AC:
 # the settings of the 32k / 64k rows of REFERENCE.md 0): each length in LENS for STEPS_LONG steps (2: the
 # second is timed), one run per length; a length that runs out of memory shows as FAILED with the error.
@@ -39,12 +39,14 @@ LONG=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint="$
       --training.micro_batch_size=1 --training.global_batch_size=1 --model.mlp_chunk_tokens=8192
       --activation_checkpoint.mode=full --activation_checkpoint.offload=true --parallelism.host_embedding=true
       --data.num_synthetic_samples=8)
+# 70B saves at its last step (a sharded training checkpoint, then the PEFT adapter): the save's peaks count too.
 R70=(--job.config_file train_configs/llama3_70b_qlora_2gpu.toml --model.checkpoint="$CK70" --data.seq_len=2048
-     --training.micro_batch_size=1 --training.global_batch_size=2 --checkpoint.enable=false --checkpoint.export_adapter=false)
+     --training.micro_batch_size=1 --training.global_batch_size=2 --checkpoint.enable=true
+     --checkpoint.interval="$STEPS70" --checkpoint.export_adapter=true)
 
 run() {  # name nproc cap(GiB, "" = none) recipe.train args...
   local name=$1 n=$2 cap=$3; shift 3
-  local args=("$@" --job.dump_folder="$OUT/$name" --metrics.log_freq=1 --checkpoint.export_adapter=false ${EXTRA:-})
+  local args=(--checkpoint.export_adapter=false "$@" --job.dump_folder="$OUT/$name" --metrics.log_freq=1 ${EXTRA:-})
   [ "$n" -gt 1 ] && args+=(--parallelism.backend=gloo)
   printf '%s\n' "$n" "${cap:--}" "${args[@]}" >"$OUT/$name.args"
   local t0=$SECONDS
