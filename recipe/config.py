@@ -633,7 +633,8 @@ def validate(cfg: JobConfig) -> None:
         )
     if cfg.training.compile_mode == "reduce-overhead" and cfg.activation_checkpoint.mode != "none":
         # Measured on an H100 (BENCHMARKS.md, 2026-12-07): the step stops with "accessing tensor output of
-        # CUDAGraphs that has been overwritten by a subsequent run".
+        # CUDAGraphs that has been overwritten by a subsequent run". A known limit of CUDA graph trees
+        # under non-reentrant checkpointing in torch 2.11 (pytorch/pytorch#154306).
         raise ConfigError(
             "training.compile_mode = 'reduce-overhead' replays each block as one CUDA graph, whose outputs the "
             f"next replay overwrites; activation_checkpoint.mode = {cfg.activation_checkpoint.mode!r} recomputes "
