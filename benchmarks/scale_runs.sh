@@ -10,6 +10,7 @@
 #   STAGES="r70_15" bash benchmarks/scale_runs.sh $OUT/s          # the same at 15 GiB
 #   STAGES="ckpt8 l80" LENS="131072 196608" bash benchmarks/scale_runs.sh $OUT/s   # 8B long context, whole GPU
 #   STAGES="l24" LENS="65536 98304 131072" bash benchmarks/scale_runs.sh $OUT/s     # 8B long context, 24 GiB cap
+#   ATTN=cudnn STAGES="l80" LENS="131072" bash benchmarks/scale_runs.sh $OUT/s      # the same with cuDNN attention forced
 #   STAGES=report bash benchmarks/scale_runs.sh $OUT/s            # every run so far, one table
 #
 # 70B (train_configs/llama3_70b_qlora_2gpu.toml): seq 2048, micro-batch 1, global batch 2, 2 optimizer steps,
@@ -40,6 +41,11 @@ LONG=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint="$
       --activation_checkpoint.mode=full --activation_checkpoint.offload=true --parallelism.host_embedding=true
       --data.num_synthetic_samples=8)
 # 70B saves at its last step (a sharded training checkpoint, then the PEFT adapter): the save's peaks count too.
+# ATTN=cudnn (or flash, efficient): the long-context runs with that SDPA kernel forced (training.attention_backend),
+# named l80_<len>_<kernel>; unset: torch's choice.
+ATTN=${ATTN:-}
+ATTN_ARG=() ATTN_TAG=""
+[ -n "$ATTN" ] && ATTN_ARG=(--training.attention_backend="$ATTN") ATTN_TAG="_$ATTN"
 R70=(--job.config_file train_configs/llama3_70b_qlora_2gpu.toml --model.checkpoint="$CK70" --data.seq_len=2048
      --training.micro_batch_size=1 --training.global_batch_size=2 --checkpoint.enable=true
      --checkpoint.interval="$STEPS70" --checkpoint.export_adapter=true)
@@ -71,8 +77,8 @@ for st in ${STAGES:-predict}; do
     ckpt8) [ -f "$CK8/config.json" ] || $PY -m models.synthetic --shape llama3_1_8b --out "$CK8" --device cuda | tail -1 ;;
     r70_24) run r70_24 2 24 "${R70[@]}" --training.steps="$STEPS70" ;;
     r70_15) run r70_15 2 15 "${R70[@]}" --training.steps="$STEPS70" ;;
-    l80) for L in $LENS; do run "l80_$L" 1 "" "${LONG[@]}" --data.seq_len="$L" --training.steps="$STEPS_LONG"; done ;;
-    l24) for L in $LENS; do run "l24_$L" 1 24 "${LONG[@]}" --data.seq_len="$L" --training.steps="$STEPS_LONG"; done ;;
+    l80) for L in $LENS; do run "l80_$L$ATTN_TAG" 1 "" "${LONG[@]}" "${ATTN_ARG[@]}" --data.seq_len="$L" --training.steps="$STEPS_LONG"; done ;;
+    l24) for L in $LENS; do run "l24_$L$ATTN_TAG" 1 24 "${LONG[@]}" "${ATTN_ARG[@]}" --data.seq_len="$L" --training.steps="$STEPS_LONG"; done ;;
     report) $PY benchmarks/scale_report.py "$OUT" $(cd "$OUT" && ls *.args 2>/dev/null | sed 's/\.args$//') ;;
     *) echo "unknown stage $st" ;;
   esac
