@@ -10,7 +10,7 @@
 #   STAGES="r70_15" bash benchmarks/scale_runs.sh $OUT/s          # the same at 15 GiB
 #   STAGES="ckpt8 l80" LENS="131072 196608" bash benchmarks/scale_runs.sh $OUT/s   # 8B long context, whole GPU
 #   STAGES="l24" LENS="65536 98304 131072" bash benchmarks/scale_runs.sh $OUT/s     # 8B long context, 24 GiB cap
-#   ATTN=cudnn STAGES="l80" LENS="131072" bash benchmarks/scale_runs.sh $OUT/s      # the same with cuDNN attention forced
+#   ATTN=cudnn STAGES="l80" LENS="131072" bash benchmarks/scale_runs.sh $OUT/s      # 8B long context, cuDNN attention forced
 #   STAGES=report bash benchmarks/scale_runs.sh $OUT/s            # every run so far, one table
 #
 # 70B (train_configs/llama3_70b_qlora_2gpu.toml): seq 2048, micro-batch 1, global batch 2, 2 optimizer steps,
