@@ -49,9 +49,13 @@ def main(argv=None) -> int:
     packed, absmax = q.reshape(rows, -1), st.absmax.reshape(rows, -1).float()
 
     def functional():
-        shape = torch.Size((rows, cols))
-        state = bnbF.QuantState(absmax=absmax[:rows].reshape(-1), shape=shape, blocksize=64, quant_type="nf4")
-        state.dtype = dtype
+        state = bnbF.QuantState(
+            absmax=absmax[:rows].reshape(-1),
+            shape=torch.Size((rows, cols)),
+            blocksize=64,
+            quant_type="nf4",
+            dtype=dtype,
+        )
         return bnbF.dequantize_4bit(packed[:rows].reshape(-1, 1), state)
 
     def operator():
