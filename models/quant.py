@@ -291,13 +291,13 @@ _BNB_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int32, ctypes.c_int32, ctypes.
 def _bnb_dequantize_entry(dtype: torch.dtype, quant_type: str):
     """bitsandbytes' C function that dequantizes 4-bit codes into ``dtype`` on CUDA, or None.
 
-    Why call it directly: a training step dequantizes about 2,600 times (8B, micro-batch 2 x 4), and the
-    Python around the kernel (QuantState, argument checks, two operator dispatches, a device guard) costs
-    tens of microseconds a call; at micro-batch 2 the GPU waits on that host time (BENCHMARKS.md, issue
-    20). It is the same kernel with the same arguments, so the result is bit for bit bitsandbytes' own
-    (``tests/test_model.py -k dequantize_entry`` on CUDA). None where this bitsandbytes has no such
-    entry point declared with these argument types (a version that changed them): then its registered
-    operator is called.
+    Why call it directly: a training step dequantizes about 2,600 times (8B, micro-batch 2 x 4), each time
+    through Python around the kernel (QuantState, argument checks, two operator dispatches, a device
+    guard; ``benchmarks/host_cost.py`` times it), and at micro-batch 2 the GPU waits on the host inside
+    the 4-bit operators (BENCHMARKS.md, 2026-12-07 seventh session's profile). It is the same kernel with
+    the same arguments, so the result is bit for bit bitsandbytes' own (``tests/test_model.py -k
+    dequantize_entry`` on CUDA). None where this bitsandbytes has no such entry point declared with these
+    argument types (a version that changed them): then its registered operator is called.
     """
     bnb_functional()  # imports the CUDA backend, which declares the entry points' argument types
     try:
