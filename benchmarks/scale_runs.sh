@@ -40,12 +40,12 @@ LONG=(--job.config_file train_configs/llama3_8b_qlora.toml --model.checkpoint="$
       --training.micro_batch_size=1 --training.global_batch_size=1 --model.mlp_chunk_tokens=8192
       --activation_checkpoint.mode=full --activation_checkpoint.offload=true --parallelism.host_embedding=true
       --data.num_synthetic_samples=8)
-# 70B saves at its last step (a sharded training checkpoint, then the PEFT adapter): the save's peaks count too.
 # ATTN=cudnn (or flash, efficient): the long-context runs with that SDPA kernel forced (training.attention_backend),
 # named l80_<len>_<kernel>; unset: torch's choice.
 ATTN=${ATTN:-}
 ATTN_ARG=() ATTN_TAG=""
 [ -n "$ATTN" ] && ATTN_ARG=(--training.attention_backend="$ATTN") ATTN_TAG="_$ATTN"
+# 70B saves at its last step (a sharded training checkpoint, then the PEFT adapter): the save's peaks count too.
 R70=(--job.config_file train_configs/llama3_70b_qlora_2gpu.toml --model.checkpoint="$CK70" --data.seq_len=2048
      --training.micro_batch_size=1 --training.global_batch_size=2 --checkpoint.enable=true
      --checkpoint.interval="$STEPS70" --checkpoint.export_adapter=true)

@@ -194,7 +194,8 @@ for r in $RUNS; do
     oracle|compile_check) TMO=${OTMO:-420} script oracle 1 benchmarks/oracle.py --out "$OUT/oracle.json" \
         ${OVARIANTS:+--variants "$OVARIANTS"} "${common[@]}" \
         --training.global_batch_size=2 --job.dump_folder="$OUT/oracle" ;;
-    host_cost) PYTHONPATH="$SITE:$ROOT" timeout "$TMO" $PY benchmarks/host_cost.py 2>&1 | grep -v kernels-community ;;
+    host_cost) PYTHONPATH="$SITE:$ROOT" timeout "$TMO" $PY benchmarks/host_cost.py 2>&1 | grep -v kernels-community \
+        | tee "$OUT/host_cost.txt"; keep "$OUT/host_cost.txt" ;;
     profile) script profile 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 --job.dump_folder="$OUT/profile" ;;
     profile_compiled) script profile_compiled 1 benchmarks/profile_step.py "${common[@]}" --training.steps=4 \
         --training.compile=true --job.dump_folder="$OUT/profile_compiled" ;;
