@@ -6,7 +6,9 @@ what a step pays about 2,600 times (8B, micro-batch 2 x 4) when the GPU waits on
   operator     torch.ops.bitsandbytes.dequantize_4bit (bitsandbytes' registered operator)
   recipe       models.quant._dequantize_rows (on CUDA bitsandbytes' C entry point, elsewhere the operator)
 and the whole projection (models.qlora_op, frozen product + one rank-16 adapter, no grad as in a compiled
-graph's forward) with the recipe's dequantization.
+graph's forward) with the recipe's dequantization, registered as the recipe registers it (models/operator.py)
+and, for comparison, the same kernel registered through ``torch.library.custom_op`` (how the recipe
+registered it before 2026-12-07, ninth session).
 
     python benchmarks/host_cost.py --device cuda      # prints one table (microseconds per call)
 """
@@ -33,6 +35,32 @@ def _time(fn, calls: int, sync) -> float:
         sync()
         best = min(best, (time.perf_counter() - t) / calls)
     return best * 1e6
+
+
+def _custom_op_twin():
+    """The projection's kernel registered through torch.library.custom_op, with an autograd formula as the
+    recipe's (never called here: no grad), so that its call takes custom_op's autograd layers."""
+
+    @torch.library.custom_op("host_cost::projection", mutates_args=())
+    def op(
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        rows: int,
+        quant_type: str,
+        blocksize: int,
+        xd: torch.Tensor | None,
+        As: list[torch.Tensor],
+        Bs: list[torch.Tensor],
+        scalings: list[float],
+        offsets: list[int],
+        tag: str,
+    ) -> torch.Tensor:
+        return qlora_op._kernel(x, packed, absmax, rows, quant_type, blocksize, xd, As, Bs, scalings, offsets, tag)
+
+    op.register_fake(qlora_op._fake)
+    op.register_autograd(qlora_op._backward, setup_context=qlora_op._setup_context)
+    return op
 
 
 def main(argv=None) -> int:
@@ -75,10 +103,22 @@ def main(argv=None) -> int:
     def projection():
         return qlora_op.lora_linear_4bit(x, w, None, [A], [B], [2.0], [0])
 
+    via_custom_op = _custom_op_twin()
+
+    def projection_custom_op():
+        return via_custom_op(x, packed, absmax, rows, "nf4", 64, None, [A], [B], [2.0], [0], "")
+
     print(f"host time per call on {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), us")
     print("| path | us per call |\n| --- | --- |")
     with torch.no_grad():
-        paths = {"functional": functional, "operator": operator, "recipe": recipe, "projection": projection}
+        assert torch.equal(projection(), projection_custom_op())
+        paths = {
+            "functional": functional,
+            "operator": operator,
+            "recipe": recipe,
+            "projection": projection,
+            "projection (custom_op)": projection_custom_op,
+        }
         for name, fn in paths.items():
             print(f"| {name} | {_time(fn, a.calls, sync):.1f} |")
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from models import quant  # its kernels by module attribute: the tests count them by patching there
+from models.operator import define
 from models.quant import Weight4bit
 
 __all__ = ["lora_linear_4bit"]
@@ -42,21 +43,7 @@ def _rank_slices(As):
         r0 += a.shape[0]
 
 
-@torch.library.custom_op("qlora_recipe::lora_linear_4bit", mutates_args=())
-def _op(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    rows: int,
-    quant_type: str,
-    blocksize: int,
-    xd: torch.Tensor | None,
-    As: list[torch.Tensor],
-    Bs: list[torch.Tensor],
-    scalings: list[float],
-    offsets: list[int],
-    tag: str,
-) -> torch.Tensor:
+def _kernel(x, packed, absmax, rows, quant_type, blocksize, xd, As, Bs, scalings, offsets, tag):
     y = quant._forward(x, packed, absmax, rows, quant_type, blocksize)
     src = x if xd is None else xd
     xa = src.reshape(-1, src.shape[-1]) @ _cat(As).t()  # (tokens, sum of ranks), unscaled
@@ -66,33 +53,30 @@ def _op(
     return y
 
 
-@_op.register_fake
-def _(x, packed, absmax, rows, quant_type, blocksize, xd, As, Bs, scalings, offsets, tag):
+def _fake(x, packed, absmax, rows, quant_type, blocksize, xd, As, Bs, scalings, offsets, tag):
     return x.new_empty((*x.shape[:-1], rows))
 
 
 # The backward's input gradient with the adapters' part accumulated into it, opaque like the forward: as
 # two operations (the frozen gradient, then an in-place addmm) inductor would unfuse the addmm and fuse
 # its add into the consumer (silu's backward), keeping both gradients alive again.
-@torch.library.custom_op("qlora_recipe::lora_linear_4bit_grad_input", mutates_args=())
-def _grad_input_op(
-    grad: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    in_features: int,
-    quant_type: str,
-    blocksize: int,
-    grad_xa: torch.Tensor,
-    a_cat: torch.Tensor,
-) -> torch.Tensor:
+def _grad_input_kernel(grad, packed, absmax, in_features, quant_type, blocksize, grad_xa, a_cat):
     grad_x = quant._grad_input(grad, packed, absmax, in_features, quant_type, blocksize)
     grad_x.view(-1, in_features).addmm_(grad_xa, a_cat)
     return grad_x
 
 
-@_grad_input_op.register_fake
-def _(grad, packed, absmax, in_features, quant_type, blocksize, grad_xa, a_cat):
+def _grad_input_fake(grad, packed, absmax, in_features, quant_type, blocksize, grad_xa, a_cat):
     return grad.new_empty((*grad.shape[:-1], in_features))
+
+
+_grad_input_op = define(
+    "lora_linear_4bit_grad_input",
+    "(Tensor grad, Tensor packed, Tensor absmax, SymInt in_features, str quant_type, SymInt blocksize, "
+    "Tensor grad_xa, Tensor a_cat) -> Tensor",
+    _grad_input_kernel,
+    fake=_grad_input_fake,
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -127,7 +111,15 @@ def _backward(ctx, grad_out):
     return grad_x, None, None, None, None, None, grad_xd, grad_as, grad_bs, None, None, None
 
 
-_op.register_autograd(_backward, setup_context=_setup_context)
+_op = define(
+    "lora_linear_4bit",
+    "(Tensor x, Tensor packed, Tensor absmax, SymInt rows, str quant_type, SymInt blocksize, Tensor? xd, "
+    "Tensor[] As, Tensor[] Bs, float[] scalings, SymInt[] offsets, str tag) -> Tensor",
+    _kernel,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+)
 
 
 def lora_linear_4bit(x, weight: Weight4bit, xd, As, Bs, scalings, offsets, tag: str = "") -> torch.Tensor:
