@@ -48,13 +48,12 @@ def define(
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
     lists = tuple(str(a.type) == "List[Tensor]" for a in op._schema.arguments)
-    function = _function(op, lists, setup_context, backward)
+    function = _function(op, setup_context, backward)
 
     def autograd_kernel(*args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             layout = tuple(len(a) if is_list else -1 for a, is_list in zip(args, lists, strict=True))
-            flat = [t for a, n in zip(args, layout, strict=True) for t in (a if n >= 0 else (a,))]
-            return function.apply(layout, *flat)
+            return function.apply(layout, *_flatten(args, layout))
         if type(args[0]) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0:
             return kernel(*args)
         with torch._C._AutoDispatchBelowAutograd():
@@ -64,21 +63,31 @@ def define(
     return op
 
 
-def _function(op, lists: tuple[bool, ...], setup_context, backward) -> type[torch.autograd.Function]:
-    """The autograd.Function of ``op``: ``Tensor[]`` inputs arrive flattened (autograd tracks only
-    tensors passed as arguments), ``layout`` holds each input's list length (-1: not a list)."""
+# ``Tensor[]`` inputs travel through autograd.Function flattened (autograd tracks only tensors passed as
+# arguments); ``layout`` holds each input's list length (-1: not a list).
+def _flatten(values, layout) -> list:
+    """One entry per list element (a None list: as many Nones), one per other value."""
+    flat = []
+    for v, n in zip(values, layout, strict=True):
+        flat.extend(([None] * n if v is None else v) if n >= 0 else (v,))
+    return flat
 
-    def unflatten(layout, flat):
-        args, i = [], 0
-        for n in layout:
-            args.append(list(flat[i : i + n]) if n >= 0 else flat[i])
-            i += n if n >= 0 else 1
-        return args
+
+def _unflatten(flat, layout) -> list:
+    values, i = [], 0
+    for n in layout:
+        values.append(list(flat[i : i + n]) if n >= 0 else flat[i])
+        i += n if n >= 0 else 1
+    return values
+
+
+def _function(op, setup_context, backward) -> type[torch.autograd.Function]:
+    """The autograd.Function of ``op``, with custom_op's conventions for ``setup_context`` / ``backward``."""
 
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx, layout, *flat):
-            args = unflatten(layout, flat)
+            args = _unflatten(flat, layout)
             with torch._C._AutoDispatchBelowAutograd():
                 out = op(*args)
             ctx._operator_layout = layout
@@ -90,21 +99,15 @@ def _function(op, lists: tuple[bool, ...], setup_context, backward) -> type[torc
         def backward(ctx, grad):
             if backward is None:
                 raise RuntimeError(f"{op} has no backward: it is only called where nothing needs its gradient")
-            flat_needs = ctx.needs_input_grad[1:]
-            needs, i = [], 0
-            for n in ctx._operator_layout:
-                width = n if n >= 0 else 1
-                needs.append(any(flat_needs[i : i + width]) if n >= 0 else flat_needs[i])
-                i += width
-            saved_needs, ctx.needs_input_grad = ctx.needs_input_grad, tuple(needs)
+            layout = ctx._operator_layout
+            per_input = _unflatten(ctx.needs_input_grad[1:], layout)
+            needs = tuple(any(v) if n >= 0 else v for v, n in zip(per_input, layout, strict=True))
+            saved_needs, ctx.needs_input_grad = ctx.needs_input_grad, needs
             try:
                 grads = backward(ctx, grad)
             finally:
                 ctx.needs_input_grad = saved_needs
-            flat = []
-            for g, n in zip(grads, ctx._operator_layout, strict=True):
-                flat.extend(([None] * n if g is None else g) if n >= 0 else (g,))
-            return (None, *flat)
+            return (None, *_flatten(grads, layout))
 
-    Function.__name__ = f"{op._opname}_backward"
+    Function.__name__ = f"{op._opname}_function"
     return Function
