@@ -466,12 +466,12 @@ def test_kept_outputs_are_not_recomputed(tmp_path, debug_nf4_ckpt, monkeypatch, 
     }
     assert {w: kept.get(("backward", w), 0) for w in (256, 640, 128)} == {256: block_mbs, 640: 0, 128: 2 * block_mbs}
     assert {k: v for k, v in kept.items() if k[0] == "forward"} == {k: v for k, v in plain.items() if k[0] == "forward"}
-    # Not bit for bit even in eager: a tagged projection runs as the epilogue operator (models/qlora_op.py,
-    # the adapter's product added into the frozen one by addmm, one rounding), an untagged eager one as two
-    # products and an add. Equal while B is zero (the first step's gradients are); later an ulp apart on
-    # some BLAS builds (this machine's MKL, 2026-12-07), on others equal.
-    tol = 1e-5
-    assert max(abs(a - b) for a, b in zip(ref, got, strict=True)) <= tol
+    # The losses are not bit for bit even in eager: a tagged projection runs as the epilogue operator
+    # (models/qlora_op.py, the adapter's product added into the frozen one by addmm, one rounding), an
+    # untagged eager one as two products and an add. Equal while B is zero, so the first step's gradients
+    # (compared below) are; later losses an ulp apart on some BLAS builds (this machine's MKL, 2026-12-07).
+    assert max(abs(a - b) for a, b in zip(ref, got, strict=True)) <= 1e-5
+    tol = 1e-5 if compiled else 0.0
     for name, g in ref_grads[0].items():
         assert torch.allclose(got_grads[0][name], g, rtol=tol, atol=tol), name
     assert off.restored == off.offloaded and off._pending == []
